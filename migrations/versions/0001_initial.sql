@@ -1,0 +1,1283 @@
+-- sql/roles.sql
+-- Group roles (NOLOGIN); deployers grant them to login users. Roles are cluster-wide, so
+-- an install into a second database of the same cluster finds them already there.
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['cqrs_writer', 'cqrs_reader', 'cqrs_listener'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+            EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- sql/cqrs/schema.sql
+-- The cqrs core: outbox, command receipts, projection checkpoints, wake-up doorbell.
+CREATE SCHEMA cqrs;
+
+-- sql/cqrs/types/receipt.sql
+-- What every command returns: token is the command transaction's xid, for cqrs.caught_up().
+CREATE TYPE cqrs.receipt AS (
+    command_id   uuid,
+    aggregate_id uuid,
+    version      integer,
+    token        bigint,
+    duplicate    boolean
+);
+
+-- sql/cqrs/tables/outbox.sql
+-- The append-only event log, written only by cqrs.tg_capture in the command's transaction.
+-- position is taken at insert, not at commit, so readers never follow position alone:
+-- they read in (tx_id, position) order below the xmin fence (see cqrs.run_projection).
+CREATE TABLE cqrs.outbox (
+    position          bigint GENERATED ALWAYS AS IDENTITY,
+    tx_id             xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    event_type        text NOT NULL,
+    aggregate_type    text NOT NULL,
+    aggregate_id      uuid NOT NULL,
+    aggregate_version integer NOT NULL,
+    payload           jsonb NOT NULL,
+    metadata          jsonb NOT NULL DEFAULT '{}'::jsonb,
+    occurred_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT outbox_pkey PRIMARY KEY (position)
+);
+
+CREATE INDEX outbox_tx_id_position ON cqrs.outbox (tx_id, position);
+
+-- sql/cqrs/tables/commands.sql
+-- One row per command that committed: makes a retried command_id return its first receipt.
+CREATE TABLE cqrs.commands (
+    command_id   uuid PRIMARY KEY,
+    command      text NOT NULL,
+    arguments    jsonb NOT NULL,
+    aggregate_id uuid,
+    version      integer,
+    token        bigint NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+-- sql/cqrs/tables/projections.sql
+-- One row per projection: its checkpoint, advanced in the same transaction as its
+-- read-model writes, so the checkpoint replicates together with what it describes.
+CREATE TABLE cqrs.projections (
+    name           text PRIMARY KEY,
+    kind           text NOT NULL,
+    apply_function regproc,
+    matview        regclass,
+    event_types    text[],
+    last_tx        xid8 NOT NULL DEFAULT '0',
+    last_position  bigint NOT NULL DEFAULT 0,
+    -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up)
+    horizon        xid8 NOT NULL DEFAULT '0',
+    applied_events bigint NOT NULL DEFAULT 0,
+    refreshed_at   timestamptz,
+    updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
+    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR apply_function IS NOT NULL),
+    CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
+);
+
+-- sql/cqrs/tables/listeners.sql
+-- Running daemons. A row with sleeping = true asks the outbox trigger to ring the doorbell
+-- (NOTIFY); while no daemon sleeps, commands skip NOTIFY and its commit-time lock.
+-- expires_at lets a killed daemon's row stop costing commands anything.
+CREATE TABLE cqrs.listeners (
+    listener_id text PRIMARY KEY,
+    pid         integer NOT NULL,
+    sleeping    boolean NOT NULL DEFAULT false,
+    started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    expires_at  timestamptz NOT NULL
+);
+
+-- sql/cqrs/functions/_fail.sql
+-- Raises a cqrs error: errcode is one of the documented CQ00x SQLSTATEs.
+CREATE FUNCTION cqrs._fail(errcode text, message text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION USING ERRCODE = _fail.errcode, MESSAGE = _fail.message;
+END
+$$;
+
+-- sql/cqrs/functions/_require_text.sql
+-- Trims a text argument (all leading and trailing whitespace, not just spaces); CQ001 when
+-- it is null, blank or longer than max_length.
+CREATE FUNCTION cqrs._require_text(argument text, value text, max_length integer)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trimmed text := regexp_replace(value, '^[[:space:]]+|[[:space:]]+$', '', 'g');
+BEGIN
+    IF trimmed IS NULL THEN
+        PERFORM cqrs._fail('CQ001', format('%s must not be null', argument));
+    ELSIF trimmed = '' THEN
+        PERFORM cqrs._fail('CQ001', format('%s must not be blank, got %L', argument, value));
+    ELSIF length(trimmed) > max_length THEN
+        PERFORM cqrs._fail('CQ001', format('%s must be at most %s characters, got %s: %L',
+                                           argument, max_length, length(trimmed), left(trimmed, 40) || '...'));
+    END IF;
+    RETURN trimmed;
+END
+$$;
+
+-- sql/cqrs/functions/_require_range.sql
+-- CQ001 unless min_value <= value (<= max_value when given); returns value.
+CREATE FUNCTION cqrs._require_range(argument text, value bigint, min_value bigint, max_value bigint DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF value IS NULL THEN
+        PERFORM cqrs._fail('CQ001', format('%s must not be null', argument));
+    ELSIF value < min_value THEN
+        PERFORM cqrs._fail('CQ001', format('%s must be at least %s, got %s', argument, min_value, value));
+    ELSIF value > max_value THEN
+        PERFORM cqrs._fail('CQ001', format('%s must be at most %s, got %s', argument, max_value, value));
+    END IF;
+    RETURN value;
+END
+$$;
+
+-- sql/cqrs/functions/_require_id.sql
+-- CQ001 when an id argument is null; returns it.
+CREATE FUNCTION cqrs._require_id(argument text, value uuid)
+RETURNS uuid
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF value IS NULL THEN
+        PERFORM cqrs._fail('CQ001', format('%s must not be null', argument));
+    END IF;
+    RETURN value;
+END
+$$;
+
+-- sql/cqrs/functions/_check_version.sql
+-- CQ004 when the caller named an expected_version and the row has another.
+CREATE FUNCTION cqrs._check_version(entity text, id uuid, expected_version integer, actual_version integer)
+RETURNS void
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF expected_version IS NOT NULL AND expected_version <> actual_version THEN
+        PERFORM cqrs._fail('CQ004', format('%s %s is at version %s, expected version %s',
+                                           entity, id, actual_version, expected_version));
+    END IF;
+END
+$$;
+
+-- sql/cqrs/functions/_begin_command.sql
+-- Claims command_id for this transaction and tags its events with it. Returns the first
+-- receipt (duplicate = true) if the same command with the same arguments already ran,
+-- NULL if the caller should go on; CQ005 if the id was used for something else.
+-- A concurrent twin waits on the primary key until the first commits or aborts.
+CREATE FUNCTION cqrs._begin_command(command_id uuid, command text, arguments jsonb)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    prior cqrs.commands;
+BEGIN
+    PERFORM cqrs._require_id('command_id', command_id);
+    INSERT INTO cqrs.commands (command_id, command, arguments, token)
+    VALUES (command_id, command, arguments, pg_current_xact_id()::text::bigint)
+    ON CONFLICT ON CONSTRAINT commands_pkey DO NOTHING;
+    IF FOUND THEN
+        PERFORM set_config('cqrs.command_id', command_id::text, true);
+        PERFORM set_config('cqrs.command', command, true);
+        RETURN NULL;
+    END IF;
+
+    SELECT * INTO prior FROM cqrs.commands c WHERE c.command_id = _begin_command.command_id;
+    IF prior.command <> command OR prior.arguments <> arguments THEN
+        PERFORM cqrs._fail('CQ005', format('command_id %s was already used for %s(%s), not for %s(%s)',
+                                           command_id, prior.command, prior.arguments, command, arguments));
+    END IF;
+    RETURN ROW(prior.command_id, prior.aggregate_id, prior.version, prior.token, true)::cqrs.receipt;
+END
+$$;
+
+-- sql/cqrs/functions/_finish_command.sql
+-- Records the command's outcome for retries and returns its receipt.
+CREATE FUNCTION cqrs._finish_command(command_id uuid, aggregate_id uuid, version integer)
+RETURNS cqrs.receipt
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    UPDATE cqrs.commands c
+       SET aggregate_id = _finish_command.aggregate_id, version = _finish_command.version
+     WHERE c.command_id = _finish_command.command_id
+    RETURNING c.command_id, c.aggregate_id, c.version, c.token, false;
+$$;
+
+-- sql/cqrs/functions/tg_capture.sql
+-- Statement-level outbox trigger: appends one event per changed row, in one INSERT, from
+-- the transition table. Attached by cqrs.capture_changes(), whose arguments it receives:
+-- TG_ARGV = aggregate_type, entity (event_type = entity.created|updated|deleted),
+--           aggregate id column, aggregate version column ('' means version 1).
+CREATE FUNCTION cqrs.tg_capture()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    metadata jsonb := jsonb_strip_nulls(jsonb_build_object(
+        'command_id', nullif(current_setting('cqrs.command_id', true), ''),
+        'command', nullif(current_setting('cqrs.command', true), '')));
+BEGIN
+    EXECUTE format(
+        'INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
+         SELECT $1, $2, r.%I, %s, to_jsonb(r), $3 FROM %I r',
+        TG_ARGV[2],
+        CASE WHEN TG_ARGV[3] = '' THEN '1' ELSE format('r.%I', TG_ARGV[3]) END,
+        CASE TG_OP WHEN 'DELETE' THEN 'old_rows' ELSE 'new_rows' END)
+    USING TG_ARGV[1] || '.' || CASE TG_OP WHEN 'INSERT' THEN 'created'
+                                          WHEN 'UPDATE' THEN 'updated'
+                                          ELSE 'deleted' END,
+          TG_ARGV[0],
+          metadata;
+
+    -- The doorbell. Only while a daemon has said it is asleep: NOTIFY serializes the
+    -- commits of every notifying transaction in the cluster.
+    IF EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.sleeping AND l.expires_at > now()) THEN
+        PERFORM pg_notify('cqrs_outbox', '');
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- sql/cqrs/functions/capture_changes.sql
+-- Attaches the outbox triggers (one per INSERT/UPDATE/DELETE, statement level with a
+-- transition table) to a table whose rows belong to an aggregate.
+CREATE FUNCTION cqrs.capture_changes(
+    tbl regclass,
+    aggregate_type text,
+    entity text,
+    id_column name,
+    version_column name DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    op text;
+BEGIN
+    FOREACH op IN ARRAY ARRAY['INSERT', 'UPDATE', 'DELETE'] LOOP
+        EXECUTE format(
+            'CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %s
+             FOR EACH STATEMENT EXECUTE FUNCTION cqrs.tg_capture(%L, %L, %L, %L)',
+            '_500_outbox_' || lower(op), op, tbl,
+            CASE op WHEN 'DELETE' THEN 'OLD' ELSE 'NEW' END,
+            CASE op WHEN 'DELETE' THEN 'old_rows' ELSE 'new_rows' END,
+            aggregate_type, entity, id_column, coalesce(version_column, ''));
+    END LOOP;
+END
+$$;
+
+-- sql/cqrs/functions/batch.sql
+-- The events of one projection batch: those after the checkpoint up to and including
+-- the batch end, in the order every projection applies them.
+CREATE FUNCTION cqrs.batch(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS SETOF cqrs.outbox
+LANGUAGE sql
+STABLE
+AS $$
+    SELECT *
+      FROM cqrs.outbox o
+     WHERE (o.tx_id, o.position) > (from_tx, from_position)
+       AND (o.tx_id, o.position) <= (to_tx, to_position)
+     ORDER BY o.tx_id, o.position;
+$$;
+
+-- sql/cqrs/functions/caught_up.sql
+-- True once the projection (NULL: every projection) has applied every event of the
+-- transaction that returned token. Reads only cqrs.projections, which replicates with
+-- the read tables, so it answers correctly on a streaming replica.
+CREATE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM cqrs._require_range('token', token, 0);
+    IF projection IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM cqrs.projections p WHERE p.name = projection) THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+    RETURN NOT EXISTS (
+        SELECT 1
+          FROM cqrs.projections p
+         WHERE (projection IS NULL OR p.name = projection)
+           AND p.horizon <= token::text::xid8);
+END
+$$;
+
+-- sql/cqrs/functions/register_projection.sql
+-- Registers a projection: kind 'sql' applies batches with apply_function(from_tx,
+-- from_position, to_tx, to_position); kind 'matview' refreshes matview CONCURRENTLY when
+-- events of event_types (NULL: any) arrive. A new projection starts from the first event.
+CREATE FUNCTION cqrs.register_projection(
+    name text,
+    kind text,
+    apply_function regproc DEFAULT NULL,
+    matview regclass DEFAULT NULL,
+    event_types text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types)
+    VALUES (name, kind, apply_function, matview, event_types);
+$$;
+
+-- sql/cqrs/functions/run_projection.sql
+-- Applies the next batch of one projection in the caller's transaction and advances its
+-- checkpoint in that same transaction. Returns what it did:
+--   applied      events applied (or, for a matview, covered by the refresh)
+--   more         a full batch was applied: call again at once
+--   busy         another daemon is running this projection right now
+--   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
+--
+-- Gap-free reading: events are read in (tx_id, position) order and only below the fence
+-- pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so no
+-- event can later appear behind the checkpoint. A transaction that commits late is
+-- delayed, never skipped. See cqrs_pg/projection/README.md.
+CREATE FUNCTION cqrs.run_projection(
+    projection text,
+    max_events integer DEFAULT 10000,
+    refresh_interval interval DEFAULT '1 second')
+RETURNS TABLE (applied bigint, more boolean, busy boolean, retry_after double precision)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    fence xid8;
+    n bigint := 0;
+    end_tx xid8;
+    end_pos bigint;
+    relevant boolean;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+
+    -- One runner per projection at a time, across daemons. An advisory lock rather than a
+    -- row lock: checking an idle projection must not take an xid (that would hold back
+    -- every fence) or write WAL. The lock is released only after our commit is visible,
+    -- so the next holder reads the checkpoint we wrote.
+    IF NOT pg_try_advisory_xact_lock(1668444016, hashtext(projection)) THEN
+        RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    fence := pg_snapshot_xmin(pg_current_snapshot());
+
+    IF p.kind = 'sql' THEN
+        WITH b AS (
+            SELECT o.tx_id, o.position
+              FROM cqrs.outbox o
+             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+               AND o.tx_id < fence
+             ORDER BY o.tx_id, o.position
+             LIMIT max_events)
+        SELECT (SELECT count(*) FROM b), x.tx_id, x.position
+          INTO n, end_tx, end_pos
+          FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+    ELSE
+        SELECT o.tx_id, o.position
+          INTO end_tx, end_pos
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND o.tx_id < fence
+         ORDER BY o.tx_id DESC, o.position DESC
+         LIMIT 1;
+    END IF;
+
+    IF end_tx IS NULL THEN
+        -- Nothing new below the fence. Move the horizon up only when the last batch may
+        -- have ended inside a transaction, so an idle daemon writes nothing.
+        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
+            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
+        END IF;
+        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
+        RETURN;
+    END IF;
+
+    IF p.kind = 'sql' THEN
+        EXECUTE format('SELECT %s($1, $2, $3, $4)', p.apply_function)
+          USING p.last_tx, p.last_position, end_tx, end_pos;
+    ELSE
+        SELECT EXISTS (
+            SELECT 1
+              FROM cqrs.outbox o
+             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+               AND (o.tx_id, o.position) <= (end_tx, end_pos)
+               AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
+          INTO relevant;
+        IF relevant THEN
+            IF p.refreshed_at > now() - refresh_interval THEN
+                RETURN QUERY SELECT 0::bigint, false, false,
+                    extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
+                RETURN;
+            END IF;
+            -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
+            -- is replayed on replicas to cancel their queries.
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
+        END IF;
+        SELECT count(*) INTO n FROM cqrs.batch(p.last_tx, p.last_position, end_tx, end_pos);
+    END IF;
+
+    UPDATE cqrs.projections c
+       SET last_tx = end_tx,
+           last_position = end_pos,
+           applied_events = c.applied_events + n,
+           -- a full batch may have stopped inside transaction end_tx
+           horizon = greatest(c.horizon, CASE WHEN p.kind = 'sql' AND n >= max_events THEN end_tx ELSE fence END),
+           refreshed_at = CASE WHEN relevant THEN now() ELSE c.refreshed_at END,
+           updated_at = now()
+     WHERE c.name = projection;
+    RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
+END
+$$;
+
+-- sql/cqrs/functions/listener_heartbeat.sql
+-- A daemon says it is alive until now() + ttl, and whether it is about to sleep (then
+-- commands ring the doorbell for it). Also forgets daemons that died long ago.
+CREATE FUNCTION cqrs.listener_heartbeat(listener_id text, sleeping boolean, ttl interval)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM cqrs.listeners l WHERE l.expires_at < now() - interval '1 hour';
+    INSERT INTO cqrs.listeners AS l (listener_id, pid, sleeping, expires_at)
+    VALUES (listener_id, pg_backend_pid(), sleeping, now() + ttl)
+    ON CONFLICT (listener_id) DO UPDATE
+        SET pid = excluded.pid, sleeping = excluded.sleeping, expires_at = excluded.expires_at;
+$$;
+
+-- sql/cqrs/functions/listener_exit.sql
+-- A daemon that stops cleanly removes its row, so commands stop ringing for it at once.
+CREATE FUNCTION cqrs.listener_exit(listener_id text)
+RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    DELETE FROM cqrs.listeners l WHERE l.listener_id = listener_exit.listener_id;
+$$;
+
+-- sql/cqrs/functions/projection_status.sql
+-- Per projection: checkpoint, events not yet applied and the age of the oldest of them.
+CREATE FUNCTION cqrs.projection_status()
+RETURNS TABLE (
+    name text,
+    kind text,
+    last_tx xid8,
+    last_position bigint,
+    horizon xid8,
+    applied_events bigint,
+    events_behind bigint,
+    seconds_behind double precision,
+    updated_at timestamptz,
+    refreshed_at timestamptz)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.name, p.kind, p.last_tx, p.last_position, p.horizon, p.applied_events,
+           behind.n,
+           coalesce(extract(epoch FROM clock_timestamp() - behind.oldest), 0)::double precision,
+           p.updated_at, p.refreshed_at
+      FROM cqrs.projections p
+     CROSS JOIN LATERAL (
+           SELECT count(*) AS n, min(o.occurred_at) AS oldest
+             FROM cqrs.outbox o
+            WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)) behind
+     ORDER BY p.name;
+$$;
+
+-- sql/cqrs/functions/fence_blockers.sql
+-- Open transactions that hold an xid, oldest first, in any database of the cluster:
+-- each one holds every projection's fence back until it ends.
+CREATE FUNCTION cqrs.fence_blockers()
+RETURNS TABLE (
+    pid integer,
+    database name,
+    username name,
+    application_name text,
+    state text,
+    xid xid,
+    xact_start timestamptz,
+    query_start timestamptz,
+    seconds double precision,
+    query text)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.pid, a.datname, a.usename, a.application_name, a.state,
+           a.backend_xid,
+           a.xact_start, a.query_start,
+           extract(epoch FROM clock_timestamp() - a.xact_start)::double precision,
+           left(a.query, 200)
+      FROM pg_stat_activity a
+     WHERE a.backend_xid IS NOT NULL
+       AND a.pid <> pg_backend_pid()
+    UNION ALL
+    SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
+           x.transaction, x.prepared, NULL,
+           extract(epoch FROM clock_timestamp() - x.prepared)::double precision, NULL
+      FROM pg_prepared_xacts x
+     ORDER BY 9 DESC;
+$$;
+
+-- sql/shop/schema.sql
+-- The example domain's write model: normalized tables, private to the command functions.
+CREATE SCHEMA shop;
+
+-- sql/shop/tables/customers.sql
+CREATE TABLE shop.customers (
+    id         uuid PRIMARY KEY,
+    email      text NOT NULL,
+    name       text NOT NULL,
+    version    integer NOT NULL DEFAULT 1,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT customers_email_key UNIQUE (email),
+    CONSTRAINT customers_email_lower CHECK (email = pg_catalog.lower(email COLLATE "und-x-icu")),
+    CONSTRAINT customers_version_positive CHECK (version >= 1)
+);
+
+-- sql/shop/tables/products.sql
+CREATE TABLE shop.products (
+    id          uuid PRIMARY KEY,
+    sku         text NOT NULL,
+    name        text NOT NULL,
+    price_cents bigint NOT NULL,
+    stock       integer NOT NULL,
+    version     integer NOT NULL DEFAULT 1,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT products_sku_key UNIQUE (sku),
+    CONSTRAINT products_price_not_negative CHECK (price_cents >= 0),
+    CONSTRAINT products_stock_not_negative CHECK (stock >= 0),
+    CONSTRAINT products_version_positive CHECK (version >= 1)
+);
+
+-- sql/shop/tables/orders.sql
+CREATE TABLE shop.orders (
+    id          uuid PRIMARY KEY,
+    customer_id uuid NOT NULL REFERENCES shop.customers (id),
+    status      text NOT NULL,
+    placed_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    version     integer NOT NULL DEFAULT 1,
+    CONSTRAINT orders_status CHECK (status IN ('placed', 'cancelled', 'shipped')),
+    CONSTRAINT orders_version_positive CHECK (version >= 1)
+);
+
+-- sql/shop/tables/order_lines.sql
+CREATE TABLE shop.order_lines (
+    order_id         uuid NOT NULL REFERENCES shop.orders (id),
+    line_no          integer NOT NULL,
+    product_id       uuid NOT NULL REFERENCES shop.products (id),
+    quantity         integer NOT NULL,
+    unit_price_cents bigint NOT NULL,
+    CONSTRAINT order_lines_pkey PRIMARY KEY (order_id, line_no),
+    CONSTRAINT order_lines_quantity_positive CHECK (quantity > 0),
+    CONSTRAINT order_lines_price_not_negative CHECK (unit_price_cents >= 0)
+);
+
+-- sql/shop/triggers/outbox.sql
+-- Every change to the write model appends events to cqrs.outbox in the same transaction.
+-- Order lines belong to their order's aggregate; they are only ever added with version 1.
+SELECT cqrs.capture_changes('shop.customers', 'customer', 'customer', 'id', 'version');
+SELECT cqrs.capture_changes('shop.products', 'product', 'product', 'id', 'version');
+SELECT cqrs.capture_changes('shop.orders', 'order', 'order', 'id', 'version');
+SELECT cqrs.capture_changes('shop.order_lines', 'order', 'order_line', 'order_id');
+
+-- sql/shop/functions/_normalize_email.sql
+-- Trims and lower-cases an email address; CQ001 unless it looks like local@domain.tld.
+-- Lower-cased with ICU's root collation, so the result does not depend on the database's
+-- locale (lower() under locale C leaves non-ASCII letters alone).
+CREATE FUNCTION shop._normalize_email(email text)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    normalized text := lower(cqrs._require_text('email', email, 320) COLLATE "und-x-icu");
+BEGIN
+    IF normalized !~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:]]+$' THEN
+        PERFORM cqrs._fail('CQ001', format('email is not a valid address: %L', email));
+    END IF;
+    RETURN normalized;
+END
+$$;
+
+-- sql/shop/functions/_parse_order_lines.sql
+-- Validates place_order's lines: a JSON array of 1 to 100 {"sku": text, "quantity": integer > 0},
+-- each sku once. Returns them as two arrays in line order; CQ001 naming the first bad entry.
+CREATE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[])
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    line jsonb;
+    i integer := 0;
+    sku text;
+    quantity numeric;
+BEGIN
+    IF lines IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'lines must not be null');
+    ELSIF jsonb_typeof(lines) <> 'array' THEN
+        PERFORM cqrs._fail('CQ001', format('lines must be a JSON array, got %s: %s',
+                                           jsonb_typeof(lines), left(lines::text, 80)));
+    ELSIF jsonb_array_length(lines) NOT BETWEEN 1 AND 100 THEN
+        PERFORM cqrs._fail('CQ001', format('lines must hold 1 to 100 entries, got %s',
+                                           jsonb_array_length(lines)));
+    END IF;
+
+    skus := '{}';
+    quantities := '{}';
+    FOR line IN SELECT value FROM jsonb_array_elements(lines) LOOP
+        i := i + 1;
+        IF jsonb_typeof(line) <> 'object' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s] must be an object, got %s', i, left(line::text, 80)));
+        ELSIF jsonb_typeof(line -> 'sku') IS DISTINCT FROM 'string' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].sku must be a string, got %s',
+                                               i, coalesce(left((line -> 'sku')::text, 80), 'nothing')));
+        ELSIF jsonb_typeof(line -> 'quantity') IS DISTINCT FROM 'number' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a number, got %s',
+                                               i, coalesce(left((line -> 'quantity')::text, 80), 'nothing')));
+        END IF;
+        sku := cqrs._require_text(format('lines[%s].sku', i), line ->> 'sku', 100);
+        quantity := (line -> 'quantity')::numeric;
+        IF quantity <> trunc(quantity) OR quantity < 1 OR quantity > 2147483647 THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
+                                               i, quantity));
+        ELSIF sku = ANY (skus) THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s]: sku %L appears more than once', i, sku));
+        END IF;
+        skus := skus || sku;
+        quantities := quantities || quantity::integer;
+    END LOOP;
+END
+$$;
+
+-- sql/shop/functions/_close_order.sql
+-- Moves a placed order to its final status (cancelled gives the stock back). Shared by
+-- cancel_order and ship_order, which differ only in the status they set.
+CREATE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer, new_status text)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_status text;
+    v_version integer;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_id('order_id', order_id);
+    r := cqrs._begin_command(command_id, command,
+                             jsonb_build_object('order_id', order_id, 'expected_version', expected_version));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    SELECT o.status, o.version INTO v_status, v_version
+      FROM shop.orders o
+     WHERE o.id = _close_order.order_id
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('order %s does not exist', order_id));
+    END IF;
+    PERFORM cqrs._check_version('order', order_id, expected_version, v_version);
+    IF v_status <> 'placed' THEN
+        PERFORM cqrs._fail('CQ003', format('order %s is %s: only a placed order can be %s',
+                                           order_id, v_status, new_status));
+    END IF;
+
+    IF new_status = 'cancelled' THEN
+        PERFORM 1
+          FROM shop.products p
+         WHERE p.id IN (SELECT l.product_id FROM shop.order_lines l WHERE l.order_id = _close_order.order_id)
+         ORDER BY p.id
+           FOR NO KEY UPDATE;
+        UPDATE shop.products p
+           SET stock = p.stock + l.quantity, version = p.version + 1
+          FROM shop.order_lines l
+         WHERE l.order_id = _close_order.order_id
+           AND p.id = l.product_id;
+    END IF;
+
+    UPDATE shop.orders o
+       SET status = new_status, updated_at = now(), version = o.version + 1
+     WHERE o.id = _close_order.order_id
+    RETURNING o.version INTO v_version;
+    RETURN cqrs._finish_command(command_id, order_id, v_version);
+END
+$$;
+
+-- sql/shop/functions/register_customer.sql
+-- Registers a customer under a unique (case-insensitive) email address.
+CREATE FUNCTION shop.register_customer(command_id uuid, email text, name text)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_email text := shop._normalize_email(email);
+    v_name text := cqrs._require_text('name', name, 200);
+    v_id uuid := gen_random_uuid();
+    r cqrs.receipt;
+BEGIN
+    r := cqrs._begin_command(command_id, 'register_customer',
+                             jsonb_build_object('email', email, 'name', name));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    INSERT INTO shop.customers (id, email, name)
+    VALUES (v_id, v_email, v_name)
+    ON CONFLICT ON CONSTRAINT customers_email_key DO NOTHING;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ003', format('email %L is already registered', v_email));
+    END IF;
+    RETURN cqrs._finish_command(command_id, v_id, 1);
+END
+$$;
+
+-- sql/shop/functions/rename_customer.sql
+-- Gives a customer a new name.
+CREATE FUNCTION shop.rename_customer(command_id uuid, customer_id uuid, name text, expected_version integer DEFAULT NULL)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_name text := cqrs._require_text('name', name, 200);
+    v_version integer;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_id('customer_id', customer_id);
+    r := cqrs._begin_command(command_id, 'rename_customer',
+                             jsonb_build_object('customer_id', customer_id, 'name', name,
+                                                'expected_version', expected_version));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    -- NO KEY UPDATE: does not block orders whose foreign key check locks this customer.
+    SELECT c.version INTO v_version
+      FROM shop.customers c
+     WHERE c.id = rename_customer.customer_id
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('customer %s does not exist', customer_id));
+    END IF;
+    PERFORM cqrs._check_version('customer', customer_id, expected_version, v_version);
+
+    UPDATE shop.customers c
+       SET name = v_name, version = c.version + 1
+     WHERE c.id = rename_customer.customer_id
+    RETURNING c.version INTO v_version;
+    RETURN cqrs._finish_command(command_id, customer_id, v_version);
+END
+$$;
+
+-- sql/shop/functions/add_product.sql
+-- Adds a product to the catalogue under a unique sku.
+CREATE FUNCTION shop.add_product(command_id uuid, sku text, name text, price_cents bigint, initial_stock integer)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sku text := cqrs._require_text('sku', sku, 100);
+    v_name text := cqrs._require_text('name', name, 200);
+    v_id uuid := gen_random_uuid();
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_range('price_cents', price_cents, 0);
+    PERFORM cqrs._require_range('initial_stock', initial_stock, 0);
+    r := cqrs._begin_command(command_id, 'add_product',
+                             jsonb_build_object('sku', sku, 'name', name, 'price_cents', price_cents,
+                                                'initial_stock', initial_stock));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    INSERT INTO shop.products (id, sku, name, price_cents, stock)
+    VALUES (v_id, v_sku, v_name, price_cents, initial_stock)
+    ON CONFLICT ON CONSTRAINT products_sku_key DO NOTHING;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ003', format('sku %L is already taken', v_sku));
+    END IF;
+    RETURN cqrs._finish_command(command_id, v_id, 1);
+END
+$$;
+
+-- sql/shop/functions/restock.sql
+-- Adds quantity units to a product's stock.
+CREATE FUNCTION shop.restock(command_id uuid, sku text, quantity integer)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sku text := cqrs._require_text('sku', sku, 100);
+    v_id uuid;
+    v_stock integer;
+    v_version integer;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_range('quantity', quantity, 1);
+    r := cqrs._begin_command(command_id, 'restock',
+                             jsonb_build_object('sku', sku, 'quantity', quantity));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    SELECT p.id, p.stock INTO v_id, v_stock
+      FROM shop.products p
+     WHERE p.sku = v_sku
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', v_sku));
+    END IF;
+    IF v_stock > 2147483647 - quantity THEN
+        PERFORM cqrs._fail('CQ003', format('stock of sku %L would exceed 2147483647 (%s + %s)',
+                                           v_sku, v_stock, quantity));
+    END IF;
+
+    UPDATE shop.products p
+       SET stock = p.stock + quantity, version = p.version + 1
+     WHERE p.id = v_id
+    RETURNING p.version INTO v_version;
+    RETURN cqrs._finish_command(command_id, v_id, v_version);
+END
+$$;
+
+-- sql/shop/functions/change_price.sql
+-- Sets the price that future orders of a product capture.
+CREATE FUNCTION shop.change_price(command_id uuid, sku text, price_cents bigint)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_sku text := cqrs._require_text('sku', sku, 100);
+    v_id uuid;
+    v_version integer;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_range('price_cents', price_cents, 0);
+    r := cqrs._begin_command(command_id, 'change_price',
+                             jsonb_build_object('sku', sku, 'price_cents', price_cents));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    UPDATE shop.products p
+       SET price_cents = change_price.price_cents, version = p.version + 1
+     WHERE p.sku = v_sku
+    RETURNING p.id, p.version INTO v_id, v_version;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', v_sku));
+    END IF;
+    RETURN cqrs._finish_command(command_id, v_id, v_version);
+END
+$$;
+
+-- sql/shop/functions/place_order.sql
+-- Places an order: takes the stock of every line and captures each product's current price.
+CREATE FUNCTION shop.place_order(command_id uuid, customer_id uuid, lines jsonb)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parsed record;
+    v_id uuid := gen_random_uuid();
+    missing text;
+    short record;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_id('customer_id', customer_id);
+    SELECT * INTO parsed FROM shop._parse_order_lines(lines);
+    r := cqrs._begin_command(command_id, 'place_order',
+                             jsonb_build_object('customer_id', customer_id, 'lines', lines));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = place_order.customer_id) THEN
+        PERFORM cqrs._fail('CQ002', format('customer %s does not exist', customer_id));
+    END IF;
+
+    -- Lock the products in id order, as every command does, so two orders never deadlock.
+    PERFORM 1 FROM shop.products p WHERE p.sku = ANY (parsed.skus) ORDER BY p.id FOR NO KEY UPDATE;
+
+    SELECT l.sku INTO missing
+      FROM unnest(parsed.skus) WITH ORDINALITY AS l(sku, line_no)
+     WHERE NOT EXISTS (SELECT 1 FROM shop.products p WHERE p.sku = l.sku)
+     ORDER BY l.line_no
+     LIMIT 1;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', missing));
+    END IF;
+
+    SELECT p.sku, p.stock, l.quantity INTO short
+      FROM unnest(parsed.skus, parsed.quantities) WITH ORDINALITY AS l(sku, quantity, line_no)
+      JOIN shop.products p ON p.sku = l.sku
+     WHERE p.stock < l.quantity
+     ORDER BY l.line_no
+     LIMIT 1;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ003', format('not enough stock of sku %L: %s ordered, %s in stock',
+                                           short.sku, short.quantity, short.stock));
+    END IF;
+
+    UPDATE shop.products p
+       SET stock = p.stock - l.quantity, version = p.version + 1
+      FROM unnest(parsed.skus, parsed.quantities) AS l(sku, quantity)
+     WHERE p.sku = l.sku;
+
+    INSERT INTO shop.orders (id, customer_id, status)
+    VALUES (v_id, customer_id, 'placed');
+
+    INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents)
+    SELECT v_id, l.line_no, p.id, l.quantity, p.price_cents
+      FROM unnest(parsed.skus, parsed.quantities) WITH ORDINALITY AS l(sku, quantity, line_no)
+      JOIN shop.products p ON p.sku = l.sku
+     ORDER BY l.line_no;
+
+    RETURN cqrs._finish_command(command_id, v_id, 1);
+END
+$$;
+
+-- sql/shop/functions/cancel_order.sql
+-- Cancels a placed order and gives its stock back.
+CREATE FUNCTION shop.cancel_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
+RETURNS cqrs.receipt
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM shop._close_order('cancel_order', command_id, order_id, expected_version, 'cancelled');
+$$;
+
+-- sql/shop/functions/ship_order.sql
+-- Ships a placed order.
+CREATE FUNCTION shop.ship_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
+RETURNS cqrs.receipt
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM shop._close_order('ship_order', command_id, order_id, expected_version, 'shipped');
+$$;
+
+-- sql/shop_read/schema.sql
+-- The read model: denormalized tables kept by the daemon, and a materialized view it
+-- refreshes. Readable by cqrs_reader, typically on a streaming replica.
+CREATE SCHEMA shop_read;
+
+-- sql/shop_read/tables/order_summary.sql
+-- One row per order with its totals and its customer's current name and email.
+CREATE TABLE shop_read.order_summary (
+    order_id       uuid PRIMARY KEY,
+    customer_id    uuid NOT NULL,
+    customer_name  text,
+    customer_email text,
+    status         text NOT NULL,
+    line_count     integer NOT NULL DEFAULT 0,
+    item_count     bigint NOT NULL DEFAULT 0,
+    total_cents    bigint NOT NULL DEFAULT 0,
+    placed_at      timestamptz NOT NULL,
+    updated_at     timestamptz NOT NULL,
+    version        integer NOT NULL
+);
+
+CREATE INDEX order_summary_customer_id ON shop_read.order_summary (customer_id);
+
+-- sql/shop_read/tables/customer_stats.sql
+-- One row per customer: orders placed, cancelled and shipped, and the value of orders
+-- not cancelled.
+CREATE TABLE shop_read.customer_stats (
+    customer_id          uuid PRIMARY KEY,
+    name                 text NOT NULL,
+    email                text NOT NULL,
+    orders_placed        bigint NOT NULL DEFAULT 0,
+    orders_cancelled     bigint NOT NULL DEFAULT 0,
+    orders_shipped       bigint NOT NULL DEFAULT 0,
+    lifetime_value_cents bigint NOT NULL DEFAULT 0
+);
+
+-- sql/shop_read/views/product_sales.sql
+-- One row per product: units sold and revenue over lines of orders not cancelled.
+-- Refreshed CONCURRENTLY by the daemon, which needs the unique index on product_id.
+CREATE MATERIALIZED VIEW shop_read.product_sales AS
+SELECT p.id AS product_id,
+       p.sku,
+       p.name,
+       p.price_cents,
+       p.stock,
+       coalesce(sum(l.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS units_sold,
+       coalesce(sum(l.quantity * l.unit_price_cents) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS revenue_cents
+  FROM shop.products p
+  LEFT JOIN shop.order_lines l ON l.product_id = p.id
+  LEFT JOIN shop.orders o ON o.id = l.order_id
+ GROUP BY p.id;
+
+CREATE UNIQUE INDEX product_sales_product_id ON shop_read.product_sales (product_id);
+
+-- sql/shop_proj/schema.sql
+-- How the shop's projections turn events into shop_read rows: their apply functions and
+-- the private state they keep (latest versions seen), never exposed to readers.
+CREATE SCHEMA shop_proj;
+
+-- sql/shop_proj/tables/order_summary_customers.sql
+-- order_summary's copy of each customer's latest name and email, by version.
+CREATE TABLE shop_proj.order_summary_customers (
+    customer_id uuid PRIMARY KEY,
+    name        text NOT NULL,
+    email       text NOT NULL,
+    version     integer NOT NULL
+);
+
+-- sql/shop_proj/tables/customer_stats_customers.sql
+-- customer_stats' copy of each customer's latest name and email, by version.
+CREATE TABLE shop_proj.customer_stats_customers (LIKE shop_proj.order_summary_customers INCLUDING ALL);
+
+-- sql/shop_proj/tables/customer_stats_orders.sql
+-- customer_stats' view of each order: its latest status (by version) and its total.
+CREATE TABLE shop_proj.customer_stats_orders (
+    order_id    uuid PRIMARY KEY,
+    customer_id uuid NOT NULL,
+    status      text NOT NULL,
+    total_cents bigint NOT NULL DEFAULT 0,
+    version     integer NOT NULL
+);
+
+CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_orders (customer_id);
+
+-- sql/shop_proj/functions/_remember_customers.sql
+-- Upserts the latest name and email of each customer in the batch into a projection's
+-- private customer table. Version-guarded: xid order is not an aggregate's order.
+CREATE FUNCTION shop_proj._remember_customers(target regclass, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format(
+        'INSERT INTO %s AS c (customer_id, name, email, version)
+         SELECT DISTINCT ON (e.aggregate_id)
+                e.aggregate_id, e.payload ->> ''name'', e.payload ->> ''email'', e.aggregate_version
+           FROM cqrs.batch($1, $2, $3, $4) e
+          WHERE e.event_type IN (''customer.created'', ''customer.updated'')
+          ORDER BY e.aggregate_id, e.aggregate_version DESC
+         ON CONFLICT (customer_id) DO UPDATE
+            SET name = excluded.name, email = excluded.email, version = excluded.version
+          WHERE c.version < excluded.version', target)
+    USING from_tx, from_position, to_tx, to_position;
+END
+$$;
+
+-- sql/shop_proj/functions/_order_line_totals.sql
+-- Per order in the batch: the lines added, their units and their value.
+CREATE FUNCTION shop_proj._order_line_totals(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS TABLE (order_id uuid, line_count bigint, item_count bigint, total_cents bigint)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT e.aggregate_id,
+           count(*),
+           sum((e.payload ->> 'quantity')::bigint),
+           sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
+      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+     WHERE e.event_type = 'order_line.created'
+     GROUP BY e.aggregate_id;
+$$;
+
+-- sql/shop_proj/functions/apply_order_summary.sql
+-- Applies one batch of events to shop_read.order_summary, set-based.
+CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM shop_proj._remember_customers('shop_proj.order_summary_customers',
+                                          from_tx, from_position, to_tx, to_position);
+
+    -- Orders: the latest state in the batch, applied only over an older version.
+    INSERT INTO shop_read.order_summary AS s
+           (order_id, customer_id, customer_name, customer_email, status, placed_at, updated_at, version)
+    SELECT DISTINCT ON (e.aggregate_id)
+           e.aggregate_id, (e.payload ->> 'customer_id')::uuid, c.name, c.email, e.payload ->> 'status',
+           (e.payload ->> 'placed_at')::timestamptz, (e.payload ->> 'updated_at')::timestamptz,
+           e.aggregate_version
+      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+      LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (e.payload ->> 'customer_id')::uuid
+     WHERE e.event_type IN ('order.created', 'order.updated')
+     ORDER BY e.aggregate_id, e.aggregate_version DESC
+    ON CONFLICT (order_id) DO UPDATE
+       SET status = excluded.status, updated_at = excluded.updated_at, version = excluded.version
+     WHERE s.version < excluded.version;
+
+    -- Lines arrive once each, after their order's row (same transaction, later position).
+    UPDATE shop_read.order_summary s
+       SET line_count = s.line_count + l.line_count,
+           item_count = s.item_count + l.item_count,
+           total_cents = s.total_cents + l.total_cents
+      FROM shop_proj._order_line_totals(from_tx, from_position, to_tx, to_position) l
+     WHERE s.order_id = l.order_id;
+
+    -- Customers renamed in the batch: their orders show the current name. Orders placed
+    -- before their customer's event was applied get it here too.
+    UPDATE shop_read.order_summary s
+       SET customer_name = c.name, customer_email = c.email
+      FROM shop_proj.order_summary_customers c
+     WHERE s.customer_id = c.customer_id
+       AND c.customer_id IN (SELECT e.aggregate_id
+                               FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+                              WHERE e.aggregate_type = 'customer')
+       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (c.name, c.email);
+END
+$$;
+
+-- sql/shop_proj/functions/apply_customer_stats.sql
+-- Applies one batch of events to shop_read.customer_stats: updates the private per-order
+-- state, then recomputes the rows of the customers the batch touched.
+CREATE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM shop_proj._remember_customers('shop_proj.customer_stats_customers',
+                                          from_tx, from_position, to_tx, to_position);
+
+    INSERT INTO shop_proj.customer_stats_orders AS o (order_id, customer_id, status, version)
+    SELECT DISTINCT ON (e.aggregate_id)
+           e.aggregate_id, (e.payload ->> 'customer_id')::uuid, e.payload ->> 'status', e.aggregate_version
+      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+     WHERE e.event_type IN ('order.created', 'order.updated')
+     ORDER BY e.aggregate_id, e.aggregate_version DESC
+    ON CONFLICT (order_id) DO UPDATE
+       SET status = excluded.status, version = excluded.version
+     WHERE o.version < excluded.version;
+
+    UPDATE shop_proj.customer_stats_orders o
+       SET total_cents = o.total_cents + l.total_cents
+      FROM shop_proj._order_line_totals(from_tx, from_position, to_tx, to_position) l
+     WHERE o.order_id = l.order_id;
+
+    INSERT INTO shop_read.customer_stats AS s
+           (customer_id, name, email, orders_placed, orders_cancelled, orders_shipped, lifetime_value_cents)
+    SELECT c.customer_id, c.name, c.email,
+           count(o.order_id),
+           count(o.order_id) FILTER (WHERE o.status = 'cancelled'),
+           count(o.order_id) FILTER (WHERE o.status = 'shipped'),
+           coalesce(sum(o.total_cents) FILTER (WHERE o.status <> 'cancelled'), 0)
+      FROM shop_proj.customer_stats_customers c
+      LEFT JOIN shop_proj.customer_stats_orders o ON o.customer_id = c.customer_id
+     WHERE c.customer_id IN (
+               SELECT e.aggregate_id
+                 FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+                WHERE e.aggregate_type = 'customer'
+               UNION
+               SELECT so.customer_id
+                 FROM shop_proj.customer_stats_orders so
+                WHERE so.order_id IN (SELECT e.aggregate_id
+                                        FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+                                       WHERE e.aggregate_type = 'order'))
+     GROUP BY c.customer_id
+    ON CONFLICT (customer_id) DO UPDATE
+       SET name = excluded.name,
+           email = excluded.email,
+           orders_placed = excluded.orders_placed,
+           orders_cancelled = excluded.orders_cancelled,
+           orders_shipped = excluded.orders_shipped,
+           lifetime_value_cents = excluded.lifetime_value_cents;
+END
+$$;
+
+-- sql/shop_proj/data/projections.sql
+-- The shop's three projections.
+SELECT cqrs.register_projection('order_summary', 'sql', 'shop_proj.apply_order_summary');
+SELECT cqrs.register_projection('customer_stats', 'sql', 'shop_proj.apply_customer_stats');
+SELECT cqrs.register_projection(
+    'product_sales', 'matview',
+    matview => 'shop_read.product_sales',
+    event_types => ARRAY['product.created', 'product.updated',
+                         'order.created', 'order.updated', 'order_line.created']);
+
+-- sql/privileges.sql
+-- Least privilege: no function is executable by PUBLIC; each group role gets only what
+-- its users need. SECURITY DEFINER functions do the rest as the owner.
+REVOKE ALL ON SCHEMA cqrs, shop, shop_read, shop_proj FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cqrs, shop, shop_read, shop_proj FROM PUBLIC;
+
+-- cqrs_writer: the commands, nothing else (cqrs for the receipt type only).
+GRANT USAGE ON SCHEMA shop, cqrs TO cqrs_writer;
+GRANT EXECUTE ON FUNCTION
+    shop.register_customer(uuid, text, text),
+    shop.rename_customer(uuid, uuid, text, integer),
+    shop.add_product(uuid, text, text, bigint, integer),
+    shop.restock(uuid, text, integer),
+    shop.change_price(uuid, text, bigint),
+    shop.place_order(uuid, uuid, jsonb),
+    shop.cancel_order(uuid, uuid, integer),
+    shop.ship_order(uuid, uuid, integer)
+TO cqrs_writer;
+
+-- cqrs_reader: the read model and read-your-writes.
+GRANT USAGE ON SCHEMA shop_read, cqrs TO cqrs_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
+GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
+
+-- cqrs_listener: what the daemon calls.
+GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
+GRANT EXECUTE ON FUNCTION
+    cqrs.run_projection(text, integer, interval),
+    cqrs.listener_heartbeat(text, boolean, interval),
+    cqrs.listener_exit(text),
+    cqrs.projection_status(),
+    cqrs.fence_blockers(),
+    cqrs.caught_up(bigint, text)
+TO cqrs_listener;

@@ -1,0 +1,23 @@
+-- True once the projection (NULL: every projection) has applied every event of the
+-- transaction that returned token. Reads only cqrs.projections, which replicates with
+-- the read tables, so it answers correctly on a streaming replica.
+CREATE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM cqrs._require_range('token', token, 0);
+    IF projection IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM cqrs.projections p WHERE p.name = projection) THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+    RETURN NOT EXISTS (
+        SELECT 1
+          FROM cqrs.projections p
+         WHERE (projection IS NULL OR p.name = projection)
+           AND p.horizon <= token::text::xid8);
+END
+$$;

@@ -1,0 +1,34 @@
+-- Open transactions that hold an xid, oldest first, in any database of the cluster:
+-- each one holds every projection's fence back until it ends.
+CREATE FUNCTION cqrs.fence_blockers()
+RETURNS TABLE (
+    pid integer,
+    database name,
+    username name,
+    application_name text,
+    state text,
+    xid xid,
+    xact_start timestamptz,
+    query_start timestamptz,
+    seconds double precision,
+    query text)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.pid, a.datname, a.usename, a.application_name, a.state,
+           a.backend_xid,
+           a.xact_start, a.query_start,
+           extract(epoch FROM clock_timestamp() - a.xact_start)::double precision,
+           left(a.query, 200)
+      FROM pg_stat_activity a
+     WHERE a.backend_xid IS NOT NULL
+       AND a.pid <> pg_backend_pid()
+    UNION ALL
+    SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
+           x.transaction, x.prepared, NULL,
+           extract(epoch FROM clock_timestamp() - x.prepared)::double precision, NULL
+      FROM pg_prepared_xacts x
+     ORDER BY 9 DESC;
+$$;

@@ -1,0 +1,112 @@
+-- Applies the next batch of one projection in the caller's transaction and advances its
+-- checkpoint in that same transaction. Returns what it did:
+--   applied      events applied (or, for a matview, covered by the refresh)
+--   more         a full batch was applied: call again at once
+--   busy         another daemon is running this projection right now
+--   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
+--
+-- Gap-free reading: events are read in (tx_id, position) order and only below the fence
+-- pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so no
+-- event can later appear behind the checkpoint. A transaction that commits late is
+-- delayed, never skipped. See cqrs_pg/projection/README.md.
+CREATE FUNCTION cqrs.run_projection(
+    projection text,
+    max_events integer DEFAULT 10000,
+    refresh_interval interval DEFAULT '1 second')
+RETURNS TABLE (applied bigint, more boolean, busy boolean, retry_after double precision)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    fence xid8;
+    n bigint := 0;
+    end_tx xid8;
+    end_pos bigint;
+    relevant boolean;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+
+    -- One runner per projection at a time, across daemons. An advisory lock rather than a
+    -- row lock: checking an idle projection must not take an xid (that would hold back
+    -- every fence) or write WAL. The lock is released only after our commit is visible,
+    -- so the next holder reads the checkpoint we wrote.
+    IF NOT pg_try_advisory_xact_lock(1668444016, hashtext(projection)) THEN
+        RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    fence := pg_snapshot_xmin(pg_current_snapshot());
+
+    IF p.kind = 'sql' THEN
+        WITH b AS (
+            SELECT o.tx_id, o.position
+              FROM cqrs.outbox o
+             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+               AND o.tx_id < fence
+             ORDER BY o.tx_id, o.position
+             LIMIT max_events)
+        SELECT (SELECT count(*) FROM b), x.tx_id, x.position
+          INTO n, end_tx, end_pos
+          FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+    ELSE
+        SELECT o.tx_id, o.position
+          INTO end_tx, end_pos
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND o.tx_id < fence
+         ORDER BY o.tx_id DESC, o.position DESC
+         LIMIT 1;
+    END IF;
+
+    IF end_tx IS NULL THEN
+        -- Nothing new below the fence. Move the horizon up only when the last batch may
+        -- have ended inside a transaction, so an idle daemon writes nothing.
+        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
+            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
+        END IF;
+        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
+        RETURN;
+    END IF;
+
+    IF p.kind = 'sql' THEN
+        EXECUTE format('SELECT %s($1, $2, $3, $4)', p.apply_function)
+          USING p.last_tx, p.last_position, end_tx, end_pos;
+    ELSE
+        SELECT EXISTS (
+            SELECT 1
+              FROM cqrs.outbox o
+             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+               AND (o.tx_id, o.position) <= (end_tx, end_pos)
+               AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
+          INTO relevant;
+        IF relevant THEN
+            IF p.refreshed_at > now() - refresh_interval THEN
+                RETURN QUERY SELECT 0::bigint, false, false,
+                    extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
+                RETURN;
+            END IF;
+            -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
+            -- is replayed on replicas to cancel their queries.
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
+        END IF;
+        SELECT count(*) INTO n FROM cqrs.batch(p.last_tx, p.last_position, end_tx, end_pos);
+    END IF;
+
+    UPDATE cqrs.projections c
+       SET last_tx = end_tx,
+           last_position = end_pos,
+           applied_events = c.applied_events + n,
+           -- a full batch may have stopped inside transaction end_tx
+           horizon = greatest(c.horizon, CASE WHEN p.kind = 'sql' AND n >= max_events THEN end_tx ELSE fence END),
+           refreshed_at = CASE WHEN relevant THEN now() ELSE c.refreshed_at END,
+           updated_at = now()
+     WHERE c.name = projection;
+    RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
+END
+$$;

@@ -1,0 +1,19 @@
+-- One row per projection: its checkpoint, advanced in the same transaction as its
+-- read-model writes, so the checkpoint replicates together with what it describes.
+CREATE TABLE cqrs.projections (
+    name           text PRIMARY KEY,
+    kind           text NOT NULL,
+    apply_function regproc,
+    matview        regclass,
+    event_types    text[],
+    last_tx        xid8 NOT NULL DEFAULT '0',
+    last_position  bigint NOT NULL DEFAULT 0,
+    -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up)
+    horizon        xid8 NOT NULL DEFAULT '0',
+    applied_events bigint NOT NULL DEFAULT 0,
+    refreshed_at   timestamptz,
+    updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
+    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR apply_function IS NOT NULL),
+    CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
+);

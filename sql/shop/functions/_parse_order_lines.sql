@@ -1,0 +1,49 @@
+-- Validates place_order's lines: a JSON array of 1 to 100 {"sku": text, "quantity": integer > 0},
+-- each sku once. Returns them as two arrays in line order; CQ001 naming the first bad entry.
+CREATE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[])
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    line jsonb;
+    i integer := 0;
+    sku text;
+    quantity numeric;
+BEGIN
+    IF lines IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'lines must not be null');
+    ELSIF jsonb_typeof(lines) <> 'array' THEN
+        PERFORM cqrs._fail('CQ001', format('lines must be a JSON array, got %s: %s',
+                                           jsonb_typeof(lines), left(lines::text, 80)));
+    ELSIF jsonb_array_length(lines) NOT BETWEEN 1 AND 100 THEN
+        PERFORM cqrs._fail('CQ001', format('lines must hold 1 to 100 entries, got %s',
+                                           jsonb_array_length(lines)));
+    END IF;
+
+    skus := '{}';
+    quantities := '{}';
+    FOR line IN SELECT value FROM jsonb_array_elements(lines) LOOP
+        i := i + 1;
+        IF jsonb_typeof(line) <> 'object' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s] must be an object, got %s', i, left(line::text, 80)));
+        ELSIF jsonb_typeof(line -> 'sku') IS DISTINCT FROM 'string' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].sku must be a string, got %s',
+                                               i, coalesce(left((line -> 'sku')::text, 80), 'nothing')));
+        ELSIF jsonb_typeof(line -> 'quantity') IS DISTINCT FROM 'number' THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a number, got %s',
+                                               i, coalesce(left((line -> 'quantity')::text, 80), 'nothing')));
+        END IF;
+        sku := cqrs._require_text(format('lines[%s].sku', i), line ->> 'sku', 100);
+        quantity := (line -> 'quantity')::numeric;
+        IF quantity <> trunc(quantity) OR quantity < 1 OR quantity > 2147483647 THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
+                                               i, quantity));
+        ELSIF sku = ANY (skus) THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s]: sku %L appears more than once', i, sku));
+        END IF;
+        skus := skus || sku;
+        quantities := quantities || quantity::integer;
+    END LOOP;
+END
+$$;

@@ -1,0 +1,66 @@
+-- Places an order: takes the stock of every line and captures each product's current price.
+CREATE FUNCTION shop.place_order(command_id uuid, customer_id uuid, lines jsonb)
+RETURNS cqrs.receipt
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    parsed record;
+    v_id uuid := gen_random_uuid();
+    missing text;
+    short record;
+    r cqrs.receipt;
+BEGIN
+    PERFORM cqrs._require_id('customer_id', customer_id);
+    SELECT * INTO parsed FROM shop._parse_order_lines(lines);
+    r := cqrs._begin_command(command_id, 'place_order',
+                             jsonb_build_object('customer_id', customer_id, 'lines', lines));
+    IF r.duplicate THEN
+        RETURN r;
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = place_order.customer_id) THEN
+        PERFORM cqrs._fail('CQ002', format('customer %s does not exist', customer_id));
+    END IF;
+
+    -- Lock the products in id order, as every command does, so two orders never deadlock.
+    PERFORM 1 FROM shop.products p WHERE p.sku = ANY (parsed.skus) ORDER BY p.id FOR NO KEY UPDATE;
+
+    SELECT l.sku INTO missing
+      FROM unnest(parsed.skus) WITH ORDINALITY AS l(sku, line_no)
+     WHERE NOT EXISTS (SELECT 1 FROM shop.products p WHERE p.sku = l.sku)
+     ORDER BY l.line_no
+     LIMIT 1;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', missing));
+    END IF;
+
+    SELECT p.sku, p.stock, l.quantity INTO short
+      FROM unnest(parsed.skus, parsed.quantities) WITH ORDINALITY AS l(sku, quantity, line_no)
+      JOIN shop.products p ON p.sku = l.sku
+     WHERE p.stock < l.quantity
+     ORDER BY l.line_no
+     LIMIT 1;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ003', format('not enough stock of sku %L: %s ordered, %s in stock',
+                                           short.sku, short.quantity, short.stock));
+    END IF;
+
+    UPDATE shop.products p
+       SET stock = p.stock - l.quantity, version = p.version + 1
+      FROM unnest(parsed.skus, parsed.quantities) AS l(sku, quantity)
+     WHERE p.sku = l.sku;
+
+    INSERT INTO shop.orders (id, customer_id, status)
+    VALUES (v_id, customer_id, 'placed');
+
+    INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents)
+    SELECT v_id, l.line_no, p.id, l.quantity, p.price_cents
+      FROM unnest(parsed.skus, parsed.quantities) WITH ORDINALITY AS l(sku, quantity, line_no)
+      JOIN shop.products p ON p.sku = l.sku
+     ORDER BY l.line_no;
+
+    RETURN cqrs._finish_command(command_id, v_id, 1);
+END
+$$;

@@ -1,0 +1,10 @@
+-- customer_stats' view of each order: its latest status (by version) and its total.
+CREATE TABLE shop_proj.customer_stats_orders (
+    order_id    uuid PRIMARY KEY,
+    customer_id uuid NOT NULL,
+    status      text NOT NULL,
+    total_cents bigint NOT NULL DEFAULT 0,
+    version     integer NOT NULL
+);
+
+CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_orders (customer_id);
