@@ -1,0 +1,3 @@
+from cqrs_pg.cli import main
+
+main()

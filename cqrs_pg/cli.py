@@ -1,0 +1,210 @@
+"""The `cqrs-pg` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from cqrs_pg import __version__
+from cqrs_pg.db import DSN_ENV, REPLICA_DSN_ENV, require_dsn
+from cqrs_pg.errors import CqrsPgError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def connection_options(func: F) -> F:
+    """--dsn and --replica-dsn, overriding CQRS_PG_DSN and CQRS_PG_REPLICA_DSN."""
+    func = click.option(
+        "--replica-dsn",
+        envvar=REPLICA_DSN_ENV,
+        metavar="DSN",
+        help=f"Where reads go; several hosts allowed [env {REPLICA_DSN_ENV}; unset: the primary].",
+    )(func)
+    func = click.option(
+        "--dsn", envvar=DSN_ENV, metavar="DSN", help=f"The primary: a libpq conninfo or URI [env {DSN_ENV}]."
+    )(func)
+    return func
+
+
+def root_option(func: F) -> F:
+    return click.option(
+        "--root",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=Path(".cqrs-pg"),
+        show_default=True,
+        help="Directory holding the local cluster's data.",
+    )(func)
+
+
+class Group(click.Group):
+    """Turns operational errors into one line and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CqrsPgError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cqrs-pg")
+def main() -> None:
+    """CQRS built from PostgreSQL itself.
+
+    Commands are SQL functions (shop.place_order, ...); triggers append their events to
+    cqrs.outbox; `cqrs-pg listen` keeps the read models in shop_read up to date; reads go
+    to a streaming replica, with cqrs.caught_up(token) for read-your-writes.
+    """
+
+
+@main.command()
+@connection_options
+@click.option("--to", "to", default="head", show_default=True, metavar="REV", help="Target revision; 'base' removes everything.")
+def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
+    """Upgrade (or downgrade) the database to a migration revision.
+
+    The same as `alembic upgrade REV` with CQRS_PG_DSN set. Runs on the primary only.
+    """
+    from cqrs_pg.migrate import migrate as run_migrate
+
+    before, after = run_migrate(require_dsn(dsn), to)
+    if before == after:
+        click.echo(f"already at {after or 'base'}")
+    else:
+        click.echo(f"migrated {before or 'base'} -> {after or 'base'}")
+
+
+@main.command()
+@connection_options
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
+@click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds between polls when no NOTIFY arrives.")
+@click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
+@click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def listen(
+    dsn: str | None,
+    replica_dsn: str | None,
+    batch_size: int,
+    poll_interval: float,
+    refresh_interval: float,
+    projections: tuple[str, ...],
+    log_level: str,
+) -> None:
+    """Run the projection daemon until SIGTERM or SIGINT.
+
+    Woken by LISTEN/NOTIFY, polling as a fallback. On SIGTERM/SIGINT it finishes the
+    batch in hand and exits 0. Safe to kill at any moment: each batch commits together
+    with its checkpoint.
+    """
+    from cqrs_pg.daemon import Listener, ListenerConfig
+
+    _setup_logging(log_level)
+    listener = Listener(
+        ListenerConfig(
+            dsn=require_dsn(dsn),
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            refresh_interval=refresh_interval,
+            projections=list(projections) or None,
+        )
+    )
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("cqrs_pg.daemon").info("received %s: finishing", signal.Signals(signum).name)
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    listener.run()
+
+
+@main.command()
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(dsn: str | None, replica_dsn: str | None, as_json: bool) -> None:
+    """Show each projection's progress, replica lag and what holds the fence back."""
+    from cqrs_pg.status import collect, render
+
+    report = collect(require_dsn(dsn), replica_dsn)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+
+
+@main.group()
+def dev() -> None:
+    """A local primary and streaming replica(s) from this machine's PostgreSQL binaries."""
+
+
+@dev.command("up")
+@root_option
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(0, 8))
+@click.option("--port", type=click.IntRange(1024, 65535), help="First port (default: free ports).")
+def dev_up(root: Path, replicas: int, port: int | None) -> None:
+    """Start (or reuse) the cluster and print the export lines for it.
+
+    As root, the servers run as the `postgres` OS user. Use with:
+    eval "$(cqrs-pg dev up)"
+    """
+    from cqrs_pg.devcluster import DevCluster
+
+    cluster = DevCluster(root)
+    nodes = cluster.up(replicas=replicas, base_port=port)
+    for node in nodes:
+        click.echo(f"# {node.name}: port {node.port}, data {node.datadir}", err=True)
+    click.echo(cluster.export_lines())
+
+
+@dev.command("down")
+@root_option
+@click.option("--keep-data", is_flag=True, help="Stop the servers but keep their data.")
+def dev_down(root: Path, keep_data: bool) -> None:
+    """Stop the cluster and (unless --keep-data) delete it."""
+    from cqrs_pg.devcluster import DevCluster
+
+    DevCluster(root).down(remove=not keep_data)
+    click.echo(f"stopped{'' if keep_data else ' and removed'} {root}")
+
+
+@dev.command("status")
+@root_option
+def dev_status(root: Path) -> None:
+    """List the cluster's nodes and whether they run."""
+    from cqrs_pg.devcluster import DevCluster
+
+    nodes = DevCluster(root).status()
+    if not nodes:
+        click.echo(f"no cluster under {root}: run `cqrs-pg dev up`")
+        return
+    for node in nodes:
+        click.echo(f"{node.name:<10} {node.role:<8} port {node.port:<6} {'running' if node.running else 'stopped'}  {node.datadir}")
+
+
+@main.command()
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1, 64), help="Concurrent command clients.")
+@click.option("--seconds", default=10.0, show_default=True, type=click.FloatRange(0.5), help="How long the workload runs.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Cluster directory (default: a temporary one).")
+@click.option("--keep", is_flag=True, help="Leave the cluster running and print how to reach it.")
+def demo(clients: int, seconds: float, root: Path | None, keep: bool) -> None:
+    """The first run: primary + replica, migrate, daemon, a concurrent workload, results.
+
+    Starts a throwaway primary and streaming replica, installs the schema, runs the
+    daemon and a mixed shop workload from several clients, then prints read models
+    and lag figures read from the replica, and tears everything down.
+    """
+    from cqrs_pg.demo import run_demo
+
+    run_demo(clients=clients, seconds=seconds, root=root, keep=keep, echo=click.echo)

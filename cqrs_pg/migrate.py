@@ -1,0 +1,52 @@
+"""`cqrs-pg migrate`: alembic upgrade or downgrade to a revision, from any install."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from cqrs_pg.db import connect
+
+
+def alembic_config(dsn: str) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(importlib.resources.files("cqrs_pg.migrations")))
+    cfg.attributes["dsn"] = dsn
+    return cfg
+
+
+def current_revision(dsn: str) -> str | None:
+    with connect(dsn, application_name="cqrs-pg migrate") as conn:
+        exists = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return None
+        row = conn.execute("SELECT version_num FROM public.alembic_version").fetchone()
+        return row[0] if row else None
+
+
+def migrate(dsn: str, to: str = "head") -> tuple[str | None, str | None]:
+    """Upgrade or downgrade to revision `to` ('head', 'base' or an id); returns (before, after)."""
+    cfg = alembic_config(dsn)
+    script = ScriptDirectory.from_config(cfg)
+    before = current_revision(dsn)
+    target = script.get_revision(to) if to not in ("head", "base") else None  # raises on unknown ids
+    if to == "base":
+        downgrade = before is not None
+    elif target is None or before is None:
+        downgrade = False
+    else:
+        below_current = {rev.revision for rev in script.iterate_revisions(before, "base")}
+        downgrade = target.revision in below_current and target.revision != before
+    if downgrade:
+        command.downgrade(cfg, to)
+    else:
+        command.upgrade(cfg, to)
+    return before, current_revision(dsn)
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
