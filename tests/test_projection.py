@@ -1,0 +1,303 @@
+"""The projection engine: gap-free reading, same-transaction checkpoints, read models equal
+to their definitions on the primary and on the replica, read-your-writes, wake-up."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+import pytest
+from psycopg.types.json import Jsonb
+
+from cqrs_pg.daemon import Listener, ListenerConfig
+from cqrs_pg.verify import all_mismatches
+from cqrs_pg.workload import ShopWorkload
+from tests.conftest import Database
+
+NO_MISMATCH = {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
+
+
+@contextmanager
+def running_daemon(db: Database, **overrides: object) -> Iterator[Listener]:
+    config = ListenerConfig(dsn=db.dsn, refresh_interval=0.1, **overrides)  # type: ignore[arg-type]
+    listener = Listener(config)
+    thread = threading.Thread(target=listener.run, daemon=True)
+    thread.start()
+    try:
+        yield listener
+    finally:
+        listener.stop()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "daemon did not stop"
+
+
+def applied_counts(conn: psycopg.Connection) -> dict[str, int]:
+    return dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
+
+
+def outbox_count(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]
+
+
+def seed(conn: psycopg.Connection) -> tuple[uuid.UUID, str]:
+    customer = conn.execute(
+        "SELECT aggregate_id FROM shop.register_customer(gen_random_uuid(), 'seed@example.com', 'Seed')"
+    ).fetchone()[0]
+    conn.execute("SELECT shop.add_product(gen_random_uuid(), 'SEED-1', 'Seed product', 500, 1000)")
+    return customer, "SEED-1"
+
+
+def place(conn: psycopg.Connection, customer: uuid.UUID, sku: str, quantity: int = 1) -> tuple[uuid.UUID, int]:
+    row = conn.execute(
+        "SELECT aggregate_id, token FROM shop.place_order(gen_random_uuid(), %s, %s)",
+        (customer, Jsonb([{"sku": sku, "quantity": quantity}])),
+    ).fetchone()
+    return row[0], row[1]
+
+
+def test_concurrent_writers_committing_out_of_order(db: Database) -> None:
+    """8 writers whose transactions stay open a random while after the command, so
+    commits finish out of xid and position order, with the daemon running throughout.
+    Once caught up, every read model equals its definition on the primary and on the
+    replica, and every projection applied each outbox event exactly once."""
+    workload = ShopWorkload(db.dsn, seed=7, hold_max=0.02)
+    workload.setup(customers=10, products=5, stock=200)
+    with running_daemon(db, batch_size=50, linger=0.05):
+        result = workload.run(8, commands_per_client=40)
+        assert not result.errors
+        db.wait_caught_up(result.max_token)
+        db.wait_caught_up(result.max_token, replica=False)
+    with db.connect() as primary, db.connect_replica() as replica:
+        assert all_mismatches(primary) == NO_MISMATCH
+        assert all_mismatches(replica) == NO_MISMATCH
+        total = outbox_count(primary)
+        assert total > 300
+        assert applied_counts(primary) == dict.fromkeys(NO_MISMATCH, total)
+        assert applied_counts(replica) == dict.fromkeys(NO_MISMATCH, total)
+
+
+def test_late_commit_is_delayed_not_skipped(db: Database) -> None:
+    """A transaction with a lower xid that commits after a higher one: the fence holds the
+    projection back until it ends, then its events are applied too."""
+    with db.connect() as setup:
+        customer, sku = seed(setup)
+        setup.execute("SELECT shop.add_product(gen_random_uuid(), 'OTHER', 'Other product', 700, 10)")
+    db.run_projections()
+    with psycopg.connect(db.dsn) as slow, db.connect() as fast:
+        slow_order, slow_token = place(slow, customer, sku)  # xid taken, not committed
+        fast_order, fast_token = place(fast, customer, "OTHER")  # committed at once
+        assert slow_token < fast_token
+        db.run_projections()
+        with db.connect() as conn:
+            assert not conn.execute("SELECT cqrs.caught_up(%s)", (fast_token,)).fetchone()[0]
+            seen = conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s", (fast_order,))
+            assert seen.fetchone()[0] == 0, "applied past an open transaction: the fence is missing"
+        slow.commit()
+    db.run_projections()
+    with db.connect() as conn:
+        assert conn.execute("SELECT cqrs.caught_up(%s)", (fast_token,)).fetchone()[0]
+        orders = {r[0] for r in conn.execute("SELECT order_id FROM shop_read.order_summary")}
+        assert {slow_order, fast_order} <= orders
+        assert all_mismatches(conn) == NO_MISMATCH
+        assert applied_counts(conn) == dict.fromkeys(NO_MISMATCH, outbox_count(conn))
+
+
+def test_small_batches_split_transactions_and_still_match(db: Database) -> None:
+    """Batches of 3 events cut through transactions; caught_up stays false until the
+    whole transaction is applied, and the result equals one big batch."""
+    with db.connect() as conn:
+        customer, _ = seed(conn)
+        for i in range(4):
+            conn.execute("SELECT shop.add_product(gen_random_uuid(), %s, 'p', 100, 50)", (f"B-{i}",))
+        lines = [{"sku": f"B-{i}", "quantity": 2} for i in range(4)]
+        token = conn.execute(
+            "SELECT token FROM shop.place_order(gen_random_uuid(), %s, %s)", (customer, Jsonb(lines))
+        ).fetchone()[0]
+        # 4 product updates + 1 order + 4 lines in one transaction: 3 batches of 3 at least
+        batch = "SELECT applied, more FROM cqrs.run_projection('order_summary', 3, '0 s')"
+        calls = 0
+        while conn.execute(batch).fetchone()[0]:
+            calls += 1
+            if calls == 1:
+                assert not conn.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (token,)).fetchone()[0]
+        assert calls >= 3
+        assert conn.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (token,)).fetchone()[0]
+        db.run_projections()
+        assert all_mismatches(conn) == NO_MISMATCH
+        assert applied_counts(conn) == dict.fromkeys(NO_MISMATCH, outbox_count(conn))
+
+
+def test_caught_up_only_after_the_whole_transaction(db: Database) -> None:
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        _, token = place(conn, customer, sku)
+        # order.created, order_line.created and product.updated: 3 events in one transaction
+        conn.execute("SELECT * FROM cqrs.run_projection('order_summary', 1, '0 s')")
+        assert not conn.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (token,)).fetchone()[0]
+        assert not conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()[0]
+        db.run_projections()
+        assert conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()[0]
+
+
+def test_failed_batch_leaves_checkpoint_and_read_model_untouched(db: Database) -> None:
+    """The checkpoint moves in the same transaction as the read-model writes."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        db.run_projections()
+        before = conn.execute("SELECT last_tx, last_position, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
+        place(conn, customer, sku, 3)
+        conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT reject CHECK (orders_placed = 0)")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("SELECT * FROM cqrs.run_projection('customer_stats', 100, '0 s')")
+        after = conn.execute("SELECT last_tx, last_position, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
+        assert after == before
+        assert conn.execute("SELECT count(*) FROM shop_proj.customer_stats_orders").fetchone()[0] == 0
+        conn.execute("ALTER TABLE shop_read.customer_stats DROP CONSTRAINT reject")
+        db.run_projections()
+        assert all_mismatches(conn) == NO_MISMATCH
+        assert applied_counts(conn) == dict.fromkeys(NO_MISMATCH, outbox_count(conn))
+
+
+def test_two_runners_never_apply_the_same_batch(db: Database) -> None:
+    """A second runner finds the projection busy while the first holds it."""
+    with db.connect() as conn:
+        seed(conn)
+    with psycopg.connect(db.dsn) as first, db.connect() as second:
+        applied, _, busy, _ = first.execute("SELECT * FROM cqrs.run_projection('order_summary', 100, '0 s')").fetchone()
+        assert applied == 2 and not busy
+        applied, _, busy, _ = second.execute("SELECT * FROM cqrs.run_projection('order_summary', 100, '0 s')").fetchone()
+        assert applied == 0 and busy
+        first.commit()
+        applied, _, busy, _ = second.execute("SELECT * FROM cqrs.run_projection('order_summary', 100, '0 s')").fetchone()
+        assert applied == 0 and not busy
+        assert applied_counts(second)["order_summary"] == 2
+
+
+def test_materialized_view_refresh_is_debounced(db: Database) -> None:
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        conn.execute("SELECT * FROM cqrs.run_projection('product_sales', 100, '1 hour')")
+        assert conn.execute("SELECT count(*) FROM shop_read.product_sales").fetchone()[0] == 1
+        place(conn, customer, sku, 4)
+        applied, _, _, retry_after = conn.execute(
+            "SELECT * FROM cqrs.run_projection('product_sales', 100, '1 hour')"
+        ).fetchone()
+        assert applied == 0 and 3500 < retry_after <= 3600
+        assert conn.execute("SELECT units_sold FROM shop_read.product_sales").fetchone()[0] == 0
+        applied, _, _, retry_after = conn.execute("SELECT * FROM cqrs.run_projection('product_sales', 100, '0 s')").fetchone()
+        assert applied == 3 and retry_after is None
+        assert conn.execute("SELECT units_sold FROM shop_read.product_sales").fetchone()[0] == 4
+
+
+def test_events_irrelevant_to_a_view_advance_it_without_refresh(db: Database) -> None:
+    with db.connect() as conn:
+        seed(conn)
+        conn.execute("SELECT * FROM cqrs.run_projection('product_sales', 100, '0 s')")
+        refreshed = conn.execute("SELECT refreshed_at FROM cqrs.projections WHERE name = 'product_sales'").fetchone()[0]
+        token = conn.execute(
+            "SELECT token FROM shop.register_customer(gen_random_uuid(), 'other@example.com', 'Other')"
+        ).fetchone()[0]
+        applied = conn.execute("SELECT applied FROM cqrs.run_projection('product_sales', 100, '1 hour')").fetchone()[0]
+        assert applied == 1
+        assert conn.execute("SELECT cqrs.caught_up(%s, 'product_sales')", (token,)).fetchone()[0]
+        assert conn.execute("SELECT refreshed_at FROM cqrs.projections WHERE name = 'product_sales'").fetchone()[0] == refreshed
+
+
+def test_caught_up_gives_read_your_writes_on_the_replica(db: Database) -> None:
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        order, token = place(conn, customer, sku, 2)
+    with running_daemon(db):
+        db.wait_caught_up(token)
+        with db.connect_replica() as replica:
+            assert replica.execute("SELECT pg_is_in_recovery()").fetchone()[0]
+            row = replica.execute(
+                "SELECT status, item_count, total_cents FROM shop_read.order_summary WHERE order_id = %s", (order,)
+            ).fetchone()
+            assert row == ("placed", 2, 1000)
+            assert replica.execute("SELECT cqrs.caught_up(%s, 'product_sales')", (token,)).fetchone()[0]
+            assert replica.execute("SELECT units_sold FROM shop_read.product_sales").fetchone()[0] == 2
+
+
+@pytest.mark.parametrize(
+    ("call", "sqlstate"),
+    [
+        ("SELECT cqrs.caught_up(NULL)", "CQ001"),
+        ("SELECT cqrs.caught_up(-1)", "CQ001"),
+        ("SELECT cqrs.caught_up(1, 'no_such_projection')", "CQ002"),
+        ("SELECT * FROM cqrs.run_projection('no_such_projection')", "CQ002"),
+        ("SELECT * FROM cqrs.run_projection('order_summary', 0)", "CQ001"),
+    ],
+)
+def test_projection_api_errors(db: Database, call: str, sqlstate: str) -> None:
+    with db.connect() as conn, pytest.raises(psycopg.Error) as err:
+        conn.execute(call)
+    assert err.value.sqlstate == sqlstate
+
+
+def notified(conn: psycopg.Connection) -> bool:
+    return any(True for _ in conn.notifies(timeout=0.3, stop_after=1))
+
+
+def test_commands_ring_the_doorbell_only_while_a_daemon_sleeps(db: Database) -> None:
+    """NOTIFY takes a cluster-wide lock at commit: commands must not pay for it while no
+    daemon sleeps (busy daemon, or none at all, or one that died asleep)."""
+    with db.connect() as bell, db.connect() as conn:
+        bell.execute("LISTEN cqrs_outbox")
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'N-1', 'n', 1, 1)")
+        assert not notified(bell), "notified with no daemon at all"
+        conn.execute("SELECT cqrs.listener_heartbeat('t', false, '1 minute')")
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'N-2', 'n', 1, 1)")
+        assert not notified(bell), "notified while the daemon is awake"
+        conn.execute("SELECT cqrs.listener_heartbeat('t', true, '1 minute')")
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'N-3', 'n', 1, 1)")
+        assert notified(bell), "no doorbell while the daemon sleeps"
+        conn.execute("UPDATE cqrs.listeners SET expires_at = now() - interval '1 s'")
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'N-4', 'n', 1, 1)")
+        assert not notified(bell), "notified for a daemon whose heartbeat expired"
+
+
+def sleeping_listeners(db: Database) -> int:
+    with db.connect() as conn:
+        return conn.execute("SELECT count(*) FROM cqrs.listeners WHERE sleeping").fetchone()[0]
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
+    """With polling slowed to a minute, only the doorbell can explain a prompt catch-up."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+    with running_daemon(db, poll_interval=60.0, linger=0.0):
+        wait_until(lambda: sleeping_listeners(db) == 1)
+        with db.connect() as conn:
+            _, token = place(conn, customer, sku)
+        db.wait_caught_up(token, timeout=5.0, replica=False)
+
+
+def test_polling_catches_up_without_notify(db: Database) -> None:
+    """Correctness never depends on NOTIFY: with the doorbell silenced, polling applies."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+    with running_daemon(db, poll_interval=0.2, linger=0.0):
+        wait_until(lambda: sleeping_listeners(db) == 1)
+        with db.connect() as conn:
+            conn.execute("UPDATE cqrs.listeners SET sleeping = false")  # no command will ring
+            _, token = place(conn, customer, sku)
+        db.wait_caught_up(token, timeout=10.0, replica=False)
+
+
+def test_daemon_removes_its_listener_row_on_stop(db: Database) -> None:
+    with running_daemon(db):
+        wait_until(lambda: db.connect().execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 1)
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 0
