@@ -3,7 +3,7 @@
 The loop is small on purpose; the correctness lives in SQL (cqrs.run_projection):
 each call applies one batch and advances that projection's checkpoint in one
 transaction, so a daemon killed at any moment resumes exactly where it committed.
-See cqrs_pg/DAEMON.md for the wake-up protocol.
+See sql/cqrs/DESIGN.md, also for the wake-up protocol.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "06eae8ab467cda5fe5d35e66f15613f31ce670417c397ac99473f5e27925ebed"
+FROZEN_SHA256 = "706d718bd7c3498c8ac2fdb23303dd3ab2f486f010b1a4c68deced5847fec92d"
 
 
 def upgrade() -> None:

@@ -8,7 +8,7 @@
 -- Gap-free reading: events are read in (tx_id, position) order and only below the fence
 -- pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so no
 -- event can later appear behind the checkpoint. A transaction that commits late is
--- delayed, never skipped. See cqrs_pg/projection/README.md.
+-- delayed, never skipped. See sql/cqrs/DESIGN.md.
 CREATE FUNCTION cqrs.run_projection(
     projection text,
     max_events integer DEFAULT 10000,

@@ -1,0 +1,58 @@
+"""The README's examples run, through the real psql client, so they cannot rot."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+from cqrs_pg import errors
+from cqrs_pg.devcluster import find_bindir
+from tests.conftest import REPO, Database
+
+README = (REPO / "README.md").read_text()
+
+
+def readme_block(marker: str) -> str:
+    match = re.search(rf"<!-- readme-test: {marker} -->\n```sql\n(.*?)```", README, re.S)
+    assert match, f"README lost its {marker} example"
+    return match.group(1)
+
+
+def psql(dsn: str, script: str, *variables: str) -> str:
+    binary = shutil.which("psql") or str(find_bindir() / "psql")
+    args = [binary, dsn, "-X", "-v", "ON_ERROR_STOP=1", "-A", "-t"]
+    for variable in variables:
+        args += ["-v", variable]
+    done = subprocess.run(args, input=script, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_psql_example_on_primary_then_replica(db: Database) -> None:
+    out = psql(db.dsn, readme_block("primary"))
+    match = re.search(r"order ([0-9a-f-]{36}) token (\d+)", out)
+    assert match, out
+    order_id, token = match.group(1), int(match.group(2))
+
+    db.run_projections()
+    db.wait_caught_up(token)
+    out = psql(db.replica_dsn, readme_block("replica"), f"token={token}", f"order_id={order_id}")
+    assert out.split() == ["t", "placed|3|1350"]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = re.findall(r"```sh\n(python3 -m pip install -e '\.\[test\]'.*?)\n```", README)
+    assert len(commands) == 1, "README must name exactly one test command"
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert commands[0] in ci
+
+
+def test_error_table_matches_the_code() -> None:
+    table = README.split("<!-- error-codes -->", 1)[1]
+    rows = re.findall(r"^\| (CQ\d{3}) \| `(\w+)` \|", table, re.M)
+    assert dict(rows) == {code: cls.__name__ for code, cls in errors.BY_SQLSTATE.items()}
+    raised = set()
+    for path in (REPO / "sql").rglob("*.sql"):
+        raised |= set(re.findall(r"'(CQ\d{3})'", path.read_text()))
+    assert raised == set(errors.BY_SQLSTATE)
