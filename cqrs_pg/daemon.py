@@ -73,17 +73,21 @@ class Listener:
     def run(self) -> None:
         """Serve until stop(); reconnects with backoff when the connection is lost."""
         backoff = 0.5
+        connected_once = False
         logger.info("listening on %s as %s", redact(self.config.dsn), self.config.listener_id)
         while not self.stopping:
             try:
                 with connect(self.config.dsn, application_name="cqrs-pg listen") as conn:
                     require_migrated(conn)
+                    connected_once = True
                     backoff = 0.5
                     try:
                         self._serve(conn)
                     finally:
                         self._leave(conn)
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                if not connected_once:
+                    raise  # a wrong DSN is reported at once; only lost connections are retried
                 if self.stopping:
                     break
                 logger.warning("connection lost (%s); reconnecting in %.1fs", _first_line(exc), backoff)

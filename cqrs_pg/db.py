@@ -37,7 +37,7 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-
             dsn, autocommit=autocommit, application_name=application_name, connect_timeout=10, **kwargs
         )
     except psycopg.OperationalError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {reason}") from exc
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"invalid connection string {redact(dsn)!r}: {exc}") from exc

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.resources
 
 from alembic import command
+from alembic.util import CommandError
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from cqrs_pg.db import connect
+from cqrs_pg.errors import ConfigError
 
 
 def alembic_config(dsn: str) -> Config:
@@ -32,7 +34,10 @@ def migrate(dsn: str, to: str = "head") -> tuple[str | None, str | None]:
     cfg = alembic_config(dsn)
     script = ScriptDirectory.from_config(cfg)
     before = current_revision(dsn)
-    target = script.get_revision(to) if to not in ("head", "base") else None  # raises on unknown ids
+    try:
+        target = script.get_revision(to) if to not in ("head", "base") else None
+    except CommandError as exc:
+        raise ConfigError(f"unknown revision {to!r}: use head, base or one of {_revisions(script)}") from exc
     if to == "base":
         downgrade = before is not None
     elif target is None or before is None:
@@ -45,6 +50,10 @@ def migrate(dsn: str, to: str = "head") -> tuple[str | None, str | None]:
     else:
         command.upgrade(cfg, to)
     return before, current_revision(dsn)
+
+
+def _revisions(script: ScriptDirectory) -> str:
+    return ", ".join(rev.revision for rev in script.walk_revisions())
 
 
 def head_revision() -> str | None:
