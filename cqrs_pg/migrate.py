@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+from pathlib import Path
 
 from alembic import command
 from alembic.util import CommandError
@@ -13,9 +14,21 @@ from cqrs_pg.db import connect
 from cqrs_pg.errors import ConfigError
 
 
+def migrations_dir() -> Path:
+    """migrations/ beside this package in a source checkout, else the installed copy.
+
+    Preferring the checkout keeps a test run in one clone from migrating with another
+    clone's files when both were installed editable into the same interpreter.
+    """
+    beside = Path(__file__).resolve().parent.parent / "migrations"
+    if (beside / "env.py").is_file():
+        return beside
+    return Path(str(importlib.resources.files("cqrs_pg.migrations")))
+
+
 def alembic_config(dsn: str) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(importlib.resources.files("cqrs_pg.migrations")))
+    cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.attributes["dsn"] = dsn
     return cfg
 
