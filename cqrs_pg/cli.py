@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -53,14 +52,6 @@ class Group(click.Group):
             raise click.ClickException(str(exc)) from exc
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cqrs-pg")
 def main() -> None:
@@ -96,6 +87,16 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
 @click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
+@click.option(
+    "--stall-warning",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
+)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).")
 def listen(
     dsn: str | None,
     replica_dsn: str | None,
@@ -104,6 +105,9 @@ def listen(
     refresh_interval: float,
     projections: tuple[str, ...],
     log_level: str,
+    log_format: str,
+    stall_warning: float,
+    metrics_port: int | None,
 ) -> None:
     """Run the projection daemon until SIGTERM or SIGINT.
 
@@ -112,8 +116,9 @@ def listen(
     with its checkpoint.
     """
     from cqrs_pg.daemon import Listener, ListenerConfig
+    from cqrs_pg.logs import setup_logging
 
-    _setup_logging(log_level)
+    setup_logging(log_level, log_format)
     listener = Listener(
         ListenerConfig(
             dsn=require_dsn(dsn),
@@ -121,6 +126,8 @@ def listen(
             poll_interval=poll_interval,
             refresh_interval=refresh_interval,
             projections=list(projections) or None,
+            stall_warning=stall_warning,
+            metrics_port=metrics_port,
         )
     )
 
@@ -208,3 +215,4 @@ def demo(clients: int, seconds: float, root: Path | None, keep: bool) -> None:
     from cqrs_pg.demo import run_demo
 
     run_demo(clients=clients, seconds=seconds, root=root, keep=keep, echo=click.echo)
+

@@ -20,12 +20,26 @@ import psycopg
 
 from cqrs_pg.db import connect, redact, require_migrated
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable
+from cqrs_pg.metrics import Metrics
 
 logger = logging.getLogger("cqrs_pg.daemon")
 
 CHANNEL = "cqrs_outbox"
 # Wait for notifications in slices this long, so a stop request is seen promptly.
 WAIT_SLICE = 0.25
+# Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
+LAG_INTERVAL = 5.0
+# Committed events above the fence, i.e. held back by an open transaction. Reads only:
+# the daemon takes no xid for it.
+FENCE_SQL = (
+    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text,"
+    " EXISTS (SELECT 1 FROM cqrs.outbox WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot()))"
+)
+# The transaction at the fence: the open one with the oldest xid.
+BLOCKER_SQL = (
+    "SELECT pid, database, application_name, state, seconds, query_start, query, count(*) OVER ()"
+    " FROM cqrs.fence_blockers() ORDER BY age(xid) DESC, seconds DESC LIMIT 1"
+)
 
 
 @dataclass
@@ -42,6 +56,12 @@ class ListenerConfig:
     # Batches per projection before giving the others a turn.
     batches_per_turn: int = 10
     projections: list[str] | None = None
+    # Warn when committed events have waited this long behind an open transaction, and
+    # again every stall_warning seconds while they still wait.
+    stall_warning: float = 30.0
+    # Serve Prometheus metrics on this port (0: any free port; None: not served).
+    metrics_port: int | None = None
+    metrics_addr: str = "0.0.0.0"
     listener_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
 
 
@@ -56,11 +76,25 @@ class Progress:
             self.retry_after = retry_after if self.retry_after is None else min(self.retry_after, retry_after)
 
 
+@dataclass
+class Stall:
+    """Committed events held back by the fence, which has stayed at one value since `since`."""
+
+    fence: str
+    since: float
+    warned_at: float | None = None
+
+
 class Listener:
-    def __init__(self, config: ListenerConfig) -> None:
+    def __init__(self, config: ListenerConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self._stop = threading.Event()
         self.applied_total = 0
+        self.stall: Stall | None = None
+        self._fence_check_due = 0.0
+        self._fence_check_off = False
+        self._lag_due = 0.0
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -72,6 +106,21 @@ class Listener:
 
     def run(self) -> None:
         """Serve until stop(); reconnects with backoff when the connection is lost."""
+        if self.config.metrics_port is not None:
+            try:
+                port = self.metrics.serve(self.config.metrics_port, self.config.metrics_addr)
+            except OSError as exc:
+                raise CqrsPgError(f"cannot serve metrics on port {self.config.metrics_port}: {exc.strerror or exc}") from exc
+            logger.info(
+                "serving Prometheus metrics on http://%s:%d/metrics", self.config.metrics_addr, port,
+                extra={"metrics_port": port},
+            )
+        try:
+            self._run()
+        finally:
+            self.metrics.close()
+
+    def _run(self) -> None:
         backoff = 0.5
         connected_once = False
         logger.info("listening on %s as %s", redact(self.config.dsn), self.config.listener_id)
@@ -79,7 +128,11 @@ class Listener:
             try:
                 with connect(self.config.dsn, application_name="cqrs-pg listen") as conn:
                     require_migrated(conn)
+                    if connected_once:
+                        self.metrics.reconnected()
+                        logger.info("reconnected")
                     connected_once = True
+                    self._lag_due = 0.0
                     backoff = 0.5
                     try:
                         self._serve(conn)
@@ -110,6 +163,7 @@ class Listener:
         while not self.stopping:
             progress = self._run_all(conn, names)
             now = time.monotonic()
+            self._observe(conn, names, now, applied=progress.applied)
             if progress.applied:
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
@@ -147,10 +201,96 @@ class Listener:
                 progress.add(applied, retry_after)
                 if applied:
                     self.applied_total += applied
-                    logger.debug("%s: applied %d events in %.1f ms", name, applied, (time.monotonic() - started) * 1000)
+                    seconds = time.monotonic() - started
+                    self.metrics.batch(name, applied, seconds)
+                    logger.debug(
+                        "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
+                        extra={"projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3)},
+                    )
                 if not more or busy:
                     break
         return progress
+
+    def _observe(self, conn: psycopg.Connection, names: list[str], now: float, applied: int) -> None:
+        """Between rounds: the lag gauges (when served) and the fence-stall watch."""
+        if self.metrics.serving and now >= self._lag_due:
+            self._lag_due = now + LAG_INTERVAL
+            served = set(names)
+            for name, events, seconds in conn.execute(
+                "SELECT name, events_behind, seconds_behind FROM cqrs.projection_status()"
+            ):
+                if name in served:
+                    self.metrics.lag(name, events, seconds)
+        # Look for a stall only when a round applied nothing (or one is under way, to see
+        # it end), and at most every few tenths of a second: never on every batch.
+        if (not applied or self.stall is not None) and now >= self._fence_check_due and not self._fence_check_off:
+            self._fence_check_due = now + min(0.25, self.config.stall_warning / 4)
+            self._check_fence(conn, now)
+
+    def _check_fence(self, conn: psycopg.Connection, now: float) -> None:
+        try:
+            row = conn.execute(FENCE_SQL).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            self._fence_check_off = True
+            logger.warning("stall warnings off: %s", _first_line(exc))
+            return
+        assert row is not None
+        fence, held = row
+        stall = self.stall
+        if stall is not None and (not held or fence != stall.fence):
+            # The fence moved (or nothing waits): that blocker has ended.
+            self._stall_over(now)
+            stall = None
+        if held and stall is None:
+            stall = self.stall = Stall(fence, now)
+        seconds = 0.0 if stall is None else now - stall.since
+        self.metrics.fence_blocked(seconds)
+        if stall is not None and seconds >= self.config.stall_warning:
+            if stall.warned_at is None or now - stall.warned_at >= self.config.stall_warning:
+                stall.warned_at = now
+                self._warn_stall(conn, seconds)
+
+    def _warn_stall(self, conn: psycopg.Connection, seconds: float) -> None:
+        row = conn.execute(BLOCKER_SQL).fetchone()
+        if row is None:
+            logger.warning(
+                "projections stalled for %.0fs: committed events wait behind the xmin fence, "
+                "but no open transaction holds an xid now (it may just have ended)",
+                seconds, extra={"stalled_seconds": round(seconds, 3)},
+            )
+            return
+        pid, database, application, state, age, query_start, query, blockers = row
+        query = " ".join((query or "").split())
+        if len(query) > 100:
+            query = query[:99] + "…"
+        logger.warning(
+            "projections stalled for %.0fs: committed events wait behind an open transaction holding an xid; "
+            "oldest: pid %s (database %s, application %r, state %s, open %.1fs, query started %s)%s: %s",
+            seconds, pid, database, application or "", state, age or 0.0,
+            query_start.isoformat(timespec="seconds") if query_start else "n/a",
+            f", {blockers - 1} more open" if blockers > 1 else "", query or "n/a",
+            extra={
+                "stalled_seconds": round(seconds, 3),
+                "pid": pid,
+                "database": database,
+                "application_name": application,
+                "state": state,
+                "blocker_seconds": None if age is None else round(age, 3),
+                "query_start": query_start.isoformat() if query_start else None,
+                "query": query,
+                "blockers": blockers,
+            },
+        )
+
+    def _stall_over(self, now: float) -> None:
+        stall, self.stall = self.stall, None
+        self.metrics.fence_blocked(0.0)
+        if stall is not None and stall.warned_at is not None:
+            seconds = now - stall.since
+            logger.info(
+                "projections moving again: the fence stall ended after %.1fs", seconds,
+                extra={"stalled_seconds": round(seconds, 3)},
+            )
 
     def _wait(self, conn: psycopg.Connection, timeout: float) -> bool:
         """Wait for the doorbell up to timeout seconds; True if it rang."""
