@@ -216,3 +216,36 @@ def demo(clients: int, seconds: float, root: Path | None, keep: bool) -> None:
 
     run_demo(clients=clients, seconds=seconds, root=root, keep=keep, echo=click.echo)
 
+
+@main.command()
+@click.option("--seconds", default=120.0, show_default=True, type=click.FloatRange(1), help="How long the writers run.")
+@click.option("--writers", default=8, show_default=True, type=click.IntRange(1, 64), help="Concurrent command clients.")
+@click.option("--kills", type=click.IntRange(0), help="SIGKILLs of the daemon [default: one per 1.5 s, at least 10].")
+@click.option("--terminations", type=click.IntRange(0), help="pg_terminate_backend of its connections [default: one per 5 s, at least 3].")
+@click.option("--restart-primary/--no-restart-primary", default=True, show_default=True, help="Crash and restart the primary once, mid-run.")
+@click.option("--seed", type=int, help="Random seed, to repeat a run's fault timetable.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Cluster directory (default: a temporary one, kept when the run fails).")
+def soak(
+    seconds: float,
+    writers: int,
+    kills: int | None,
+    terminations: int | None,
+    restart_primary: bool,
+    seed: int | None,
+    root: Path | None,
+) -> None:
+    """A long chaos run: proof that no event is lost or applied twice.
+
+    On a throwaway primary + replica, writers commit out of order while the daemon is
+    killed with SIGKILL, its connections are terminated and the primary crashes once.
+    Then every read model must equal its definition and every projection must have
+    applied each outbox event exactly once, on the primary and on the replica.
+    Exits 1 if not. The test suite runs a 15-second version of this.
+    """
+    from cqrs_pg.chaos import soak as run_soak
+
+    if not run_soak(
+        seconds=seconds, writers=writers, kills=kills, terminations=terminations,
+        restart_primary=restart_primary, seed=seed, root=root, echo=click.echo,
+    ):
+        raise SystemExit(1)

@@ -14,6 +14,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.db import connect
+from cqrs_pg.errors import DatabaseUnavailable
 
 # command -> relative weight
 MIX = {
@@ -35,6 +36,10 @@ class WorkloadResult:
     commands: Counter[str] = field(default_factory=Counter)
     refused: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    # commands sent again, with the same command_id, after a lost connection or a
+    # transaction the server rolled back (deadlock, serialization), by reason
+    retried: Counter[str] = field(default_factory=Counter)
+    duplicates: int = 0
     max_token: int = 0
     seconds: float = 0.0
 
@@ -44,12 +49,19 @@ class WorkloadResult:
 
 
 class ShopWorkload:
-    def __init__(self, dsn: str, *, seed: int | None = None, hold_max: float = 0.0) -> None:
+    def __init__(
+        self, dsn: str, *, seed: int | None = None, hold_max: float = 0.0, retry_for: float = 0.0
+    ) -> None:
         """hold_max > 0 keeps each command's transaction open a random time up to that many
-        seconds after the command ran, so commits finish out of xid order."""
+        seconds after the command ran, so commits finish out of xid order.
+
+        retry_for > 0 makes a client that loses its connection reconnect and send the same
+        command again, with the same command_id, for up to that many seconds: idempotency
+        makes the retry safe even when the first attempt did commit."""
         self.dsn = dsn
         self.seed = seed
         self.hold_max = hold_max
+        self.retry_for = retry_for
         self.customers: list[uuid.UUID] = []
         self.skus: list[str] = []
         self._orders: list[uuid.UUID] = []
@@ -110,23 +122,44 @@ class ShopWorkload:
         rng = random.Random(None if self.seed is None else self.seed * 1000 + n)
         names, weights = zip(*MIX.items())
         done = 0
+        conn: psycopg.Connection | None = None
         try:
-            with connect(self.dsn, autocommit=self.hold_max <= 0, application_name=f"cqrs-pg workload {n}") as conn:
-                while not stop.is_set() and (limit is None or done < limit):
-                    command = rng.choices(names, weights)[0]
-                    self._issue(conn, rng, command)
-                    done += 1
+            while not stop.is_set() and (limit is None or done < limit):
+                command, query, args = self._arguments(rng, rng.choices(names, weights)[0])
+                giving_up = time.monotonic() + self.retry_for
+                while True:
+                    try:
+                        if conn is None or conn.closed:
+                            conn = connect(self.dsn, autocommit=self.hold_max <= 0, application_name=f"cqrs-pg workload {n}")
+                        self._issue(conn, rng, command, query, args)
+                        break
+                    except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                        if time.monotonic() > giving_up:
+                            raise
+                        reason = getattr(exc, "sqlstate", None) or "connection"
+                        with self._lock:
+                            self._result.retried[reason] += 1
+                        if conn is not None and not conn.closed and not conn.broken:
+                            conn.rollback()  # the server rolled the transaction back: send it again
+                        else:
+                            conn = None
+                            time.sleep(0.1)
+                done += 1
         except Exception as exc:  # a client that dies must not pass silently
             with self._lock:
                 self._result.errors.append(f"client {n}: {type(exc).__name__}: {exc}")
+        finally:
+            if conn is not None:
+                conn.close()
 
-    def _issue(self, conn: psycopg.Connection, rng: random.Random, command: str) -> None:
-        command, query, args = self._arguments(rng, command)
+    def _issue(self, conn: psycopg.Connection, rng: random.Random, command: str, query: str, args: tuple[object, ...]) -> None:
         try:
             row = conn.execute(query, args).fetchone()
             if self.hold_max > 0:
                 conn.execute("SELECT pg_sleep(%s)", (rng.uniform(0, self.hold_max),))
                 conn.commit()
+        except psycopg.OperationalError:
+            raise
         except psycopg.Error as exc:
             if not conn.autocommit:
                 conn.rollback()
@@ -137,9 +170,10 @@ class ShopWorkload:
                     self._result.errors.append(f"{command}: {exc.sqlstate}: {exc}")
             return
         assert row is not None
-        aggregate_id, token = row
+        aggregate_id, token, duplicate = row
         with self._lock:
             self._result.commands[command] += 1
+            self._result.duplicates += duplicate
             self._result.max_token = max(self._result.max_token, token)
             if command == "place_order":
                 self._orders.append(aggregate_id)
@@ -168,4 +202,4 @@ class ShopWorkload:
         else:
             args = (cid, f"new.{uuid.uuid4().hex[:10]}@example.com", "New customer")
         placeholders = ", ".join(["%s"] * len(args))
-        return command, f"SELECT aggregate_id, token FROM shop.{command}({placeholders})", args
+        return command, f"SELECT aggregate_id, token, duplicate FROM shop.{command}({placeholders})", args
