@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "706d718bd7c3498c8ac2fdb23303dd3ab2f486f010b1a4c68deced5847fec92d"
+FROZEN_SHA256 = "653ebddc72b8e79e9173020de70ce2ef3537e407a13dde77db9354345540befa"
 
 
 def upgrade() -> None:

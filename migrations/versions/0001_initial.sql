@@ -394,16 +394,30 @@ BEGIN
     fence := pg_snapshot_xmin(pg_current_snapshot());
 
     IF p.kind = 'sql' THEN
-        WITH b AS (
-            SELECT o.tx_id, o.position
-              FROM cqrs.outbox o
-             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-               AND o.tx_id < fence
-             ORDER BY o.tx_id, o.position
-             LIMIT max_events)
-        SELECT (SELECT count(*) FROM b), x.tx_id, x.position
-          INTO n, end_tx, end_pos
-          FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+        -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
+        -- index-only walk, no count and no sort. Only a short batch is counted.
+        SELECT o.tx_id, o.position
+          INTO end_tx, end_pos
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND o.tx_id < fence
+         ORDER BY o.tx_id, o.position
+        OFFSET max_events - 1
+         LIMIT 1;
+        IF FOUND THEN
+            n := max_events;
+        ELSE
+            WITH b AS (
+                SELECT o.tx_id, o.position
+                  FROM cqrs.outbox o
+                 WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+                   AND o.tx_id < fence
+                 ORDER BY o.tx_id, o.position
+                 LIMIT max_events)
+            SELECT (SELECT count(*) FROM b), x.tx_id, x.position
+              INTO n, end_tx, end_pos
+              FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+        END IF;
     ELSE
         SELECT o.tx_id, o.position
           INTO end_tx, end_pos
@@ -445,7 +459,11 @@ BEGIN
             -- is replayed on replicas to cancel their queries.
             EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
         END IF;
-        SELECT count(*) INTO n FROM cqrs.batch(p.last_tx, p.last_position, end_tx, end_pos);
+        -- the events of cqrs.batch(), counted from the index alone
+        SELECT count(*) INTO n
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND (o.tx_id, o.position) <= (end_tx, end_pos);
     END IF;
 
     UPDATE cqrs.projections c
@@ -1093,119 +1111,162 @@ CREATE TABLE shop_proj.customer_stats_orders (
 
 CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_orders (customer_id);
 
--- sql/shop_proj/functions/_remember_customers.sql
--- Upserts the latest name and email of each customer in the batch into a projection's
--- private customer table. Version-guarded: xid order is not an aggregate's order.
-CREATE FUNCTION shop_proj._remember_customers(target regclass, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
-RETURNS void
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    EXECUTE format(
-        'INSERT INTO %s AS c (customer_id, name, email, version)
-         SELECT DISTINCT ON (e.aggregate_id)
-                e.aggregate_id, e.payload ->> ''name'', e.payload ->> ''email'', e.aggregate_version
-           FROM cqrs.batch($1, $2, $3, $4) e
-          WHERE e.event_type IN (''customer.created'', ''customer.updated'')
-          ORDER BY e.aggregate_id, e.aggregate_version DESC
-         ON CONFLICT (customer_id) DO UPDATE
-            SET name = excluded.name, email = excluded.email, version = excluded.version
-          WHERE c.version < excluded.version', target)
-    USING from_tx, from_position, to_tx, to_position;
-END
-$$;
-
--- sql/shop_proj/functions/_order_line_totals.sql
--- Per order in the batch: the lines added, their units and their value.
-CREATE FUNCTION shop_proj._order_line_totals(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
-RETURNS TABLE (order_id uuid, line_count bigint, item_count bigint, total_cents bigint)
-LANGUAGE sql
-STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT e.aggregate_id,
-           count(*),
-           sum((e.payload ->> 'quantity')::bigint),
-           sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
-      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-     WHERE e.event_type = 'order_line.created'
-     GROUP BY e.aggregate_id;
-$$;
-
 -- sql/shop_proj/functions/apply_order_summary.sql
--- Applies one batch of events to shop_read.order_summary, set-based.
+-- Applies one batch of events to shop_read.order_summary, set-based, in two statements:
+-- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
+--    into the private copy and their orders renamed;
+-- 2. per order in the batch, one group holds its latest state and its new lines, so an
+--    order's row is written once: upserted with its state (applied only over an older
+--    version) plus its lines, or, lines only, updated.
+-- No statement joins two batch-derived sets to each other: their row estimates are
+-- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
+-- are parameters, and a generic plan cannot estimate the batch from them.
 CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
-    PERFORM shop_proj._remember_customers('shop_proj.order_summary_customers',
-                                          from_tx, from_position, to_tx, to_position);
+    WITH bc AS MATERIALIZED (
+        SELECT DISTINCT ON (e.aggregate_id)
+               e.aggregate_id AS customer_id, e.payload ->> 'name' AS name, e.payload ->> 'email' AS email,
+               e.aggregate_version AS version
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+         WHERE e.event_type IN ('customer.created', 'customer.updated')
+         ORDER BY e.aggregate_id, e.aggregate_version DESC),
+    cu AS (
+        INSERT INTO shop_proj.order_summary_customers AS c (customer_id, name, email, version)
+        SELECT bc.customer_id, bc.name, bc.email, bc.version FROM bc
+        ON CONFLICT (customer_id) DO UPDATE
+           SET name = excluded.name, email = excluded.email, version = excluded.version
+         WHERE c.version < excluded.version
+        RETURNING c.customer_id, c.name, c.email)
+    -- Orders placed before their customer's event was applied get the name here too.
+    UPDATE shop_read.order_summary s
+       SET customer_name = cu.name, customer_email = cu.email
+      FROM cu
+     WHERE s.customer_id = cu.customer_id
+       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (cu.name, cu.email);
 
-    -- Orders: the latest state in the batch, applied only over an older version.
-    INSERT INTO shop_read.order_summary AS s
-           (order_id, customer_id, customer_name, customer_email, status, placed_at, updated_at, version)
-    SELECT DISTINCT ON (e.aggregate_id)
-           e.aggregate_id, (e.payload ->> 'customer_id')::uuid, c.name, c.email, e.payload ->> 'status',
-           (e.payload ->> 'placed_at')::timestamptz, (e.payload ->> 'updated_at')::timestamptz,
-           e.aggregate_version
-      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-      LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (e.payload ->> 'customer_id')::uuid
-     WHERE e.event_type IN ('order.created', 'order.updated')
-     ORDER BY e.aggregate_id, e.aggregate_version DESC
-    ON CONFLICT (order_id) DO UPDATE
-       SET status = excluded.status, updated_at = excluded.updated_at, version = excluded.version
-     WHERE s.version < excluded.version;
-
+    WITH o AS MATERIALIZED (
+        SELECT e.aggregate_id AS order_id,
+               (array_agg(e.payload ORDER BY e.aggregate_version DESC)
+                    FILTER (WHERE e.event_type <> 'order_line.created'))[1] AS state,
+               max(e.aggregate_version) FILTER (WHERE e.event_type <> 'order_line.created') AS version,
+               count(*) FILTER (WHERE e.event_type = 'order_line.created') AS line_count,
+               coalesce(sum((e.payload ->> 'quantity')::bigint)
+                            FILTER (WHERE e.event_type = 'order_line.created'), 0) AS item_count,
+               coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
+                            FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+         WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
+         GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).
+    os AS (
+        INSERT INTO shop_read.order_summary AS s
+               (order_id, customer_id, customer_name, customer_email, status, line_count, item_count, total_cents,
+                placed_at, updated_at, version)
+        SELECT o.order_id, (o.state ->> 'customer_id')::uuid, c.name, c.email, o.state ->> 'status',
+               o.line_count, o.item_count, o.total_cents,
+               (o.state ->> 'placed_at')::timestamptz, (o.state ->> 'updated_at')::timestamptz,
+               o.version
+          FROM o
+          LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
+         WHERE o.state IS NOT NULL
+        ON CONFLICT (order_id) DO UPDATE
+           SET status = CASE WHEN s.version < excluded.version THEN excluded.status ELSE s.status END,
+               updated_at = CASE WHEN s.version < excluded.version THEN excluded.updated_at ELSE s.updated_at END,
+               version = greatest(s.version, excluded.version),
+               line_count = s.line_count + excluded.line_count,
+               item_count = s.item_count + excluded.item_count,
+               total_cents = s.total_cents + excluded.total_cents
+         WHERE s.version < excluded.version OR excluded.line_count <> 0)
     UPDATE shop_read.order_summary s
-       SET line_count = s.line_count + l.line_count,
-           item_count = s.item_count + l.item_count,
-           total_cents = s.total_cents + l.total_cents
-      FROM shop_proj._order_line_totals(from_tx, from_position, to_tx, to_position) l
-     WHERE s.order_id = l.order_id;
-
-    -- Customers renamed in the batch: their orders show the current name. Orders placed
-    -- before their customer's event was applied get it here too.
-    UPDATE shop_read.order_summary s
-       SET customer_name = c.name, customer_email = c.email
-      FROM shop_proj.order_summary_customers c
-     WHERE s.customer_id = c.customer_id
-       AND c.customer_id IN (SELECT e.aggregate_id
-                               FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-                              WHERE e.aggregate_type = 'customer')
-       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (c.name, c.email);
+       SET line_count = s.line_count + o.line_count,
+           item_count = s.item_count + o.item_count,
+           total_cents = s.total_cents + o.total_cents
+      FROM o
+     WHERE s.order_id = o.order_id
+       AND o.state IS NULL;
 END
 $$;
 
 -- sql/shop_proj/functions/apply_customer_stats.sql
--- Applies one batch of events to shop_read.customer_stats: updates the private per-order
--- state, then recomputes the rows of the customers the batch touched.
+-- Applies one batch of events to shop_read.customer_stats. One statement reads the batch
+-- once and updates the private customer and order state (version-guarded; per order, one
+-- group holds its latest state and its new lines, so its row is written once), returning
+-- the customers whose private state changed; a second recomputes the rows of only those
+-- customers, writing only rows whose values differ.
+-- No statement joins two batch-derived sets to each other: their row estimates are
+-- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
+-- are parameters, and a generic plan cannot estimate the batch from them.
 CREATE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
+DECLARE
+    touched uuid[];
 BEGIN
-    PERFORM shop_proj._remember_customers('shop_proj.customer_stats_customers',
-                                          from_tx, from_position, to_tx, to_position);
+    WITH e AS MATERIALIZED (
+        SELECT e.event_type, e.aggregate_id, e.aggregate_version, e.payload
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+         WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
+                                'order_line.created')),
+    cu AS (
+        INSERT INTO shop_proj.customer_stats_customers AS c (customer_id, name, email, version)
+        SELECT DISTINCT ON (e.aggregate_id)
+               e.aggregate_id, e.payload ->> 'name', e.payload ->> 'email', e.aggregate_version
+          FROM e
+         WHERE e.event_type IN ('customer.created', 'customer.updated')
+         ORDER BY e.aggregate_id, e.aggregate_version DESC
+        ON CONFLICT (customer_id) DO UPDATE
+           SET name = excluded.name, email = excluded.email, version = excluded.version
+         WHERE c.version < excluded.version
+        RETURNING c.customer_id),
+    o AS MATERIALIZED (
+        SELECT e.aggregate_id AS order_id,
+               (array_agg((e.payload ->> 'customer_id')::uuid ORDER BY e.aggregate_version DESC)
+                    FILTER (WHERE e.event_type <> 'order_line.created'))[1] AS customer_id,
+               (array_agg(e.payload ->> 'status' ORDER BY e.aggregate_version DESC)
+                    FILTER (WHERE e.event_type <> 'order_line.created'))[1] AS status,
+               max(e.aggregate_version) FILTER (WHERE e.event_type <> 'order_line.created') AS version,
+               coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
+                            FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
+          FROM e
+         WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
+         GROUP BY e.aggregate_id),
+    -- orders with a state event in the batch: new state only over an older version, plus lines
+    os AS (
+        INSERT INTO shop_proj.customer_stats_orders AS s (order_id, customer_id, status, total_cents, version)
+        SELECT o.order_id, o.customer_id, o.status, o.total_cents, o.version
+          FROM o
+         WHERE o.version IS NOT NULL
+        ON CONFLICT (order_id) DO UPDATE
+           SET status = CASE WHEN s.version < excluded.version THEN excluded.status ELSE s.status END,
+               version = greatest(s.version, excluded.version),
+               total_cents = s.total_cents + excluded.total_cents
+         WHERE s.version < excluded.version OR excluded.total_cents <> 0
+        RETURNING s.customer_id),
+    -- orders with only lines in the batch
+    ol AS (
+        UPDATE shop_proj.customer_stats_orders s
+           SET total_cents = s.total_cents + o.total_cents
+          FROM o
+         WHERE s.order_id = o.order_id
+           AND o.version IS NULL
+           AND o.total_cents <> 0
+        RETURNING s.customer_id)
+    SELECT array_agg(DISTINCT t.customer_id) INTO touched
+      FROM (SELECT cu.customer_id FROM cu
+            UNION ALL SELECT os.customer_id FROM os
+            UNION ALL SELECT ol.customer_id FROM ol) t;
 
-    INSERT INTO shop_proj.customer_stats_orders AS o (order_id, customer_id, status, version)
-    SELECT DISTINCT ON (e.aggregate_id)
-           e.aggregate_id, (e.payload ->> 'customer_id')::uuid, e.payload ->> 'status', e.aggregate_version
-      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-     WHERE e.event_type IN ('order.created', 'order.updated')
-     ORDER BY e.aggregate_id, e.aggregate_version DESC
-    ON CONFLICT (order_id) DO UPDATE
-       SET status = excluded.status, version = excluded.version
-     WHERE o.version < excluded.version;
-
-    UPDATE shop_proj.customer_stats_orders o
-       SET total_cents = o.total_cents + l.total_cents
-      FROM shop_proj._order_line_totals(from_tx, from_position, to_tx, to_position) l
-     WHERE o.order_id = l.order_id;
+    IF touched IS NULL THEN
+        RETURN;
+    END IF;
 
     INSERT INTO shop_read.customer_stats AS s
            (customer_id, name, email, orders_placed, orders_cancelled, orders_shipped, lifetime_value_cents)
@@ -1216,16 +1277,7 @@ BEGIN
            coalesce(sum(o.total_cents) FILTER (WHERE o.status <> 'cancelled'), 0)
       FROM shop_proj.customer_stats_customers c
       LEFT JOIN shop_proj.customer_stats_orders o ON o.customer_id = c.customer_id
-     WHERE c.customer_id IN (
-               SELECT e.aggregate_id
-                 FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-                WHERE e.aggregate_type = 'customer'
-               UNION
-               SELECT so.customer_id
-                 FROM shop_proj.customer_stats_orders so
-                WHERE so.order_id IN (SELECT e.aggregate_id
-                                        FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-                                       WHERE e.aggregate_type = 'order'))
+     WHERE c.customer_id = ANY (touched)
      GROUP BY c.customer_id
     ON CONFLICT (customer_id) DO UPDATE
        SET name = excluded.name,
@@ -1233,7 +1285,10 @@ BEGIN
            orders_placed = excluded.orders_placed,
            orders_cancelled = excluded.orders_cancelled,
            orders_shipped = excluded.orders_shipped,
-           lifetime_value_cents = excluded.lifetime_value_cents;
+           lifetime_value_cents = excluded.lifetime_value_cents
+     WHERE (s.name, s.email, s.orders_placed, s.orders_cancelled, s.orders_shipped, s.lifetime_value_cents)
+           IS DISTINCT FROM (excluded.name, excluded.email, excluded.orders_placed, excluded.orders_cancelled,
+                             excluded.orders_shipped, excluded.lifetime_value_cents);
 END
 $$;
 

@@ -44,16 +44,30 @@ BEGIN
     fence := pg_snapshot_xmin(pg_current_snapshot());
 
     IF p.kind = 'sql' THEN
-        WITH b AS (
-            SELECT o.tx_id, o.position
-              FROM cqrs.outbox o
-             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-               AND o.tx_id < fence
-             ORDER BY o.tx_id, o.position
-             LIMIT max_events)
-        SELECT (SELECT count(*) FROM b), x.tx_id, x.position
-          INTO n, end_tx, end_pos
-          FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+        -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
+        -- index-only walk, no count and no sort. Only a short batch is counted.
+        SELECT o.tx_id, o.position
+          INTO end_tx, end_pos
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND o.tx_id < fence
+         ORDER BY o.tx_id, o.position
+        OFFSET max_events - 1
+         LIMIT 1;
+        IF FOUND THEN
+            n := max_events;
+        ELSE
+            WITH b AS (
+                SELECT o.tx_id, o.position
+                  FROM cqrs.outbox o
+                 WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+                   AND o.tx_id < fence
+                 ORDER BY o.tx_id, o.position
+                 LIMIT max_events)
+            SELECT (SELECT count(*) FROM b), x.tx_id, x.position
+              INTO n, end_tx, end_pos
+              FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+        END IF;
     ELSE
         SELECT o.tx_id, o.position
           INTO end_tx, end_pos
@@ -95,7 +109,11 @@ BEGIN
             -- is replayed on replicas to cancel their queries.
             EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
         END IF;
-        SELECT count(*) INTO n FROM cqrs.batch(p.last_tx, p.last_position, end_tx, end_pos);
+        -- the events of cqrs.batch(), counted from the index alone
+        SELECT count(*) INTO n
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+           AND (o.tx_id, o.position) <= (end_tx, end_pos);
     END IF;
 
     UPDATE cqrs.projections c

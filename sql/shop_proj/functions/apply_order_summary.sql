@@ -1,45 +1,79 @@
--- Applies one batch of events to shop_read.order_summary, set-based.
+-- Applies one batch of events to shop_read.order_summary, set-based, in two statements:
+-- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
+--    into the private copy and their orders renamed;
+-- 2. per order in the batch, one group holds its latest state and its new lines, so an
+--    order's row is written once: upserted with its state (applied only over an older
+--    version) plus its lines, or, lines only, updated.
+-- No statement joins two batch-derived sets to each other: their row estimates are
+-- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
+-- are parameters, and a generic plan cannot estimate the batch from them.
 CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
-    PERFORM shop_proj._remember_customers('shop_proj.order_summary_customers',
-                                          from_tx, from_position, to_tx, to_position);
+    WITH bc AS MATERIALIZED (
+        SELECT DISTINCT ON (e.aggregate_id)
+               e.aggregate_id AS customer_id, e.payload ->> 'name' AS name, e.payload ->> 'email' AS email,
+               e.aggregate_version AS version
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+         WHERE e.event_type IN ('customer.created', 'customer.updated')
+         ORDER BY e.aggregate_id, e.aggregate_version DESC),
+    cu AS (
+        INSERT INTO shop_proj.order_summary_customers AS c (customer_id, name, email, version)
+        SELECT bc.customer_id, bc.name, bc.email, bc.version FROM bc
+        ON CONFLICT (customer_id) DO UPDATE
+           SET name = excluded.name, email = excluded.email, version = excluded.version
+         WHERE c.version < excluded.version
+        RETURNING c.customer_id, c.name, c.email)
+    -- Orders placed before their customer's event was applied get the name here too.
+    UPDATE shop_read.order_summary s
+       SET customer_name = cu.name, customer_email = cu.email
+      FROM cu
+     WHERE s.customer_id = cu.customer_id
+       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (cu.name, cu.email);
 
-    -- Orders: the latest state in the batch, applied only over an older version.
-    INSERT INTO shop_read.order_summary AS s
-           (order_id, customer_id, customer_name, customer_email, status, placed_at, updated_at, version)
-    SELECT DISTINCT ON (e.aggregate_id)
-           e.aggregate_id, (e.payload ->> 'customer_id')::uuid, c.name, c.email, e.payload ->> 'status',
-           (e.payload ->> 'placed_at')::timestamptz, (e.payload ->> 'updated_at')::timestamptz,
-           e.aggregate_version
-      FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-      LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (e.payload ->> 'customer_id')::uuid
-     WHERE e.event_type IN ('order.created', 'order.updated')
-     ORDER BY e.aggregate_id, e.aggregate_version DESC
-    ON CONFLICT (order_id) DO UPDATE
-       SET status = excluded.status, updated_at = excluded.updated_at, version = excluded.version
-     WHERE s.version < excluded.version;
-
+    WITH o AS MATERIALIZED (
+        SELECT e.aggregate_id AS order_id,
+               (array_agg(e.payload ORDER BY e.aggregate_version DESC)
+                    FILTER (WHERE e.event_type <> 'order_line.created'))[1] AS state,
+               max(e.aggregate_version) FILTER (WHERE e.event_type <> 'order_line.created') AS version,
+               count(*) FILTER (WHERE e.event_type = 'order_line.created') AS line_count,
+               coalesce(sum((e.payload ->> 'quantity')::bigint)
+                            FILTER (WHERE e.event_type = 'order_line.created'), 0) AS item_count,
+               coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
+                            FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+         WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
+         GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).
+    os AS (
+        INSERT INTO shop_read.order_summary AS s
+               (order_id, customer_id, customer_name, customer_email, status, line_count, item_count, total_cents,
+                placed_at, updated_at, version)
+        SELECT o.order_id, (o.state ->> 'customer_id')::uuid, c.name, c.email, o.state ->> 'status',
+               o.line_count, o.item_count, o.total_cents,
+               (o.state ->> 'placed_at')::timestamptz, (o.state ->> 'updated_at')::timestamptz,
+               o.version
+          FROM o
+          LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
+         WHERE o.state IS NOT NULL
+        ON CONFLICT (order_id) DO UPDATE
+           SET status = CASE WHEN s.version < excluded.version THEN excluded.status ELSE s.status END,
+               updated_at = CASE WHEN s.version < excluded.version THEN excluded.updated_at ELSE s.updated_at END,
+               version = greatest(s.version, excluded.version),
+               line_count = s.line_count + excluded.line_count,
+               item_count = s.item_count + excluded.item_count,
+               total_cents = s.total_cents + excluded.total_cents
+         WHERE s.version < excluded.version OR excluded.line_count <> 0)
     UPDATE shop_read.order_summary s
-       SET line_count = s.line_count + l.line_count,
-           item_count = s.item_count + l.item_count,
-           total_cents = s.total_cents + l.total_cents
-      FROM shop_proj._order_line_totals(from_tx, from_position, to_tx, to_position) l
-     WHERE s.order_id = l.order_id;
-
-    -- Customers renamed in the batch: their orders show the current name. Orders placed
-    -- before their customer's event was applied get it here too.
-    UPDATE shop_read.order_summary s
-       SET customer_name = c.name, customer_email = c.email
-      FROM shop_proj.order_summary_customers c
-     WHERE s.customer_id = c.customer_id
-       AND c.customer_id IN (SELECT e.aggregate_id
-                               FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
-                              WHERE e.aggregate_type = 'customer')
-       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (c.name, c.email);
+       SET line_count = s.line_count + o.line_count,
+           item_count = s.item_count + o.item_count,
+           total_cents = s.total_cents + o.total_cents
+      FROM o
+     WHERE s.order_id = o.order_id
+       AND o.state IS NULL;
 END
 $$;
