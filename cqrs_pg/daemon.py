@@ -29,12 +29,8 @@ CHANNEL = "cqrs_outbox"
 WAIT_SLICE = 0.25
 # Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
 LAG_INTERVAL = 5.0
-# Committed events above the fence, i.e. held back by an open transaction. Reads only:
-# the daemon takes no xid for it.
-FENCE_SQL = (
-    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text,"
-    " EXISTS (SELECT 1 FROM cqrs.outbox WHERE tx_id >= pg_snapshot_xmin(pg_current_snapshot()))"
-)
+# The fence, and whether committed events wait above it (held back by an open transaction).
+FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # The transaction at the fence: the open one with the oldest xid.
 BLOCKER_SQL = (
     "SELECT pid, database, application_name, state, seconds, query_start, query, count(*) OVER ()"
@@ -93,7 +89,6 @@ class Listener:
         self.applied_total = 0
         self.stall: Stall | None = None
         self._fence_check_due = 0.0
-        self._fence_check_off = False
         self._lag_due = 0.0
 
     def stop(self) -> None:
@@ -223,17 +218,12 @@ class Listener:
                     self.metrics.lag(name, events, seconds)
         # Look for a stall only when a round applied nothing (or one is under way, to see
         # it end), and at most every few tenths of a second: never on every batch.
-        if (not applied or self.stall is not None) and now >= self._fence_check_due and not self._fence_check_off:
+        if (not applied or self.stall is not None) and now >= self._fence_check_due:
             self._fence_check_due = now + min(0.25, self.config.stall_warning / 4)
             self._check_fence(conn, now)
 
     def _check_fence(self, conn: psycopg.Connection, now: float) -> None:
-        try:
-            row = conn.execute(FENCE_SQL).fetchone()
-        except psycopg.errors.InsufficientPrivilege as exc:
-            self._fence_check_off = True
-            logger.warning("stall warnings off: %s", _first_line(exc))
-            return
+        row = conn.execute(FENCE_SQL).fetchone()
         assert row is not None
         fence, held = row
         stall = self.stall

@@ -21,13 +21,15 @@ GRANT USAGE ON SCHEMA shop_read, cqrs TO cqrs_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 
--- cqrs_listener: what the daemon calls.
+-- cqrs_listener: what the daemon calls, and the list of projections it runs.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
+GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.projection_status(),
     cqrs.fence_blockers(),
+    cqrs.fence_status(),
     cqrs.caught_up(bigint, text)
 TO cqrs_listener;

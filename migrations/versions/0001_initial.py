@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "653ebddc72b8e79e9173020de70ce2ef3537e407a13dde77db9354345540befa"
+FROZEN_SHA256 = "8527cb0978cea30053e4e44055e245e89cb7bfcb2b0f061d3a74ca484700734f"
 
 
 def upgrade() -> None:

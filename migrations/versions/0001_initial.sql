@@ -573,6 +573,19 @@ AS $$
      ORDER BY 9 DESC;
 $$;
 
+-- sql/cqrs/functions/fence_status.sql
+-- The xmin fence now, and whether committed events wait above it (held back by an open
+-- transaction): the daemon's stall watch. Reads only, so the caller takes no xid.
+CREATE FUNCTION cqrs.fence_status(OUT fence xid8, OUT held boolean)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT f.fence, EXISTS (SELECT 1 FROM cqrs.outbox o WHERE o.tx_id >= f.fence)
+      FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS fence) f;
+$$;
+
 -- sql/shop/schema.sql
 -- The example domain's write model: normalized tables, private to the command functions.
 CREATE SCHEMA shop;
@@ -1326,13 +1339,15 @@ GRANT USAGE ON SCHEMA shop_read, cqrs TO cqrs_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 
--- cqrs_listener: what the daemon calls.
+-- cqrs_listener: what the daemon calls, and the list of projections it runs.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
+GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.projection_status(),
     cqrs.fence_blockers(),
+    cqrs.fence_status(),
     cqrs.caught_up(bigint, text)
 TO cqrs_listener;
