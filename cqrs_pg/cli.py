@@ -249,3 +249,22 @@ def soak(
         restart_primary=restart_primary, seed=seed, root=root, echo=click.echo,
     ):
         raise SystemExit(1)
+
+
+@main.command()
+@connection_options
+@click.argument("projection")
+@click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
+def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int) -> None:
+    """Rebuild one read model from the whole event log, without downtime.
+
+    The new tables are built in a shadow schema while the daemon keeps the live ones
+    current and readers keep reading them; then, in one transaction, the shadow catches
+    up with every event and replaces the live tables. Readers on the primary and the
+    replicas see the old read model until that commit and the new one after. A
+    materialized view (product_sales) is rebuilt by a refresh. Run it as the role that
+    ran the migrations.
+    """
+    from cqrs_pg.rebuild import rebuild as run_rebuild
+
+    run_rebuild(require_dsn(dsn), projection, batch_size, click.echo)

@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "8527cb0978cea30053e4e44055e245e89cb7bfcb2b0f061d3a74ca484700734f"
+FROZEN_SHA256 = "e3b1d8822eeb75e533ab42f88e5563bb73e57da9b54d3627b538a3db42af72fc"
 
 
 def upgrade() -> None:

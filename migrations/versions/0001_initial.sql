@@ -67,6 +67,10 @@ CREATE TABLE cqrs.projections (
     apply_function regproc,
     matview        regclass,
     event_types    text[],
+    -- sql: the schemas its apply function finds its tables in, and the tables it owns
+    -- (what cqrs-pg rebuild builds anew and swaps in)
+    search_path    text,
+    tables         regclass[],
     last_tx        xid8 NOT NULL DEFAULT '0',
     last_position  bigint NOT NULL DEFAULT 0,
     -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up)
@@ -75,7 +79,7 @@ CREATE TABLE cqrs.projections (
     refreshed_at   timestamptz,
     updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
-    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR apply_function IS NOT NULL),
+    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
     CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
 );
 
@@ -89,6 +93,17 @@ CREATE TABLE cqrs.listeners (
     sleeping    boolean NOT NULL DEFAULT false,
     started_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     expires_at  timestamptz NOT NULL
+);
+
+-- sql/cqrs/tables/rebuilds.sql
+-- A rebuild in progress: the shadow schema its new tables grow in, and its own checkpoint.
+CREATE TABLE cqrs.rebuilds (
+    projection     text PRIMARY KEY REFERENCES cqrs.projections (name) ON DELETE CASCADE,
+    shadow_schema  name NOT NULL,
+    last_tx        xid8 NOT NULL DEFAULT '0',
+    last_position  bigint NOT NULL DEFAULT 0,
+    applied_events bigint NOT NULL DEFAULT 0,
+    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );
 
 -- sql/cqrs/functions/_fail.sql
@@ -304,6 +319,81 @@ AS $$
      ORDER BY o.tx_id, o.position;
 $$;
 
+-- sql/cqrs/functions/_next_batch.sql
+-- The end of the next batch after (from_tx, from_position) below the fence, and its size:
+-- at most max_events events in (tx_id, position) order. NULLs and 0 when there is none.
+CREATE FUNCTION cqrs._next_batch(
+    from_tx xid8, from_position bigint, fence xid8, max_events integer,
+    OUT end_tx xid8, OUT end_position bigint, OUT n bigint)
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
+    -- index-only walk, no count and no sort. Only a short batch is counted.
+    SELECT o.tx_id, o.position
+      INTO end_tx, end_position
+      FROM cqrs.outbox o
+     WHERE (o.tx_id, o.position) > (from_tx, from_position)
+       AND o.tx_id < fence
+     ORDER BY o.tx_id, o.position
+    OFFSET max_events - 1
+     LIMIT 1;
+    IF FOUND THEN
+        n := max_events;
+        RETURN;
+    END IF;
+    WITH b AS (
+        SELECT o.tx_id, o.position
+          FROM cqrs.outbox o
+         WHERE (o.tx_id, o.position) > (from_tx, from_position)
+           AND o.tx_id < fence
+         ORDER BY o.tx_id, o.position
+         LIMIT max_events)
+    SELECT (SELECT count(*) FROM b), x.tx_id, x.position
+      INTO n, end_tx, end_position
+      FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
+    n := coalesce(n, 0);
+END
+$$;
+
+-- sql/cqrs/functions/_apply_batch.sql
+-- Runs a sql projection's apply function over one batch, its unqualified table names
+-- resolved through search_path: the projection's schemas, or a rebuild's shadow schema.
+CREATE FUNCTION cqrs._apply_batch(
+    apply_function regproc, search_path text,
+    from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    call text := format('SELECT %s($1, $2, $3, $4)', apply_function);  -- schema-qualified
+BEGIN
+    -- local to this call: the SET clause above restores the path when it returns
+    PERFORM set_config('search_path', 'pg_catalog, ' || _apply_batch.search_path || ', pg_temp', true);
+    EXECUTE call USING from_tx, from_position, to_tx, to_position;
+END
+$$;
+
+-- sql/cqrs/functions/_lock_projection.sql
+-- The lock that lets one runner at a time apply a projection (cqrs.run_projection, and
+-- cqrs.rebuild_finish while it swaps tables). An advisory lock, released at commit.
+CREATE FUNCTION cqrs._lock_projection(projection text, wait boolean)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF wait THEN
+        PERFORM pg_advisory_xact_lock(1668444016, hashtext(projection));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(1668444016, hashtext(projection));
+END
+$$;
+
 -- sql/cqrs/functions/caught_up.sql
 -- True once the projection (NULL: every projection) has applied every event of the
 -- transaction that returned token. Reads only cqrs.projections, which replicates with
@@ -331,20 +421,24 @@ $$;
 
 -- sql/cqrs/functions/register_projection.sql
 -- Registers a projection: kind 'sql' applies batches with apply_function(from_tx,
--- from_position, to_tx, to_position); kind 'matview' refreshes matview CONCURRENTLY when
--- events of event_types (NULL: any) arrive. A new projection starts from the first event.
+-- from_position, to_tx, to_position), which finds its tables through search_path (a list
+-- of schemas) and owns the tables listed in `tables`; kind 'matview' refreshes matview
+-- CONCURRENTLY when events of event_types (NULL: any) arrive. A new projection starts
+-- from the first event.
 CREATE FUNCTION cqrs.register_projection(
     name text,
     kind text,
     apply_function regproc DEFAULT NULL,
     matview regclass DEFAULT NULL,
-    event_types text[] DEFAULT NULL)
+    event_types text[] DEFAULT NULL,
+    search_path text DEFAULT NULL,
+    tables regclass[] DEFAULT NULL)
 RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types)
-    VALUES (name, kind, apply_function, matview, event_types);
+    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables)
+    VALUES (name, kind, apply_function, matview, event_types, search_path, tables);
 $$;
 
 -- sql/cqrs/functions/run_projection.sql
@@ -386,7 +480,7 @@ BEGIN
     -- row lock: checking an idle projection must not take an xid (that would hold back
     -- every fence) or write WAL. The lock is released only after our commit is visible,
     -- so the next holder reads the checkpoint we wrote.
-    IF NOT pg_try_advisory_xact_lock(1668444016, hashtext(projection)) THEN
+    IF NOT cqrs._lock_projection(projection, false) THEN
         RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
         RETURN;
     END IF;
@@ -394,30 +488,8 @@ BEGIN
     fence := pg_snapshot_xmin(pg_current_snapshot());
 
     IF p.kind = 'sql' THEN
-        -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
-        -- index-only walk, no count and no sort. Only a short batch is counted.
-        SELECT o.tx_id, o.position
-          INTO end_tx, end_pos
-          FROM cqrs.outbox o
-         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-           AND o.tx_id < fence
-         ORDER BY o.tx_id, o.position
-        OFFSET max_events - 1
-         LIMIT 1;
-        IF FOUND THEN
-            n := max_events;
-        ELSE
-            WITH b AS (
-                SELECT o.tx_id, o.position
-                  FROM cqrs.outbox o
-                 WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-                   AND o.tx_id < fence
-                 ORDER BY o.tx_id, o.position
-                 LIMIT max_events)
-            SELECT (SELECT count(*) FROM b), x.tx_id, x.position
-              INTO n, end_tx, end_pos
-              FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
-        END IF;
+        SELECT b.end_tx, b.end_position, b.n INTO end_tx, end_pos, n
+          FROM cqrs._next_batch(p.last_tx, p.last_position, fence, max_events) b;
     ELSE
         SELECT o.tx_id, o.position
           INTO end_tx, end_pos
@@ -439,8 +511,7 @@ BEGIN
     END IF;
 
     IF p.kind = 'sql' THEN
-        EXECUTE format('SELECT %s($1, $2, $3, $4)', p.apply_function)
-          USING p.last_tx, p.last_position, end_tx, end_pos;
+        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_tx, p.last_position, end_tx, end_pos);
     ELSE
         SELECT EXISTS (
             SELECT 1
@@ -476,6 +547,155 @@ BEGIN
            updated_at = now()
      WHERE c.name = projection;
     RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
+END
+$$;
+
+-- sql/cqrs/functions/rebuild_begin.sql
+-- Starts (or starts over) a rebuild of a sql projection: empty copies of its tables in a
+-- shadow schema, which cqrs.rebuild_step fills from the whole event log while the daemon
+-- keeps the live tables current and readers keep reading them.
+CREATE FUNCTION cqrs.rebuild_begin(projection text)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    shadow name := 'cqrs_rebuild_' || projection;
+    t regclass;
+BEGIN
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind <> 'sql' THEN
+        PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
+                                           projection, p.kind));
+    END IF;
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', shadow);
+    EXECUTE format('CREATE SCHEMA %I', shadow);
+    FOREACH t IN ARRAY p.tables LOOP
+        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING ALL)',
+                       shadow, (SELECT c.relname FROM pg_class c WHERE c.oid = t), t);
+    END LOOP;
+    DELETE FROM cqrs.rebuilds r WHERE r.projection = rebuild_begin.projection;
+    INSERT INTO cqrs.rebuilds (projection, shadow_schema) VALUES (projection, shadow);
+END
+$$;
+
+-- sql/cqrs/functions/rebuild_step.sql
+-- Applies the next batch of the event log to a rebuild's shadow tables, below the fence,
+-- and advances the rebuild's own checkpoint. `more`: a full batch, call again.
+CREATE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
+RETURNS TABLE (applied bigint, more boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r cqrs.rebuilds;
+    p cqrs.projections;
+    b record;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_step.projection FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    SELECT * INTO b
+      FROM cqrs._next_batch(r.last_tx, r.last_position, pg_snapshot_xmin(pg_current_snapshot()), max_events);
+    IF b.end_tx IS NULL THEN
+        RETURN QUERY SELECT 0::bigint, false;
+        RETURN;
+    END IF;
+    PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
+                              r.last_tx, r.last_position, b.end_tx, b.end_position);
+    UPDATE cqrs.rebuilds x
+       SET last_tx = b.end_tx, last_position = b.end_position, applied_events = x.applied_events + b.n
+     WHERE x.projection = rebuild_step.projection;
+    RETURN QUERY SELECT b.n, b.n >= max_events;
+END
+$$;
+
+-- sql/cqrs/functions/rebuild_finish.sql
+-- Finishes a rebuild in one transaction: with the projection's lock held (no daemon
+-- applies it meanwhile), catches the shadow up with every event below the fence, then
+-- replaces each live table by its shadow copy, grants included. Readers see the old
+-- tables until commit and the new ones after: never an empty or half-built read model.
+-- Returns the number of events the new tables were built from.
+CREATE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r cqrs.rebuilds;
+    p cqrs.projections;
+    fence xid8;
+    b record;
+    t regclass;
+    fresh regclass;
+    tbl record;
+    grant_ record;
+    old_indexes text[];
+    swapped regclass[] := '{}';
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+    END IF;
+    PERFORM cqrs._lock_projection(projection, true);
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    fence := pg_snapshot_xmin(pg_current_snapshot());
+    LOOP
+        SELECT * INTO b FROM cqrs._next_batch(r.last_tx, r.last_position, fence, max_events);
+        EXIT WHEN b.end_tx IS NULL;
+        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
+                                  r.last_tx, r.last_position, b.end_tx, b.end_position);
+        r.last_tx := b.end_tx;
+        r.last_position := b.end_position;
+        r.applied_events := r.applied_events + b.n;
+    END LOOP;
+    -- The shadow has now applied every event below the fence: all the live tables have,
+    -- and perhaps more.
+
+    FOREACH t IN ARRAY p.tables LOOP
+        SELECT c.relname, n.nspname, c.relacl, c.relowner INTO tbl
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = t;
+        old_indexes := ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                              WHERE x.indrelid = t ORDER BY 1);
+        EXECUTE format('DROP TABLE %s', t);
+        EXECUTE format('ALTER TABLE %I.%I SET SCHEMA %I', r.shadow_schema, tbl.relname, tbl.nspname);
+        fresh := format('%I.%I', tbl.nspname, tbl.relname)::regclass;
+        FOR grant_ IN SELECT * FROM aclexplode(tbl.relacl) a WHERE a.grantee <> tbl.relowner LOOP
+            EXECUTE format('GRANT %s ON %s TO %s', grant_.privilege_type, fresh,
+                           CASE WHEN grant_.grantee = 0 THEN 'PUBLIC'
+                                ELSE quote_ident(pg_get_userbyid(grant_.grantee)) END);
+        END LOOP;
+        IF old_indexes IS DISTINCT FROM ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                                               WHERE x.indrelid = fresh ORDER BY 1) THEN
+            PERFORM cqrs._fail('CQ003', format(
+                'rebuilding %s would rename its indexes (%s): give them the names PostgreSQL would choose',
+                fresh, array_to_string(old_indexes, ', ')));
+        END IF;
+        swapped := swapped || fresh;
+    END LOOP;
+    EXECUTE format('DROP SCHEMA %I', r.shadow_schema);
+
+    UPDATE cqrs.projections c
+       SET last_tx = r.last_tx,
+           last_position = r.last_position,
+           applied_events = r.applied_events,
+           horizon = greatest(c.horizon, fence),
+           tables = swapped,
+           updated_at = now()
+     WHERE c.name = projection;
+    DELETE FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection;
+    RETURN r.applied_events;
 END
 $$;
 
@@ -1061,7 +1281,9 @@ CREATE TABLE shop_read.order_summary (
     version        integer NOT NULL
 );
 
-CREATE INDEX order_summary_customer_id ON shop_read.order_summary (customer_id);
+-- named as PostgreSQL would name it, so that a rebuild's copy (LIKE ... INCLUDING ALL)
+-- gets the same name
+CREATE INDEX order_summary_customer_id_idx ON shop_read.order_summary (customer_id);
 
 -- sql/shop_read/tables/customer_stats.sql
 -- One row per customer: orders placed, cancelled and shipped, and the value of orders
@@ -1122,10 +1344,11 @@ CREATE TABLE shop_proj.customer_stats_orders (
     version     integer NOT NULL
 );
 
-CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_orders (customer_id);
+-- named as PostgreSQL would name it (see shop_read/tables/order_summary.sql)
+CREATE INDEX customer_stats_orders_customer_id_idx ON shop_proj.customer_stats_orders (customer_id);
 
 -- sql/shop_proj/functions/apply_order_summary.sql
--- Applies one batch of events to shop_read.order_summary, set-based, in two statements:
+-- Applies one batch of events to order_summary, set-based, in two statements:
 -- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
 --    into the private copy and their orders renamed;
 -- 2. per order in the batch, one group holds its latest state and its new lines, so an
@@ -1134,10 +1357,11 @@ CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_order
 -- No statement joins two batch-derived sets to each other: their row estimates are
 -- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
 -- are parameters, and a generic plan cannot estimate the batch from them.
+-- Tables are named without a schema: cqrs.run_projection resolves them through the
+-- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
@@ -1149,14 +1373,14 @@ BEGIN
          WHERE e.event_type IN ('customer.created', 'customer.updated')
          ORDER BY e.aggregate_id, e.aggregate_version DESC),
     cu AS (
-        INSERT INTO shop_proj.order_summary_customers AS c (customer_id, name, email, version)
+        INSERT INTO order_summary_customers AS c (customer_id, name, email, version)
         SELECT bc.customer_id, bc.name, bc.email, bc.version FROM bc
         ON CONFLICT (customer_id) DO UPDATE
            SET name = excluded.name, email = excluded.email, version = excluded.version
          WHERE c.version < excluded.version
         RETURNING c.customer_id, c.name, c.email)
     -- Orders placed before their customer's event was applied get the name here too.
-    UPDATE shop_read.order_summary s
+    UPDATE order_summary s
        SET customer_name = cu.name, customer_email = cu.email
       FROM cu
      WHERE s.customer_id = cu.customer_id
@@ -1177,7 +1401,7 @@ BEGIN
          GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).
     os AS (
-        INSERT INTO shop_read.order_summary AS s
+        INSERT INTO order_summary AS s
                (order_id, customer_id, customer_name, customer_email, status, line_count, item_count, total_cents,
                 placed_at, updated_at, version)
         SELECT o.order_id, (o.state ->> 'customer_id')::uuid, c.name, c.email, o.state ->> 'status',
@@ -1185,7 +1409,7 @@ BEGIN
                (o.state ->> 'placed_at')::timestamptz, (o.state ->> 'updated_at')::timestamptz,
                o.version
           FROM o
-          LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
+          LEFT JOIN order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
          WHERE o.state IS NOT NULL
         ON CONFLICT (order_id) DO UPDATE
            SET status = CASE WHEN s.version < excluded.version THEN excluded.status ELSE s.status END,
@@ -1195,7 +1419,7 @@ BEGIN
                item_count = s.item_count + excluded.item_count,
                total_cents = s.total_cents + excluded.total_cents
          WHERE s.version < excluded.version OR excluded.line_count <> 0)
-    UPDATE shop_read.order_summary s
+    UPDATE order_summary s
        SET line_count = s.line_count + o.line_count,
            item_count = s.item_count + o.item_count,
            total_cents = s.total_cents + o.total_cents
@@ -1206,7 +1430,7 @@ END
 $$;
 
 -- sql/shop_proj/functions/apply_customer_stats.sql
--- Applies one batch of events to shop_read.customer_stats. One statement reads the batch
+-- Applies one batch of events to customer_stats. One statement reads the batch
 -- once and updates the private customer and order state (version-guarded; per order, one
 -- group holds its latest state and its new lines, so its row is written once), returning
 -- the customers whose private state changed; a second recomputes the rows of only those
@@ -1214,10 +1438,11 @@ $$;
 -- No statement joins two batch-derived sets to each other: their row estimates are
 -- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
 -- are parameters, and a generic plan cannot estimate the batch from them.
+-- Tables are named without a schema: cqrs.run_projection resolves them through the
+-- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
@@ -1229,7 +1454,7 @@ BEGIN
          WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
                                 'order_line.created')),
     cu AS (
-        INSERT INTO shop_proj.customer_stats_customers AS c (customer_id, name, email, version)
+        INSERT INTO customer_stats_customers AS c (customer_id, name, email, version)
         SELECT DISTINCT ON (e.aggregate_id)
                e.aggregate_id, e.payload ->> 'name', e.payload ->> 'email', e.aggregate_version
           FROM e
@@ -1253,7 +1478,7 @@ BEGIN
          GROUP BY e.aggregate_id),
     -- orders with a state event in the batch: new state only over an older version, plus lines
     os AS (
-        INSERT INTO shop_proj.customer_stats_orders AS s (order_id, customer_id, status, total_cents, version)
+        INSERT INTO customer_stats_orders AS s (order_id, customer_id, status, total_cents, version)
         SELECT o.order_id, o.customer_id, o.status, o.total_cents, o.version
           FROM o
          WHERE o.version IS NOT NULL
@@ -1265,7 +1490,7 @@ BEGIN
         RETURNING s.customer_id),
     -- orders with only lines in the batch
     ol AS (
-        UPDATE shop_proj.customer_stats_orders s
+        UPDATE customer_stats_orders s
            SET total_cents = s.total_cents + o.total_cents
           FROM o
          WHERE s.order_id = o.order_id
@@ -1281,15 +1506,15 @@ BEGIN
         RETURN;
     END IF;
 
-    INSERT INTO shop_read.customer_stats AS s
+    INSERT INTO customer_stats AS s
            (customer_id, name, email, orders_placed, orders_cancelled, orders_shipped, lifetime_value_cents)
     SELECT c.customer_id, c.name, c.email,
            count(o.order_id),
            count(o.order_id) FILTER (WHERE o.status = 'cancelled'),
            count(o.order_id) FILTER (WHERE o.status = 'shipped'),
            coalesce(sum(o.total_cents) FILTER (WHERE o.status <> 'cancelled'), 0)
-      FROM shop_proj.customer_stats_customers c
-      LEFT JOIN shop_proj.customer_stats_orders o ON o.customer_id = c.customer_id
+      FROM customer_stats_customers c
+      LEFT JOIN customer_stats_orders o ON o.customer_id = c.customer_id
      WHERE c.customer_id = ANY (touched)
      GROUP BY c.customer_id
     ON CONFLICT (customer_id) DO UPDATE
@@ -1307,8 +1532,15 @@ $$;
 
 -- sql/shop_proj/data/projections.sql
 -- The shop's three projections.
-SELECT cqrs.register_projection('order_summary', 'sql', 'shop_proj.apply_order_summary');
-SELECT cqrs.register_projection('customer_stats', 'sql', 'shop_proj.apply_customer_stats');
+SELECT cqrs.register_projection(
+    'order_summary', 'sql', 'shop_proj.apply_order_summary',
+    search_path => 'shop_read, shop_proj',
+    tables => ARRAY['shop_read.order_summary', 'shop_proj.order_summary_customers']::regclass[]);
+SELECT cqrs.register_projection(
+    'customer_stats', 'sql', 'shop_proj.apply_customer_stats',
+    search_path => 'shop_read, shop_proj',
+    tables => ARRAY['shop_read.customer_stats', 'shop_proj.customer_stats_customers',
+                    'shop_proj.customer_stats_orders']::regclass[]);
 SELECT cqrs.register_projection(
     'product_sales', 'matview',
     matview => 'shop_read.product_sales',

@@ -1,16 +1,20 @@
 -- Registers a projection: kind 'sql' applies batches with apply_function(from_tx,
--- from_position, to_tx, to_position); kind 'matview' refreshes matview CONCURRENTLY when
--- events of event_types (NULL: any) arrive. A new projection starts from the first event.
+-- from_position, to_tx, to_position), which finds its tables through search_path (a list
+-- of schemas) and owns the tables listed in `tables`; kind 'matview' refreshes matview
+-- CONCURRENTLY when events of event_types (NULL: any) arrive. A new projection starts
+-- from the first event.
 CREATE FUNCTION cqrs.register_projection(
     name text,
     kind text,
     apply_function regproc DEFAULT NULL,
     matview regclass DEFAULT NULL,
-    event_types text[] DEFAULT NULL)
+    event_types text[] DEFAULT NULL,
+    search_path text DEFAULT NULL,
+    tables regclass[] DEFAULT NULL)
 RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $$
-    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types)
-    VALUES (name, kind, apply_function, matview, event_types);
+    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables)
+    VALUES (name, kind, apply_function, matview, event_types, search_path, tables);
 $$;

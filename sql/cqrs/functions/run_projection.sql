@@ -36,7 +36,7 @@ BEGIN
     -- row lock: checking an idle projection must not take an xid (that would hold back
     -- every fence) or write WAL. The lock is released only after our commit is visible,
     -- so the next holder reads the checkpoint we wrote.
-    IF NOT pg_try_advisory_xact_lock(1668444016, hashtext(projection)) THEN
+    IF NOT cqrs._lock_projection(projection, false) THEN
         RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
         RETURN;
     END IF;
@@ -44,30 +44,8 @@ BEGIN
     fence := pg_snapshot_xmin(pg_current_snapshot());
 
     IF p.kind = 'sql' THEN
-        -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
-        -- index-only walk, no count and no sort. Only a short batch is counted.
-        SELECT o.tx_id, o.position
-          INTO end_tx, end_pos
-          FROM cqrs.outbox o
-         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-           AND o.tx_id < fence
-         ORDER BY o.tx_id, o.position
-        OFFSET max_events - 1
-         LIMIT 1;
-        IF FOUND THEN
-            n := max_events;
-        ELSE
-            WITH b AS (
-                SELECT o.tx_id, o.position
-                  FROM cqrs.outbox o
-                 WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-                   AND o.tx_id < fence
-                 ORDER BY o.tx_id, o.position
-                 LIMIT max_events)
-            SELECT (SELECT count(*) FROM b), x.tx_id, x.position
-              INTO n, end_tx, end_pos
-              FROM (SELECT b.tx_id, b.position FROM b ORDER BY b.tx_id DESC, b.position DESC LIMIT 1) x;
-        END IF;
+        SELECT b.end_tx, b.end_position, b.n INTO end_tx, end_pos, n
+          FROM cqrs._next_batch(p.last_tx, p.last_position, fence, max_events) b;
     ELSE
         SELECT o.tx_id, o.position
           INTO end_tx, end_pos
@@ -89,8 +67,7 @@ BEGIN
     END IF;
 
     IF p.kind = 'sql' THEN
-        EXECUTE format('SELECT %s($1, $2, $3, $4)', p.apply_function)
-          USING p.last_tx, p.last_position, end_tx, end_pos;
+        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_tx, p.last_position, end_tx, end_pos);
     ELSE
         SELECT EXISTS (
             SELECT 1

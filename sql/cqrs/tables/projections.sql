@@ -6,6 +6,10 @@ CREATE TABLE cqrs.projections (
     apply_function regproc,
     matview        regclass,
     event_types    text[],
+    -- sql: the schemas its apply function finds its tables in, and the tables it owns
+    -- (what cqrs-pg rebuild builds anew and swaps in)
+    search_path    text,
+    tables         regclass[],
     last_tx        xid8 NOT NULL DEFAULT '0',
     last_position  bigint NOT NULL DEFAULT 0,
     -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up)
@@ -14,6 +18,6 @@ CREATE TABLE cqrs.projections (
     refreshed_at   timestamptz,
     updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
-    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR apply_function IS NOT NULL),
+    CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
     CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
 );

@@ -1,4 +1,4 @@
--- Applies one batch of events to shop_read.customer_stats. One statement reads the batch
+-- Applies one batch of events to customer_stats. One statement reads the batch
 -- once and updates the private customer and order state (version-guarded; per order, one
 -- group holds its latest state and its new lines, so its row is written once), returning
 -- the customers whose private state changed; a second recomputes the rows of only those
@@ -6,10 +6,11 @@
 -- No statement joins two batch-derived sets to each other: their row estimates are
 -- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
 -- are parameters, and a generic plan cannot estimate the batch from them.
+-- Tables are named without a schema: cqrs.run_projection resolves them through the
+-- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
@@ -21,7 +22,7 @@ BEGIN
          WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
                                 'order_line.created')),
     cu AS (
-        INSERT INTO shop_proj.customer_stats_customers AS c (customer_id, name, email, version)
+        INSERT INTO customer_stats_customers AS c (customer_id, name, email, version)
         SELECT DISTINCT ON (e.aggregate_id)
                e.aggregate_id, e.payload ->> 'name', e.payload ->> 'email', e.aggregate_version
           FROM e
@@ -45,7 +46,7 @@ BEGIN
          GROUP BY e.aggregate_id),
     -- orders with a state event in the batch: new state only over an older version, plus lines
     os AS (
-        INSERT INTO shop_proj.customer_stats_orders AS s (order_id, customer_id, status, total_cents, version)
+        INSERT INTO customer_stats_orders AS s (order_id, customer_id, status, total_cents, version)
         SELECT o.order_id, o.customer_id, o.status, o.total_cents, o.version
           FROM o
          WHERE o.version IS NOT NULL
@@ -57,7 +58,7 @@ BEGIN
         RETURNING s.customer_id),
     -- orders with only lines in the batch
     ol AS (
-        UPDATE shop_proj.customer_stats_orders s
+        UPDATE customer_stats_orders s
            SET total_cents = s.total_cents + o.total_cents
           FROM o
          WHERE s.order_id = o.order_id
@@ -73,15 +74,15 @@ BEGIN
         RETURN;
     END IF;
 
-    INSERT INTO shop_read.customer_stats AS s
+    INSERT INTO customer_stats AS s
            (customer_id, name, email, orders_placed, orders_cancelled, orders_shipped, lifetime_value_cents)
     SELECT c.customer_id, c.name, c.email,
            count(o.order_id),
            count(o.order_id) FILTER (WHERE o.status = 'cancelled'),
            count(o.order_id) FILTER (WHERE o.status = 'shipped'),
            coalesce(sum(o.total_cents) FILTER (WHERE o.status <> 'cancelled'), 0)
-      FROM shop_proj.customer_stats_customers c
-      LEFT JOIN shop_proj.customer_stats_orders o ON o.customer_id = c.customer_id
+      FROM customer_stats_customers c
+      LEFT JOIN customer_stats_orders o ON o.customer_id = c.customer_id
      WHERE c.customer_id = ANY (touched)
      GROUP BY c.customer_id
     ON CONFLICT (customer_id) DO UPDATE

@@ -1,4 +1,4 @@
--- Applies one batch of events to shop_read.order_summary, set-based, in two statements:
+-- Applies one batch of events to order_summary, set-based, in two statements:
 -- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
 --    into the private copy and their orders renamed;
 -- 2. per order in the batch, one group holds its latest state and its new lines, so an
@@ -7,10 +7,11 @@
 -- No statement joins two batch-derived sets to each other: their row estimates are
 -- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
 -- are parameters, and a generic plan cannot estimate the batch from them.
+-- Tables are named without a schema: cqrs.run_projection resolves them through the
+-- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
 SET plan_cache_mode = force_custom_plan
 AS $$
 BEGIN
@@ -22,14 +23,14 @@ BEGIN
          WHERE e.event_type IN ('customer.created', 'customer.updated')
          ORDER BY e.aggregate_id, e.aggregate_version DESC),
     cu AS (
-        INSERT INTO shop_proj.order_summary_customers AS c (customer_id, name, email, version)
+        INSERT INTO order_summary_customers AS c (customer_id, name, email, version)
         SELECT bc.customer_id, bc.name, bc.email, bc.version FROM bc
         ON CONFLICT (customer_id) DO UPDATE
            SET name = excluded.name, email = excluded.email, version = excluded.version
          WHERE c.version < excluded.version
         RETURNING c.customer_id, c.name, c.email)
     -- Orders placed before their customer's event was applied get the name here too.
-    UPDATE shop_read.order_summary s
+    UPDATE order_summary s
        SET customer_name = cu.name, customer_email = cu.email
       FROM cu
      WHERE s.customer_id = cu.customer_id
@@ -50,7 +51,7 @@ BEGIN
          GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).
     os AS (
-        INSERT INTO shop_read.order_summary AS s
+        INSERT INTO order_summary AS s
                (order_id, customer_id, customer_name, customer_email, status, line_count, item_count, total_cents,
                 placed_at, updated_at, version)
         SELECT o.order_id, (o.state ->> 'customer_id')::uuid, c.name, c.email, o.state ->> 'status',
@@ -58,7 +59,7 @@ BEGIN
                (o.state ->> 'placed_at')::timestamptz, (o.state ->> 'updated_at')::timestamptz,
                o.version
           FROM o
-          LEFT JOIN shop_proj.order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
+          LEFT JOIN order_summary_customers c ON c.customer_id = (o.state ->> 'customer_id')::uuid
          WHERE o.state IS NOT NULL
         ON CONFLICT (order_id) DO UPDATE
            SET status = CASE WHEN s.version < excluded.version THEN excluded.status ELSE s.status END,
@@ -68,7 +69,7 @@ BEGIN
                item_count = s.item_count + excluded.item_count,
                total_cents = s.total_cents + excluded.total_cents
          WHERE s.version < excluded.version OR excluded.line_count <> 0)
-    UPDATE shop_read.order_summary s
+    UPDATE order_summary s
        SET line_count = s.line_count + o.line_count,
            item_count = s.item_count + o.item_count,
            total_cents = s.total_cents + o.total_cents

@@ -7,4 +7,5 @@ CREATE TABLE shop_proj.customer_stats_orders (
     version     integer NOT NULL
 );
 
-CREATE INDEX customer_stats_orders_customer_id ON shop_proj.customer_stats_orders (customer_id);
+-- named as PostgreSQL would name it (see shop_read/tables/order_summary.sql)
+CREATE INDEX customer_stats_orders_customer_id_idx ON shop_proj.customer_stats_orders (customer_id);

@@ -13,4 +13,6 @@ CREATE TABLE shop_read.order_summary (
     version        integer NOT NULL
 );
 
-CREATE INDEX order_summary_customer_id ON shop_read.order_summary (customer_id);
+-- named as PostgreSQL would name it, so that a rebuild's copy (LIKE ... INCLUDING ALL)
+-- gets the same name
+CREATE INDEX order_summary_customer_id_idx ON shop_read.order_summary (customer_id);

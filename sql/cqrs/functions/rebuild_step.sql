@@ -1,0 +1,33 @@
+-- Applies the next batch of the event log to a rebuild's shadow tables, below the fence,
+-- and advances the rebuild's own checkpoint. `more`: a full batch, call again.
+CREATE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
+RETURNS TABLE (applied bigint, more boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r cqrs.rebuilds;
+    p cqrs.projections;
+    b record;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_step.projection FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    SELECT * INTO b
+      FROM cqrs._next_batch(r.last_tx, r.last_position, pg_snapshot_xmin(pg_current_snapshot()), max_events);
+    IF b.end_tx IS NULL THEN
+        RETURN QUERY SELECT 0::bigint, false;
+        RETURN;
+    END IF;
+    PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
+                              r.last_tx, r.last_position, b.end_tx, b.end_position);
+    UPDATE cqrs.rebuilds x
+       SET last_tx = b.end_tx, last_position = b.end_position, applied_events = x.applied_events + b.n
+     WHERE x.projection = rebuild_step.projection;
+    RETURN QUERY SELECT b.n, b.n >= max_events;
+END
+$$;
