@@ -97,6 +97,7 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
     help="Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
 )
 @click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).")
+@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers python projection handlers (repeatable).")
 def listen(
     dsn: str | None,
     replica_dsn: str | None,
@@ -108,6 +109,7 @@ def listen(
     log_format: str,
     stall_warning: float,
     metrics_port: int | None,
+    imports: tuple[str, ...],
 ) -> None:
     """Run the projection daemon until SIGTERM or SIGINT.
 
@@ -117,8 +119,10 @@ def listen(
     """
     from cqrs_pg.daemon import Listener, ListenerConfig
     from cqrs_pg.logs import setup_logging
+    from cqrs_pg.projections import import_modules
 
     setup_logging(log_level, log_format)
+    import_modules(imports)
     listener = Listener(
         ListenerConfig(
             dsn=require_dsn(dsn),

@@ -3,6 +3,8 @@
 The loop is small on purpose; the correctness lives in SQL (cqrs.run_projection):
 each call applies one batch and advances that projection's checkpoint in one
 transaction, so a daemon killed at any moment resumes exactly where it committed.
+A python projection's batch is claimed, handed to its registered handler and completed
+in one transaction too (cqrs_pg.projections.run_batch).
 See sql/cqrs/DESIGN.md, also for the wake-up protocol.
 """
 
@@ -21,6 +23,7 @@ import psycopg
 from cqrs_pg.db import connect, redact, require_migrated
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable
 from cqrs_pg.metrics import Metrics
+from cqrs_pg.projections import handler_for, run_batch
 
 logger = logging.getLogger("cqrs_pg.daemon")
 
@@ -90,6 +93,9 @@ class Listener:
         self.stall: Stall | None = None
         self._fence_check_due = 0.0
         self._lag_due = 0.0
+        # python projections: name -> search_path; those without a handler, logged once
+        self._python: dict[str, str] = {}
+        self._missing_handlers: set[str] = set()
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -147,9 +153,11 @@ class Listener:
         cfg = self.config
         conn.execute(f"LISTEN {CHANNEL}")
         names = cfg.projections or [r[0] for r in conn.execute("SELECT name FROM cqrs.projections ORDER BY name")]
-        unknown = set(names) - {r[0] for r in conn.execute("SELECT name FROM cqrs.projections")}
+        registered = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT name, kind, search_path FROM cqrs.projections")}
+        unknown = set(names) - set(registered)
         if unknown:
             raise CqrsPgError(f"unknown projection(s): {', '.join(sorted(unknown))}")
+        self._python = {name: registered[name][1] for name in names if registered[name][0] == "python"}
         logger.info("projections: %s", ", ".join(names))
         self._heartbeat(conn, sleeping=False)
         sleeping = False
@@ -187,12 +195,20 @@ class Listener:
                 if self.stopping:
                     return progress
                 started = time.monotonic()
-                row = conn.execute(
-                    "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))",
-                    (name, cfg.batch_size, cfg.refresh_interval),
-                ).fetchone()
-                assert row is not None
-                applied, more, busy, retry_after = row
+                if name in self._python:
+                    handler = handler_for(name)
+                    if handler is None:
+                        self._no_handler(name)
+                        break
+                    batch = run_batch(conn, name, handler, cfg.batch_size, self._python[name])
+                    applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
+                else:
+                    row = conn.execute(
+                        "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))",
+                        (name, cfg.batch_size, cfg.refresh_interval),
+                    ).fetchone()
+                    assert row is not None
+                    applied, more, busy, retry_after = row
                 progress.add(applied, retry_after)
                 if applied:
                     self.applied_total += applied
@@ -205,6 +221,15 @@ class Listener:
                 if not more or busy:
                     break
         return progress
+
+    def _no_handler(self, name: str) -> None:
+        if name not in self._missing_handlers:
+            self._missing_handlers.add(name)
+            logger.error(
+                "%s: a python projection with no handler registered: skipped (register one with "
+                "cqrs_pg.projections.register(%r) in a module given to --import)", name, name,
+                extra={"projection": name},
+            )
 
     def _observe(self, conn: psycopg.Connection, names: list[str], now: float, applied: int) -> None:
         """Between rounds: the lag gauges (when served) and the fence-stall watch."""

@@ -21,11 +21,15 @@ GRANT USAGE ON SCHEMA shop_read, cqrs TO cqrs_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 
--- cqrs_listener: what the daemon calls, and the list of projections it runs.
+-- cqrs_listener: what the daemon calls, and the list of projections it runs. A python
+-- projection's handler writes its tables as this role: grant those with the projection.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
+    cqrs.claim_batch(text, integer),
+    cqrs.batch_events(text, xid8, bigint, xid8, bigint),
+    cqrs.complete_batch(text, xid8, bigint, bigint, xid8, integer),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.projection_status(),

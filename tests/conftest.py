@@ -18,6 +18,7 @@ from pytest_postgresql.janitor import DatabaseJanitor
 
 from cqrs_pg.devcluster import DevCluster
 from cqrs_pg.migrate import migrate
+from cqrs_pg.projections import handler_for, run_batch
 
 TEMPLATE = "cqrs_template"
 
@@ -40,17 +41,21 @@ class Database:
         """Apply every pending event synchronously, as the daemon would; returns the count."""
         total = 0
         with self.connect() as conn:
+            projections = conn.execute("SELECT name, kind, search_path FROM cqrs.projections").fetchall()
             for _ in range(rounds):
-                applied = sum(
-                    conn.execute(
-                        "SELECT applied FROM cqrs.run_projection(%s, 1000, '0 s')", (name,)
-                    ).fetchone()[0]
-                    for (name,) in conn.execute("SELECT name FROM cqrs.projections").fetchall()
-                )
+                applied = sum(self._run_projection(conn, *p) for p in projections)
                 total += applied
                 if not applied:
                     return total
         raise AssertionError("projections did not drain")
+
+    @staticmethod
+    def _run_projection(conn: psycopg.Connection, name: str, kind: str, search_path: str | None) -> int:
+        if kind == "python":  # its handler, registered in this process
+            handler = handler_for(name)
+            assert handler is not None, f"no handler registered for python projection {name!r}"
+            return run_batch(conn, name, handler, 1000, search_path or "").applied
+        return conn.execute("SELECT applied FROM cqrs.run_projection(%s, 1000, '0 s')", (name,)).fetchone()[0]
 
     def wait_caught_up(self, token: int, timeout: float = 30.0, replica: bool = True) -> None:
         deadline = time.monotonic() + timeout

@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "e3b1d8822eeb75e533ab42f88e5563bb73e57da9b54d3627b538a3db42af72fc"
+FROZEN_SHA256 = "f9c04f3a54a84328c2bbb1d16a9bb84729687bb7bfea9d5ab58c80762b83539e"
 
 
 def upgrade() -> None:

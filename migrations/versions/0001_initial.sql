@@ -66,9 +66,11 @@ CREATE TABLE cqrs.projections (
     kind           text NOT NULL,
     apply_function regproc,
     matview        regclass,
+    -- matview: refresh only for these; python: the handler sees only these (NULL: all)
     event_types    text[],
     -- sql: the schemas its apply function finds its tables in, and the tables it owns
-    -- (what cqrs-pg rebuild builds anew and swaps in)
+    -- (what cqrs-pg rebuild builds anew and swaps in); python: the schemas its handler's
+    -- unqualified table names resolve in, and (informative) the tables it writes
     search_path    text,
     tables         regclass[],
     last_tx        xid8 NOT NULL DEFAULT '0',
@@ -78,8 +80,10 @@ CREATE TABLE cqrs.projections (
     applied_events bigint NOT NULL DEFAULT 0,
     refreshed_at   timestamptz,
     updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
+    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview', 'python')),
     CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
+    -- python: a handler registered by name in the daemon (cqrs_pg.projections.register)
+    CONSTRAINT projections_python_has_search_path CHECK (kind <> 'python' OR search_path IS NOT NULL),
     CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
 );
 
@@ -394,6 +398,64 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_holds_projection_lock.sql
+-- Whether this session holds the lock of cqrs._lock_projection on the projection: a
+-- python projection's batch may be read and completed only by the transaction that
+-- claimed it (cqrs.claim_batch).
+CREATE FUNCTION cqrs._holds_projection_lock(projection text)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM pg_locks l
+         WHERE l.locktype = 'advisory'
+           AND l.pid = pg_backend_pid()
+           AND l.granted
+           AND l.classid = 1668444016::oid
+           AND l.objid = hashtext(projection)::oid
+           AND l.objsubid = 2);
+$$;
+
+-- sql/cqrs/functions/_advance_checkpoint.sql
+-- Moves a projection's checkpoint past a batch it has applied, in the caller's
+-- transaction (the one that applied the batch): last_tx/last_position to the batch end,
+-- applied_events by its size n, and the horizon (see cqrs.caught_up) to the fence, or only
+-- to the batch's last tx_id when a full batch (full_batch) may have stopped inside that
+-- transaction. refreshed: a matview refresh covered it. With to_tx NULL (nothing new below
+-- the fence) only the horizon moves up, and only when the last batch may have ended inside
+-- a transaction, so an idle daemon writes nothing (and takes no xid).
+-- Shared by cqrs.run_projection (sql, matview) and cqrs.complete_batch (python).
+CREATE FUNCTION cqrs._advance_checkpoint(
+    projection text, to_tx xid8, to_position bigint, n bigint, fence xid8,
+    full_batch boolean, refreshed boolean)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+BEGIN
+    IF to_tx IS NULL THEN
+        SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
+            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
+        END IF;
+        RETURN;
+    END IF;
+    UPDATE cqrs.projections c
+       SET last_tx = to_tx,
+           last_position = to_position,
+           applied_events = c.applied_events + n,
+           horizon = greatest(c.horizon, CASE WHEN full_batch THEN to_tx ELSE fence END),
+           refreshed_at = CASE WHEN refreshed THEN now() ELSE c.refreshed_at END,
+           updated_at = now()
+     WHERE c.name = projection;
+END
+$$;
+
 -- sql/cqrs/functions/caught_up.sql
 -- True once the projection (NULL: every projection) has applied every event of the
 -- transaction that returned token. Reads only cqrs.projections, which replicates with
@@ -423,7 +485,10 @@ $$;
 -- Registers a projection: kind 'sql' applies batches with apply_function(from_tx,
 -- from_position, to_tx, to_position), which finds its tables through search_path (a list
 -- of schemas) and owns the tables listed in `tables`; kind 'matview' refreshes matview
--- CONCURRENTLY when events of event_types (NULL: any) arrive. A new projection starts
+-- CONCURRENTLY when events of event_types (NULL: any) arrive; kind 'python' is applied by
+-- the daemon with a Python handler registered under the same name
+-- (cqrs_pg.projections.register), its unqualified table names resolved through
+-- search_path, seeing only events of event_types (NULL: all). A new projection starts
 -- from the first event.
 CREATE FUNCTION cqrs.register_projection(
     name text,
@@ -443,7 +508,8 @@ $$;
 
 -- sql/cqrs/functions/run_projection.sql
 -- Applies the next batch of one projection in the caller's transaction and advances its
--- checkpoint in that same transaction. Returns what it did:
+-- checkpoint in that same transaction (sql and matview projections; a python projection
+-- is run by the daemon with cqrs.claim_batch and cqrs.complete_batch). Returns what it did:
 --   applied      events applied (or, for a matview, covered by the refresh)
 --   more         a full batch was applied: call again at once
 --   busy         another daemon is running this projection right now
@@ -474,6 +540,10 @@ BEGIN
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind = 'python' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
+            projection));
     END IF;
 
     -- One runner per projection at a time, across daemons. An advisory lock rather than a
@@ -501,11 +571,8 @@ BEGIN
     END IF;
 
     IF end_tx IS NULL THEN
-        -- Nothing new below the fence. Move the horizon up only when the last batch may
-        -- have ended inside a transaction, so an idle daemon writes nothing.
-        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
-            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
-        END IF;
+        -- Nothing new below the fence: at most the horizon moves up.
+        PERFORM cqrs._advance_checkpoint(projection, NULL, NULL, 0, fence, false, false);
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
         RETURN;
     END IF;
@@ -537,16 +604,133 @@ BEGIN
            AND (o.tx_id, o.position) <= (end_tx, end_pos);
     END IF;
 
-    UPDATE cqrs.projections c
-       SET last_tx = end_tx,
-           last_position = end_pos,
-           applied_events = c.applied_events + n,
-           -- a full batch may have stopped inside transaction end_tx
-           horizon = greatest(c.horizon, CASE WHEN p.kind = 'sql' AND n >= max_events THEN end_tx ELSE fence END),
-           refreshed_at = CASE WHEN relevant THEN now() ELSE c.refreshed_at END,
-           updated_at = now()
-     WHERE c.name = projection;
+    -- a full sql batch may have stopped inside transaction end_tx
+    PERFORM cqrs._advance_checkpoint(projection, end_tx, end_pos, n, fence,
+                                     p.kind = 'sql' AND n >= max_events, coalesce(relevant, false));
     RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
+END
+$$;
+
+-- sql/cqrs/functions/claim_batch.sql
+-- A python projection's daemon, step 1 of 3, in one transaction with the other two:
+-- takes the projection's lock (busy: another daemon holds it; nothing else is returned)
+-- and returns the next batch after the checkpoint below the fence, as cqrs.run_projection
+-- finds it: from_tx/from_position (the checkpoint), to_tx/to_position (the batch end;
+-- NULL when there is nothing to apply, n = 0) and the fence. The daemon then reads the
+-- batch (cqrs.batch_events), lets the handler write, and calls cqrs.complete_batch.
+CREATE FUNCTION cqrs.claim_batch(projection text, max_events integer DEFAULT 10000)
+RETURNS TABLE (from_tx xid8, from_position bigint, to_tx xid8, to_position bigint, n bigint, fence xid8, busy boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    f xid8;
+    b record;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind <> 'python' THEN
+        PERFORM cqrs._fail('CQ001', format('projection %L is a %s projection: cqrs.run_projection applies it',
+                                           projection, p.kind));
+    END IF;
+    -- the lock of cqrs.run_projection: released at commit, after our checkpoint is visible
+    IF NOT cqrs._lock_projection(projection, false) THEN
+        RETURN QUERY SELECT NULL::xid8, NULL::bigint, NULL::xid8, NULL::bigint, 0::bigint, NULL::xid8, true;
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    f := pg_snapshot_xmin(pg_current_snapshot());
+    SELECT * INTO b FROM cqrs._next_batch(p.last_tx, p.last_position, f, max_events);
+    IF b.end_tx IS NULL THEN
+        -- nothing new below the fence: at most the horizon moves up, as in run_projection
+        PERFORM cqrs._advance_checkpoint(projection, NULL, NULL, 0, f, false, false);
+    END IF;
+    RETURN QUERY SELECT p.last_tx, p.last_position, b.end_tx, b.end_position, b.n, f, false;
+END
+$$;
+
+-- sql/cqrs/functions/batch_events.sql
+-- A python projection's daemon, step 2 of 3: the events of the batch it claimed with
+-- cqrs.claim_batch in this transaction, in (tx_id, position) order, only those of the
+-- projection's event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no
+-- access to cqrs.outbox itself.
+CREATE FUNCTION cqrs.batch_events(
+    projection text, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS SETOF cqrs.outbox
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+BEGIN
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+    IF NOT cqrs._holds_projection_lock(projection) THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
+    END IF;
+    RETURN QUERY
+        SELECT b.*
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b
+         WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types)
+         ORDER BY b.tx_id, b.position;
+END
+$$;
+
+-- sql/cqrs/functions/complete_batch.sql
+-- A python projection's daemon, step 3 of 3, in the transaction that claimed the batch
+-- (cqrs.claim_batch) and ran the handler: advances the checkpoint, applied_events and
+-- horizon exactly as cqrs.run_projection does for a sql projection, so the handler's
+-- writes and the checkpoint commit together. The arguments are claim_batch's answer; a
+-- batch that does not start at the checkpoint, or a wrong count, is refused.
+CREATE FUNCTION cqrs.complete_batch(
+    projection text, to_tx xid8, to_position bigint, n bigint, fence xid8, max_events integer)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    counted bigint;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind <> 'python' THEN
+        PERFORM cqrs._fail('CQ001', format('projection %L is a %s projection: cqrs.run_projection applies it',
+                                           projection, p.kind));
+    END IF;
+    IF NOT cqrs._holds_projection_lock(projection) THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
+    END IF;
+    IF to_tx IS NULL OR to_position IS NULL OR fence IS NULL
+       OR (to_tx, to_position) <= (p.last_tx, p.last_position)
+       OR to_tx >= fence
+       OR fence > pg_snapshot_xmin(pg_current_snapshot()) THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'batch end (%s, %s) with fence %s is not after the checkpoint (%s, %s) of projection %L and below the fence',
+            to_tx, to_position, fence, p.last_tx, p.last_position, projection));
+    END IF;
+    SELECT count(*) INTO counted
+      FROM cqrs.outbox o
+     WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
+       AND (o.tx_id, o.position) <= (to_tx, to_position);
+    IF counted IS DISTINCT FROM n THEN
+        PERFORM cqrs._fail('CQ001', format('batch of projection %L holds %s events, not %s', projection, counted, n));
+    END IF;
+    -- a full batch may have stopped inside transaction to_tx
+    PERFORM cqrs._advance_checkpoint(projection, to_tx, to_position, n, fence, n >= max_events, false);
 END
 $$;
 
@@ -568,6 +752,9 @@ BEGIN
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind = 'python' THEN
+        PERFORM cqrs._fail('CQ001', format('projection %L is a python projection: rebuilding one is not supported yet',
+                                           projection));
     ELSIF p.kind <> 'sql' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
                                            projection, p.kind));
@@ -1571,11 +1758,15 @@ GRANT USAGE ON SCHEMA shop_read, cqrs TO cqrs_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 
--- cqrs_listener: what the daemon calls, and the list of projections it runs.
+-- cqrs_listener: what the daemon calls, and the list of projections it runs. A python
+-- projection's handler writes its tables as this role: grant those with the projection.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
+    cqrs.claim_batch(text, integer),
+    cqrs.batch_events(text, xid8, bigint, xid8, bigint),
+    cqrs.complete_batch(text, xid8, bigint, bigint, xid8, integer),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.projection_status(),

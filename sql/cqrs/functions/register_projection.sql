@@ -1,7 +1,10 @@
 -- Registers a projection: kind 'sql' applies batches with apply_function(from_tx,
 -- from_position, to_tx, to_position), which finds its tables through search_path (a list
 -- of schemas) and owns the tables listed in `tables`; kind 'matview' refreshes matview
--- CONCURRENTLY when events of event_types (NULL: any) arrive. A new projection starts
+-- CONCURRENTLY when events of event_types (NULL: any) arrive; kind 'python' is applied by
+-- the daemon with a Python handler registered under the same name
+-- (cqrs_pg.projections.register), its unqualified table names resolved through
+-- search_path, seeing only events of event_types (NULL: all). A new projection starts
 -- from the first event.
 CREATE FUNCTION cqrs.register_projection(
     name text,

@@ -1,5 +1,6 @@
 -- Applies the next batch of one projection in the caller's transaction and advances its
--- checkpoint in that same transaction. Returns what it did:
+-- checkpoint in that same transaction (sql and matview projections; a python projection
+-- is run by the daemon with cqrs.claim_batch and cqrs.complete_batch). Returns what it did:
 --   applied      events applied (or, for a matview, covered by the refresh)
 --   more         a full batch was applied: call again at once
 --   busy         another daemon is running this projection right now
@@ -30,6 +31,10 @@ BEGIN
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    ELSIF p.kind = 'python' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
+            projection));
     END IF;
 
     -- One runner per projection at a time, across daemons. An advisory lock rather than a
@@ -57,11 +62,8 @@ BEGIN
     END IF;
 
     IF end_tx IS NULL THEN
-        -- Nothing new below the fence. Move the horizon up only when the last batch may
-        -- have ended inside a transaction, so an idle daemon writes nothing.
-        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
-            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
-        END IF;
+        -- Nothing new below the fence: at most the horizon moves up.
+        PERFORM cqrs._advance_checkpoint(projection, NULL, NULL, 0, fence, false, false);
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
         RETURN;
     END IF;
@@ -93,15 +95,9 @@ BEGIN
            AND (o.tx_id, o.position) <= (end_tx, end_pos);
     END IF;
 
-    UPDATE cqrs.projections c
-       SET last_tx = end_tx,
-           last_position = end_pos,
-           applied_events = c.applied_events + n,
-           -- a full batch may have stopped inside transaction end_tx
-           horizon = greatest(c.horizon, CASE WHEN p.kind = 'sql' AND n >= max_events THEN end_tx ELSE fence END),
-           refreshed_at = CASE WHEN relevant THEN now() ELSE c.refreshed_at END,
-           updated_at = now()
-     WHERE c.name = projection;
+    -- a full sql batch may have stopped inside transaction end_tx
+    PERFORM cqrs._advance_checkpoint(projection, end_tx, end_pos, n, fence,
+                                     p.kind = 'sql' AND n >= max_events, coalesce(relevant, false));
     RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
 END
 $$;

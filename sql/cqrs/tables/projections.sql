@@ -5,9 +5,11 @@ CREATE TABLE cqrs.projections (
     kind           text NOT NULL,
     apply_function regproc,
     matview        regclass,
+    -- matview: refresh only for these; python: the handler sees only these (NULL: all)
     event_types    text[],
     -- sql: the schemas its apply function finds its tables in, and the tables it owns
-    -- (what cqrs-pg rebuild builds anew and swaps in)
+    -- (what cqrs-pg rebuild builds anew and swaps in); python: the schemas its handler's
+    -- unqualified table names resolve in, and (informative) the tables it writes
     search_path    text,
     tables         regclass[],
     last_tx        xid8 NOT NULL DEFAULT '0',
@@ -17,7 +19,9 @@ CREATE TABLE cqrs.projections (
     applied_events bigint NOT NULL DEFAULT 0,
     refreshed_at   timestamptz,
     updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview')),
+    CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview', 'python')),
     CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
+    -- python: a handler registered by name in the daemon (cqrs_pg.projections.register)
+    CONSTRAINT projections_python_has_search_path CHECK (kind <> 'python' OR search_path IS NOT NULL),
     CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
 );

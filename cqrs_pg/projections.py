@@ -1,0 +1,125 @@
+"""Python handler projections: kind 'python' in cqrs.projections, applied by a function
+registered here under the projection's name.
+
+    from cqrs_pg.projections import register
+
+    @register("customer_orders_by_status")
+    def apply(conn, events):
+        for e in events:
+            ...  # conn.execute(...): unqualified table names resolve in the projection's search_path
+
+The daemon (`cqrs-pg listen --import MODULE`, which imports the modules that register
+handlers) runs each batch in ONE transaction: cqrs.claim_batch (the projection's lock and
+the next batch below the fence), cqrs.batch_events, handler(conn, events),
+cqrs.complete_batch (the checkpoint). The handler's writes and the checkpoint commit
+together, so a daemon killed at any moment neither loses nor repeats an event; a handler
+that raises rolls the whole batch back. See docs/adding-a-projection.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import class_row
+
+from cqrs_pg.errors import CqrsPgError
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of cqrs.outbox (tx_id as an int, as receipts' tokens are)."""
+
+    position: int
+    tx_id: int
+    event_type: str
+    aggregate_type: str
+    aggregate_id: uuid.UUID
+    aggregate_version: int
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+    occurred_at: datetime
+
+
+Handler = Callable[[psycopg.Connection, list[Event]], None]
+
+_handlers: dict[str, Handler] = {}
+
+
+def register(name: str) -> Callable[[Handler], Handler]:
+    """Decorator: `handler(conn, events)` applies batches of the python projection `name`."""
+
+    def decorate(handler: Handler) -> Handler:
+        known = _handlers.get(name)
+        if known is not None and _qualname(known) != _qualname(handler):
+            raise ValueError(f"projection {name!r} already has a handler: {_qualname(known)}")
+        _handlers[name] = handler
+        return handler
+
+    return decorate
+
+
+def handler_for(name: str) -> Handler | None:
+    """The handler registered for projection `name`, or None."""
+    return _handlers.get(name)
+
+
+def unregister(name: str) -> None:
+    _handlers.pop(name, None)
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import modules that register handlers (`cqrs-pg listen --import MODULE`)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise CqrsPgError(f"cannot import {module!r} (--import): {exc}") from exc
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    applied: int
+    more: bool
+    busy: bool
+
+
+CLAIM_SQL = (
+    "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, busy"
+    " FROM cqrs.claim_batch(%s, %s)"
+)
+EVENTS_SQL = (
+    "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
+    " payload, metadata, occurred_at FROM cqrs.batch_events(%s, %s::xid8, %s, %s::xid8, %s)"
+)
+COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s::xid8, %s, %s, %s::xid8, %s)"
+
+
+def run_batch(
+    conn: psycopg.Connection, name: str, handler: Handler, max_events: int, search_path: str
+) -> BatchResult:
+    """Apply the next batch of python projection `name` with `handler`, checkpoint
+    included, in one transaction on `conn` (which must not be inside one already)."""
+    with conn.transaction():
+        row = conn.execute(CLAIM_SQL, (name, max_events)).fetchone()
+        assert row is not None
+        from_tx, from_position, to_tx, to_position, n, fence, busy = row
+        if busy or to_tx is None:
+            return BatchResult(0, False, bool(busy))
+        # local to this transaction, like the SET clause of a sql projection's apply call
+        conn.execute("SELECT set_config('search_path', %s, true)", (f"pg_catalog, {search_path}, pg_temp",))
+        with conn.cursor(row_factory=class_row(Event)) as cur:
+            events = cur.execute(EVENTS_SQL, (name, from_tx, from_position, to_tx, to_position)).fetchall()
+        if events:
+            handler(conn, events)
+        conn.execute(COMPLETE_SQL, (name, to_tx, to_position, n, fence, max_events))
+    return BatchResult(int(n), n >= max_events, False)
+
+
+def _qualname(handler: Handler) -> str:
+    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"

@@ -1,0 +1,30 @@
+-- A python projection's daemon, step 2 of 3: the events of the batch it claimed with
+-- cqrs.claim_batch in this transaction, in (tx_id, position) order, only those of the
+-- projection's event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no
+-- access to cqrs.outbox itself.
+CREATE FUNCTION cqrs.batch_events(
+    projection text, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+RETURNS SETOF cqrs.outbox
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+BEGIN
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+    IF NOT cqrs._holds_projection_lock(projection) THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
+    END IF;
+    RETURN QUERY
+        SELECT b.*
+          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b
+         WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types)
+         ORDER BY b.tx_id, b.position;
+END
+$$;
