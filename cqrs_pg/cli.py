@@ -255,6 +255,47 @@ def soak(
         raise SystemExit(1)
 
 
+def _client_counts(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or any(c < 1 or c > 100 for c in counts):
+        raise click.BadParameter(f"{value!r}: give client counts from 1 to 100, comma-separated, e.g. 1,4,16")
+    return tuple(dict.fromkeys(counts))
+
+
+@main.command()
+@click.option("--seconds", default=10, show_default=True, type=click.IntRange(1), help="Length of each measured pgbench run.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Interleaved rounds: each runs every variant once at each client count.")
+@click.option("--clients", default="1,4,16", show_default=True, callback=_client_counts, metavar="N,N,...", help="Client counts (pgbench -c N -j 2).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(1), help="Seconds of load before the measured run with the daemon running.")
+@click.option("--quick", is_flag=True, help="1 round of 1-second runs at 1 and 4 clients: checks that it works, measures nothing.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help="Also write all runs, medians, ratios and machine info here.")
+@click.option("--dsn", metavar="DSN", help="Use this server (creates and drops databases; needs superuser) instead of a throwaway primary + replica.")
+def bench(seconds: int, rounds: int, clients: tuple[int, ...], warmup: int, quick: bool, json_path: Path | None, dsn: str | None) -> None:
+    """Command throughput: place_order (2 lines) beside baselines, in one run.
+
+    pgbench drives, at each client count and in interleaved rounds, one database per variant:
+    (a) the same writes as plain SQL, no triggers; (b) the command with the outbox and no
+    wake-up; with the wake-up: (c) daemon stopped, (d) daemon idle when the load starts,
+    (e) daemon running under load; (f) the naive NOTIFY in every command. Prints medians with
+    their spread and the ratios at the largest client count (targets: c, d, e >= 0.95 x b;
+    c >= 0.80 x a), and the daemon's CPU time. Takes about 6 x clients x rounds x seconds.
+    """
+    from cqrs_pg.bench import BenchConfig, run_bench
+
+    if quick:
+        config = BenchConfig.quick(dsn=dsn)
+        command = "cqrs-pg bench --quick"
+    else:
+        config = BenchConfig(seconds=seconds, rounds=rounds, clients=clients, warmup=warmup, dsn=dsn)
+        command = f"cqrs-pg bench --seconds {seconds} --rounds {rounds} --clients {','.join(map(str, clients))} --warmup {warmup}"
+    if dsn:
+        command += " --dsn …"
+    run_bench(config, echo=click.echo, json_path=json_path, command=command)
+
+
 @main.command()
 @connection_options
 @click.argument("projection")
