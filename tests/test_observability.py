@@ -9,9 +9,8 @@ import socket
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -27,6 +26,7 @@ from tests.test_cli import (
     Daemon,
     assert_one_line_error,
     cli,
+    daemons,  # noqa: F401  (the fixture)
     outbox_count,
     scalar,
     wait_until,
@@ -34,21 +34,6 @@ from tests.test_cli import (
 
 STALL = "projections stalled for"
 STALL_OVER = "projections moving again"
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Starts listen processes; any still running at the end is killed."""
-    started: list[Daemon] = []
-
-    def start(db: Database, *extra: str) -> Daemon:
-        daemon = Daemon(db, tmp_path / f"listen-{len(started)}.log", *extra)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
 
 
 def some_commands(conn: psycopg.Connection) -> int:
