@@ -20,7 +20,7 @@ depends_on = None
 
 # sql/ as of this revision, frozen: python -m cqrs_pg.sqlsource freeze
 FROZEN = Path(__file__).with_name("0001_initial.sql")
-FROZEN_SHA256 = "f9c04f3a54a84328c2bbb1d16a9bb84729687bb7bfea9d5ab58c80762b83539e"
+FROZEN_SHA256 = "e77246811d874b9382aa4d7ee59f383ac6f9c5d936abfee4db91eaeeb187244c"
 
 
 def upgrade() -> None:

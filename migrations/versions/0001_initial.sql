@@ -198,6 +198,25 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_projection.sql
+-- A projection's row; CQ002 naming it when there is none.
+CREATE FUNCTION cqrs._projection(projection text)
+RETURNS cqrs.projections
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+BEGIN
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    END IF;
+    RETURN p;
+END
+$$;
+
 -- sql/cqrs/functions/_begin_command.sql
 -- Claims command_id for this transaction and tags its events with it. Returns the first
 -- receipt (duplicate = true) if the same command with the same arguments already ran,
@@ -469,9 +488,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM cqrs._require_range('token', token, 0);
-    IF projection IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM cqrs.projections p WHERE p.name = projection) THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    IF projection IS NOT NULL THEN
+        PERFORM cqrs._projection(projection);
     END IF;
     RETURN NOT EXISTS (
         SELECT 1
@@ -537,10 +555,8 @@ DECLARE
     relevant boolean;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind = 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
         PERFORM cqrs._fail('CQ001', format(
             'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
             projection));
@@ -630,10 +646,8 @@ DECLARE
     b record;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind <> 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind <> 'python' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s projection: cqrs.run_projection applies it',
                                            projection, p.kind));
     END IF;
@@ -669,10 +683,7 @@ AS $$
 DECLARE
     p cqrs.projections;
 BEGIN
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    END IF;
+    p := cqrs._projection(projection);
     IF NOT cqrs._holds_projection_lock(projection) THEN
         PERFORM cqrs._fail('CQ003', format(
             'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
@@ -703,10 +714,8 @@ DECLARE
     counted bigint;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind <> 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind <> 'python' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s projection: cqrs.run_projection applies it',
                                            projection, p.kind));
     END IF;
@@ -749,10 +758,8 @@ DECLARE
     shadow name := 'cqrs_rebuild_' || projection;
     t regclass;
 BEGIN
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind = 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a python projection: rebuilding one is not supported yet',
                                            projection));
     ELSIF p.kind <> 'sql' THEN

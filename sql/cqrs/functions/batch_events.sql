@@ -13,10 +13,7 @@ AS $$
 DECLARE
     p cqrs.projections;
 BEGIN
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    END IF;
+    p := cqrs._projection(projection);
     IF NOT cqrs._holds_projection_lock(projection) THEN
         PERFORM cqrs._fail('CQ003', format(
             'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));

@@ -10,9 +10,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM cqrs._require_range('token', token, 0);
-    IF projection IS NOT NULL
-       AND NOT EXISTS (SELECT 1 FROM cqrs.projections p WHERE p.name = projection) THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
+    IF projection IS NOT NULL THEN
+        PERFORM cqrs._projection(projection);
     END IF;
     RETURN NOT EXISTS (
         SELECT 1

@@ -16,10 +16,8 @@ DECLARE
     b record;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind <> 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind <> 'python' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s projection: cqrs.run_projection applies it',
                                            projection, p.kind));
     END IF;

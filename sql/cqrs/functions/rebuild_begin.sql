@@ -12,10 +12,8 @@ DECLARE
     shadow name := 'cqrs_rebuild_' || projection;
     t regclass;
 BEGIN
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind = 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a python projection: rebuilding one is not supported yet',
                                            projection));
     ELSIF p.kind <> 'sql' THEN

@@ -28,10 +28,8 @@ DECLARE
     relevant boolean;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('projection %L does not exist', projection));
-    ELSIF p.kind = 'python' THEN
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
         PERFORM cqrs._fail('CQ001', format(
             'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
             projection));
