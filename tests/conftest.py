@@ -66,6 +66,10 @@ class Database:
                 time.sleep(0.01)
 
 
+def outbox_count(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0])
+
+
 def make_root(prefix: str) -> Path:
     # pytest's own tmp dirs are mode 700 under /tmp/pytest-of-root: the postgres OS user
     # that runs the servers could not enter them.

@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from cqrs_pg.projections import handler_for, run_batch
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload
-from tests.conftest import REPO, Database
+from tests.conftest import REPO, Database, outbox_count
 
 TUTORIAL = REPO / "docs" / "adding-a-projection.md"
 NAME = "customer_orders_by_status"
@@ -149,10 +149,6 @@ class Subject:
             " WHERE name = %s",
             (self.name,),
         )
-
-
-def outbox_count(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]
 
 
 def seed_shop(conn: psycopg.Connection) -> tuple[uuid.UUID, str]:

@@ -31,7 +31,7 @@ from cqrs_pg.devcluster import DevCluster
 from cqrs_pg.migrate import head_revision
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload, WorkloadResult
-from tests.conftest import REPO, Database, make_root
+from tests.conftest import REPO, Database, make_root, outbox_count
 
 PROJECTIONS = ("order_summary", "customer_stats", "product_sales")
 NO_MISMATCH = dict.fromkeys(PROJECTIONS, 0)
@@ -101,10 +101,6 @@ def schemas(dsn: str) -> set[str]:
 
 def applied_counts(conn: psycopg.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
-
-
-def outbox_count(conn: psycopg.Connection) -> int:
-    return int(scalar(conn, "SELECT count(*) FROM cqrs.outbox"))
 
 
 def postgres_servers(fragment: str) -> list[str]:

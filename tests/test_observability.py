@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.metrics import NAMES, Metrics
-from tests.conftest import Database
+from tests.conftest import Database, outbox_count
 from tests.test_cli import (
     LOG_LINE,
     PROJECTIONS,
@@ -27,7 +27,6 @@ from tests.test_cli import (
     assert_one_line_error,
     cli,
     daemons,  # noqa: F401  (the fixture)
-    outbox_count,
     scalar,
     wait_until,
 )

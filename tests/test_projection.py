@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload
-from tests.conftest import Database
+from tests.conftest import Database, outbox_count
 
 NO_MISMATCH = {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
 
@@ -37,10 +37,6 @@ def running_daemon(db: Database, **overrides: object) -> Iterator[Listener]:
 
 def applied_counts(conn: psycopg.Connection) -> dict[str, int]:
     return dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
-
-
-def outbox_count(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]
 
 
 def seed(conn: psycopg.Connection) -> tuple[uuid.UUID, str]:

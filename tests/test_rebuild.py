@@ -13,8 +13,8 @@ from cqrs_pg.cli import main
 from cqrs_pg.rebuild import rebuild
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload, WorkloadResult
-from tests.conftest import Database
-from tests.test_projection import NO_MISMATCH, applied_counts, outbox_count, running_daemon
+from tests.conftest import Database, outbox_count
+from tests.test_projection import NO_MISMATCH, applied_counts, running_daemon
 
 
 class Reader(threading.Thread):

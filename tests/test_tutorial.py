@@ -17,8 +17,8 @@ from sqlalchemy import create_engine
 from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload
-from tests.conftest import REPO, Database
-from tests.projection_suite import INSTALL, NAME, SHOP_OK, TABLES, block, load_tutorial_handler, mismatches, outbox_count
+from tests.conftest import REPO, Database, outbox_count
+from tests.projection_suite import INSTALL, NAME, SHOP_OK, TABLES, block, load_tutorial_handler, mismatches
 from tests.test_projection import running_daemon
 from tests.test_readme import psql
 
