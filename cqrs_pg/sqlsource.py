@@ -2,13 +2,22 @@
 
 ``sql/manifest.txt`` lists the files of ``sql/`` in the order that builds the schema.
 A migration never runs ``sql/`` itself: it runs a frozen concatenation written when the
-migration was made (``python -m cqrs_pg.sqlsource freeze OUT``), whose SHA-256 the
-migration records, so later edits of ``sql/`` cannot change what an old migration does.
+migration was made, whose SHA-256 the migration records, so later edits of ``sql/`` cannot
+change what an old migration does.
+
+- 0001 froze the whole manifest: ``python -m cqrs_pg.sqlsource freeze OUT``.
+- Later migrations list their ``SOURCES`` (files of ``sql/`` that changed, and their own
+  hand-written steps such as ``ALTER TABLE``) and are frozen by
+  ``python -m cqrs_pg.sqlsource refreeze migrations/versions/NNNN_x.py``, which writes the
+  concatenation beside the migration and records its SHA-256 in it. Refreeze only a
+  migration that has not landed yet.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +36,59 @@ def build(root: Path = SQL_ROOT) -> str:
     """The whole schema as one SQL script, each file headed by its path."""
     parts = [f"-- sql/{path.relative_to(root)}\n{path.read_text().strip()}\n" for path in manifest(root)]
     return "\n".join(parts)
+
+
+def frozen_section(frozen: Path, name: str) -> str:
+    """The text of file ``name`` (e.g. ``sql/cqrs/functions/x.sql``) as frozen in ``frozen``."""
+    parts = re.split(r"^-- (sql/\S+)$", frozen.read_text(), flags=re.M)
+    sections = dict(zip(parts[1::2], parts[2::2]))
+    if name not in sections:
+        raise RuntimeError(f"{frozen.name} holds no {name}")
+    return sections[name].strip()
+
+
+def _source_text(entry: str) -> str:
+    """A SOURCES entry: a repository path, or ``NNNN_x.sql:sql/...`` for that file as an
+    earlier migration froze it (what a downgrade restores)."""
+    if ":" in entry:
+        frozen, name = entry.split(":", 1)
+        return frozen_section(REPO_ROOT / "migrations" / "versions" / frozen, name)
+    return (REPO_ROOT / entry).read_text().strip()
+
+
+def concatenate(entries: list[str]) -> str:
+    """SOURCES entries as one SQL script, each headed by its name."""
+    return "\n".join(f"-- {entry}\n{_source_text(entry)}\n" for entry in entries)
+
+
+def _set_constant(source: str, name: str, value: str, where: Path) -> str:
+    updated, count = re.subn(rf'^{name} = ".*"$', f'{name} = "{value}"', source, flags=re.M)
+    if count != 1:
+        raise RuntimeError(f'{where}: expected one {name} = "..." line')
+    return updated
+
+
+def refreeze(migration: Path) -> list[str]:
+    """Write ``migration``'s frozen SQL (FROZEN from SOURCES, and FROZEN_DOWNGRADE from
+    DOWNGRADE_SOURCES if it has them) and record their hashes in it."""
+    spec = importlib.util.spec_from_file_location(f"_migration_{migration.stem}", migration)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    source = migration.read_text()
+    digests = []
+    for sources, frozen, constant in (
+        ("SOURCES", "FROZEN", "FROZEN_SHA256"),
+        ("DOWNGRADE_SOURCES", "FROZEN_DOWNGRADE", "FROZEN_DOWNGRADE_SHA256"),
+    ):
+        if not hasattr(module, sources):
+            continue
+        text = concatenate(getattr(module, sources))
+        Path(getattr(module, frozen)).write_text(text)
+        digests.append(sha256(text))
+        source = _set_constant(source, constant, digests[-1], migration)
+    migration.write_text(source)
+    return digests
 
 
 def sha256(text: str) -> str:
@@ -49,8 +111,12 @@ def run_frozen(op: Any, path: Path, expected_sha256: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "refreeze":
+        print(f"{argv[1]}: sha256 {', '.join(refreeze(Path(argv[1])))}")
+        return 0
     if len(argv) != 2 or argv[0] != "freeze":
-        print("usage: python -m cqrs_pg.sqlsource freeze OUT.sql", file=sys.stderr)
+        print("usage: python -m cqrs_pg.sqlsource freeze OUT.sql\n"
+              "       python -m cqrs_pg.sqlsource refreeze migrations/versions/NNNN_x.py", file=sys.stderr)
         return 2
     text = build()
     Path(argv[1]).write_text(text)

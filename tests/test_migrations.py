@@ -82,6 +82,18 @@ def test_migrated_schema_equals_sql_source(cluster: DevCluster, db: Database, em
         assert migrated.execute(registry).fetchall() == built.execute(registry).fetchall()
 
 
+def test_downgrade_to_each_revision_equals_that_revision_built_directly(
+    cluster: DevCluster, db: Database, empty_db: Database
+) -> None:
+    """Every later revision undoes itself exactly: head downgraded to 0001 has the schema
+    that 0001's frozen SQL builds on its own."""
+    migrate(db.dsn, "0001")
+    with empty_db.connect() as conn:
+        conn.execute((REPO / "migrations" / "versions" / "0001_initial.sql").read_text())
+    assert schema_dump(cluster, db.name) == schema_dump(cluster, empty_db.name)
+    assert migrate(db.dsn) == ("0001", head_revision())
+
+
 def test_frozen_sql_of_a_landed_migration_cannot_be_edited(tmp_path: pytest.TempPathFactory) -> None:
     frozen = REPO / "migrations" / "versions" / "0001_initial.sql"
     copy = tmp_path / "0001_initial.sql"  # type: ignore[operator]

@@ -1,0 +1,2 @@
+-- 0002, last: grants and data changes after the new definitions.
+SELECT 1;
