@@ -49,10 +49,12 @@ def frozen_section(frozen: Path, name: str) -> str:
 
 def _source_text(entry: str) -> str:
     """A SOURCES entry: a repository path, or ``NNNN_x.sql:sql/...`` for that file as an
-    earlier migration froze it (what a downgrade restores)."""
+    earlier migration froze it (what a downgrade restores). Restored functions are
+    created OR REPLACE, keeping their grants, as the revision being undone did."""
     if ":" in entry:
         frozen, name = entry.split(":", 1)
-        return frozen_section(REPO_ROOT / "migrations" / "versions" / frozen, name)
+        text = frozen_section(REPO_ROOT / "migrations" / "versions" / frozen, name)
+        return re.sub(r"^CREATE FUNCTION ", "CREATE OR REPLACE FUNCTION ", text, flags=re.M)
     return (REPO_ROOT / entry).read_text().strip()
 
 
