@@ -5,6 +5,10 @@ each call applies one batch and advances that projection's checkpoint in one
 transaction, so a daemon killed at any moment resumes exactly where it committed.
 A python projection's batch is claimed, handed to its registered handler and completed
 in one transaction too (cqrs_pg.projections.run_batch).
+
+One connection (the main thread) listens, beats the heart and watches the fence; each
+projection runs on a connection of its own, in a thread of its own, so a catch-up uses
+every core and one slow projection does not delay the others' next batch.
 See sql/cqrs/DESIGN.md, also for the wake-up protocol.
 """
 
@@ -16,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import psycopg
@@ -51,6 +56,10 @@ class ListenerConfig:
     # stream of commands never has to ring the doorbell at all.
     linger: float = 0.2
     linger_poll: float = 0.005
+    # While events keep coming, wait this long after a partial batch before the next
+    # poll: batches grow with the load instead of the daemon spinning on tiny ones, whose
+    # fixed cost (round trips, planning, a commit each) would compete with the commands.
+    batch_delay: float = 0.01
     refresh_interval: float = 1.0
     # Batches per projection before giving the others a turn.
     batches_per_turn: int = 10
@@ -68,11 +77,17 @@ class ListenerConfig:
 class Progress:
     applied: int = 0
     retry_after: float | None = None
+    # some projection stopped at a full batch: more is waiting right now
+    more: bool = False
 
-    def add(self, applied: int, retry_after: float | None) -> None:
+    def add(self, applied: int, retry_after: float | None, more: bool = False) -> None:
         self.applied += applied
+        self.more = self.more or more
         if retry_after is not None:
             self.retry_after = retry_after if self.retry_after is None else min(self.retry_after, retry_after)
+
+    def merge(self, other: Progress) -> None:
+        self.add(other.applied, other.retry_after, other.more)
 
 
 @dataclass
@@ -96,6 +111,10 @@ class Listener:
         # python projections: name -> search_path; those without a handler, logged once
         self._python: dict[str, str] = {}
         self._missing_handlers: set[str] = set()
+        # projection -> its connection (created on first use, dropped when it fails)
+        self._workers: dict[str, psycopg.Connection] = {}
+        self._pool = ThreadPoolExecutor(thread_name_prefix="projection")
+        self._count_lock = threading.Lock()
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -119,6 +138,8 @@ class Listener:
         try:
             self._run()
         finally:
+            self._close_workers()
+            self._pool.shutdown()
             self.metrics.close()
 
     def _run(self) -> None:
@@ -138,6 +159,7 @@ class Listener:
                     try:
                         self._serve(conn)
                     finally:
+                        self._close_workers()
                         self._leave(conn)
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
                 if not connected_once:
@@ -172,6 +194,8 @@ class Listener:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
                 last_event = now
+                if not progress.more:
+                    self._stop.wait(cfg.batch_delay)
                 continue
             timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
             if now - last_event < cfg.linger:
@@ -188,12 +212,31 @@ class Listener:
                 last_event = time.monotonic()
 
     def _run_all(self, conn: psycopg.Connection, names: list[str]) -> Progress:
+        """One turn of every projection, each on its own connection, in parallel."""
+        progress = Progress()
+        if len(names) == 1:
+            progress.merge(self._turn(names[0]))
+            return progress
+        futures = [self._pool.submit(self._turn, name) for name in names]
+        failure: BaseException | None = None
+        for future in futures:
+            try:
+                progress.merge(future.result())
+            except BaseException as exc:  # re-raised below, once every turn has ended
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return progress
+
+    def _turn(self, name: str) -> Progress:
+        """Up to batches_per_turn batches of one projection, on its own connection."""
         cfg = self.config
         progress = Progress()
-        for name in names:
+        conn = self._worker_conn(name)
+        try:
             for _ in range(cfg.batches_per_turn):
                 if self.stopping:
-                    return progress
+                    break
                 started = time.monotonic()
                 if name in self._python:
                     handler = handler_for(name)
@@ -209,9 +252,10 @@ class Listener:
                     ).fetchone()
                     assert row is not None
                     applied, more, busy, retry_after = row
-                progress.add(applied, retry_after)
+                progress.add(applied, retry_after, bool(more) and not busy)
                 if applied:
-                    self.applied_total += applied
+                    with self._count_lock:
+                        self.applied_total += applied
                     seconds = time.monotonic() - started
                     self.metrics.batch(name, applied, seconds)
                     logger.debug(
@@ -220,7 +264,28 @@ class Listener:
                     )
                 if not more or busy:
                     break
+        except BaseException:
+            self._close_worker(name)
+            raise
         return progress
+
+    def _worker_conn(self, name: str) -> psycopg.Connection:
+        conn = self._workers.get(name)
+        if conn is None or conn.closed:
+            conn = self._workers[name] = connect(self.config.dsn, application_name=f"cqrs-pg listen: {name}")
+        return conn
+
+    def _close_worker(self, name: str) -> None:
+        conn = self._workers.pop(name, None)
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def _close_workers(self) -> None:
+        for name in list(self._workers):
+            self._close_worker(name)
 
     def _no_handler(self, name: str) -> None:
         if name not in self._missing_handlers:
