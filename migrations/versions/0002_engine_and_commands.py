@@ -23,19 +23,65 @@ depends_on = None
 #   python -m cqrs_pg.sqlsource refreeze migrations/versions/0002_engine_and_commands.py
 SOURCES = [
     "migrations/versions/0002/before.sql",
+    "sql/cqrs/indexes/commands_created_at.sql",
+    "sql/cqrs/functions/_fail.sql",
+    "sql/cqrs/functions/_require_text.sql",
+    "sql/cqrs/functions/_begin_command.sql",
+    "sql/cqrs/functions/_finish_command.sql",
+    "sql/cqrs/functions/_ring_doorbell.sql",
+    "sql/cqrs/functions/capture_changes.sql",
+    "sql/cqrs/functions/batch.sql",
+    "sql/cqrs/functions/batch_unordered.sql",
+    "sql/cqrs/functions/_next_batch.sql",
+    "sql/cqrs/functions/run_projection.sql",
+    "sql/cqrs/functions/rebuild_begin.sql",
+    "sql/cqrs/functions/rebuild_step.sql",
+    "sql/cqrs/functions/rebuild_claim.sql",
+    "sql/cqrs/functions/rebuild_events.sql",
+    "sql/cqrs/functions/rebuild_complete.sql",
+    "sql/cqrs/functions/rebuild_finish.sql",
+    "sql/cqrs/functions/prune_receipts.sql",
+    "sql/shop/functions/_parse_order_lines.sql",
+    "sql/shop/functions/_close_order.sql",
+    "sql/shop/functions/rename_customer.sql",
+    "sql/shop/functions/place_order.sql",
+    "sql/shop_proj/functions/apply_order_summary.sql",
+    "sql/shop_proj/functions/apply_customer_stats.sql",
+    "sql/cqrs/privileges.sql",
+    "sql/privileges.sql",
     "migrations/versions/0002/after.sql",
+    "migrations/versions/0002/capture.sql",
 ]
 FROZEN = Path(__file__).with_name("0002_engine_and_commands.sql")
-FROZEN_SHA256 = "6fa80e08a5131414ce7407a56b26c99354d4a1eb67bc9e54ffcfe48dc575c90b"
+FROZEN_SHA256 = "4fc796d079240d0240ae6cde6f1822ea5a5b92143b9fd00ab1b21303364f31cd"
 
 
 # Back to 0001: undo this revision's own steps, then restore each changed file of sql/
 # as 0001 froze it ("0001_initial.sql:sql/...").
 DOWNGRADE_SOURCES = [
     "migrations/versions/0002/downgrade.sql",
+    "0001_initial.sql:sql/cqrs/functions/tg_capture.sql",
+    "0001_initial.sql:sql/cqrs/functions/capture_changes.sql",
+    "migrations/versions/0002/downgrade_capture.sql",
+    "0001_initial.sql:sql/cqrs/functions/batch.sql",
+    "0001_initial.sql:sql/cqrs/functions/_next_batch.sql",
+    "0001_initial.sql:sql/shop_proj/functions/apply_order_summary.sql",
+    "0001_initial.sql:sql/shop_proj/functions/apply_customer_stats.sql",
+    "0001_initial.sql:sql/cqrs/functions/run_projection.sql",
+    "0001_initial.sql:sql/cqrs/functions/rebuild_begin.sql",
+    "0001_initial.sql:sql/cqrs/functions/rebuild_step.sql",
+    "0001_initial.sql:sql/cqrs/functions/rebuild_finish.sql",
+    "0001_initial.sql:sql/cqrs/functions/_fail.sql",
+    "0001_initial.sql:sql/cqrs/functions/_require_text.sql",
+    "0001_initial.sql:sql/cqrs/functions/_begin_command.sql",
+    "0001_initial.sql:sql/cqrs/functions/_finish_command.sql",
+    "0001_initial.sql:sql/shop/functions/_parse_order_lines.sql",
+    "0001_initial.sql:sql/shop/functions/_close_order.sql",
+    "0001_initial.sql:sql/shop/functions/rename_customer.sql",
+    "0001_initial.sql:sql/shop/functions/place_order.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0002_engine_and_commands.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "7cf8f948125bb5e365339a535af3a053fddd93210687e35b8251a2b496941c47"
+FROZEN_DOWNGRADE_SHA256 = "ef19979e39560e4c06d9c3f3094aa10a718cb4230f8ceb8a49d929ca56880a4f"
 
 
 def upgrade() -> None:

@@ -1,9 +1,11 @@
 -- Finishes a rebuild in one transaction: with the projection's lock held (no daemon
--- applies it meanwhile), catches the shadow up with every event below the fence, then
--- replaces each live table by its shadow copy, grants included. Readers see the old
--- tables until commit and the new ones after: never an empty or half-built read model.
--- Returns the number of events the new tables were built from.
-CREATE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
+-- applies it meanwhile), catches the shadow up with every event below the fence (a sql
+-- projection, in batches of max_events; a python one's handler has done so earlier in
+-- this transaction: cqrs.rebuild_claim with final), then replaces each live table by its
+-- shadow copy, grants included. Readers see the old tables until commit and the new ones
+-- after: never an empty, half-built or older read model. Returns the number of events the
+-- new tables were built from.
+CREATE OR REPLACE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -13,13 +15,14 @@ DECLARE
     r cqrs.rebuilds;
     p cqrs.projections;
     fence xid8;
+    new_horizon xid8;
     b record;
     t regclass;
     fresh regclass;
     tbl record;
     grant_ record;
     old_indexes text[];
-    swapped regclass[] := '{}';
+    swapped regclass[] := '{}'::regclass[];
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
     SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection FOR UPDATE;
@@ -30,6 +33,7 @@ BEGIN
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     fence := pg_snapshot_xmin(pg_current_snapshot());
     LOOP
+        EXIT WHEN p.kind <> 'sql';
         SELECT * INTO b FROM cqrs._next_batch(r.last_tx, r.last_position, fence, max_events);
         EXIT WHEN b.end_tx IS NULL;
         PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
@@ -38,8 +42,19 @@ BEGIN
         r.last_position := b.end_position;
         r.applied_events := r.applied_events + b.n;
     END LOOP;
-    -- The shadow has now applied every event below the fence: all the live tables have,
-    -- and perhaps more.
+    -- Swapped in, the shadow must hold every event the live tables hold, and perhaps more.
+    IF (r.last_tx, r.last_position) < (p.last_tx, p.last_position) THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'the rebuild of projection %L has applied the log up to (%s, %s), the live tables up to (%s, %s): '
+            'catch it up in this transaction first (cqrs.rebuild_claim with final => true)',
+            projection, r.last_tx, r.last_position, p.last_tx, p.last_position));
+    END IF;
+    -- Every transaction below the new horizon must be wholly in the shadow: the fence,
+    -- unless a transaction below it has events after the shadow's checkpoint (one that
+    -- ended after a python catch-up's last look; the daemon applies it after the swap).
+    new_horizon := least(fence, (SELECT o.tx_id FROM cqrs.outbox o
+                              WHERE (o.tx_id, o.position) > (r.last_tx, r.last_position) AND o.tx_id < fence
+                              ORDER BY o.tx_id, o.position LIMIT 1));
 
     FOREACH t IN ARRAY p.tables LOOP
         SELECT c.relname, n.nspname, c.relacl, c.relowner INTO tbl
@@ -51,7 +66,14 @@ BEGIN
         EXECUTE format('ALTER TABLE %I.%I SET SCHEMA %I', r.shadow_schema, tbl.relname, tbl.nspname);
         fresh := format('%I.%I', tbl.nspname, tbl.relname)::regclass;
         FOR grant_ IN SELECT * FROM aclexplode(tbl.relacl) a WHERE a.grantee <> tbl.relowner LOOP
-            EXECUTE format('GRANT %s ON %s TO %s', grant_.privilege_type, fresh,
+            -- the privilege as a keyword from a fixed list, never text from elsewhere
+            EXECUTE format('GRANT %s ON %s TO %s',
+                           CASE grant_.privilege_type
+                               WHEN 'SELECT' THEN 'SELECT' WHEN 'INSERT' THEN 'INSERT'
+                               WHEN 'UPDATE' THEN 'UPDATE' WHEN 'DELETE' THEN 'DELETE'
+                               WHEN 'TRUNCATE' THEN 'TRUNCATE' WHEN 'REFERENCES' THEN 'REFERENCES'
+                               WHEN 'TRIGGER' THEN 'TRIGGER' END,
+                           fresh,
                            CASE WHEN grant_.grantee = 0 THEN 'PUBLIC'
                                 ELSE quote_ident(pg_get_userbyid(grant_.grantee)) END);
         END LOOP;
@@ -69,7 +91,7 @@ BEGIN
        SET last_tx = r.last_tx,
            last_position = r.last_position,
            applied_events = r.applied_events,
-           horizon = greatest(c.horizon, fence),
+           horizon = greatest(c.horizon, new_horizon),
            tables = swapped,
            updated_at = now()
      WHERE c.name = projection;

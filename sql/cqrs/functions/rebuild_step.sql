@@ -1,6 +1,7 @@
--- Applies the next batch of the event log to a rebuild's shadow tables, below the fence,
--- and advances the rebuild's own checkpoint. `more`: a full batch, call again.
-CREATE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
+-- Applies the next batch of the event log to a sql projection's rebuild's shadow tables,
+-- below the fence, and advances the rebuild's own checkpoint. `more`: a full batch, call
+-- again. (A python projection's handler applies its batches: cqrs.rebuild_claim.)
+CREATE OR REPLACE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
 RETURNS TABLE (applied bigint, more boolean)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -17,6 +18,11 @@ BEGIN
         PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF p.kind <> 'sql' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a %s projection: its handler applies the batches of its rebuild '
+            '(cqrs.rebuild_claim, cqrs.rebuild_events, cqrs.rebuild_complete)', projection, p.kind));
+    END IF;
     SELECT * INTO b
       FROM cqrs._next_batch(r.last_tx, r.last_position, pg_snapshot_xmin(pg_current_snapshot()), max_events);
     IF b.end_tx IS NULL THEN

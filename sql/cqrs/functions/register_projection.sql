@@ -4,7 +4,8 @@
 -- CONCURRENTLY when events of event_types (NULL: any) arrive; kind 'python' is applied by
 -- the daemon with a Python handler registered under the same name
 -- (cqrs_pg.projections.register), its unqualified table names resolved through
--- search_path, seeing only events of event_types (NULL: all). A new projection starts
+-- search_path, seeing only events of event_types (NULL: all), writing the tables listed
+-- in `tables` (what cqrs-pg rebuild rebuilds). A new projection starts
 -- from the first event.
 CREATE FUNCTION cqrs.register_projection(
     name text,

@@ -10,7 +10,7 @@
 -- pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so no
 -- event can later appear behind the checkpoint. A transaction that commits late is
 -- delayed, never skipped. See sql/cqrs/DESIGN.md.
-CREATE FUNCTION cqrs.run_projection(
+CREATE OR REPLACE FUNCTION cqrs.run_projection(
     projection text,
     max_events integer DEFAULT 10000,
     refresh_interval interval DEFAULT '1 second')
@@ -22,7 +22,7 @@ AS $$
 DECLARE
     p cqrs.projections;
     fence xid8;
-    n bigint := 0;
+    n bigint := 0::bigint;
     end_tx xid8;
     end_pos bigint;
     relevant boolean;

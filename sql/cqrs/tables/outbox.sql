@@ -1,4 +1,4 @@
--- The append-only event log, written only by cqrs.tg_capture in the command's transaction.
+-- The append-only event log, written only by the capture triggers (cqrs.capture_changes) in the command's transaction.
 -- position is taken at insert, not at commit, so readers never follow position alone:
 -- they read in (tx_id, position) order below the xmin fence (see cqrs.run_projection).
 CREATE TABLE cqrs.outbox (

@@ -9,7 +9,8 @@ CREATE TABLE cqrs.projections (
     event_types    text[],
     -- sql: the schemas its apply function finds its tables in, and the tables it owns
     -- (what cqrs-pg rebuild builds anew and swaps in); python: the schemas its handler's
-    -- unqualified table names resolve in, and (informative) the tables it writes
+    -- unqualified table names resolve in, and the tables it writes (what a rebuild copies
+    -- and swaps in, as for sql)
     search_path    text,
     tables         regclass[],
     last_tx        xid8 NOT NULL DEFAULT '0',

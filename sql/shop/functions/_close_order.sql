@@ -1,6 +1,6 @@
 -- Moves a placed order to its final status (cancelled gives the stock back). Shared by
 -- cancel_order and ship_order, which differ only in the status they set.
-CREATE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer, new_status text)
+CREATE OR REPLACE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer, new_status text)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -11,6 +11,9 @@ DECLARE
     r cqrs.receipt;
 BEGIN
     PERFORM cqrs._require_id('order_id', order_id);
+    IF expected_version IS NOT NULL THEN  -- versions start at 1
+        PERFORM cqrs._require_range('expected_version', expected_version, 1);
+    END IF;
     r := cqrs._begin_command(command_id, command,
                              jsonb_build_object('order_id', order_id, 'expected_version', expected_version));
     IF r.duplicate THEN

@@ -1,7 +1,7 @@
 -- Trims and lower-cases an email address; CQ001 unless it looks like local@domain.tld.
 -- Lower-cased with ICU's root collation, so the result does not depend on the database's
 -- locale (lower() under locale C leaves non-ASCII letters alone).
-CREATE FUNCTION shop._normalize_email(email text)
+CREATE OR REPLACE FUNCTION shop._normalize_email(email text)
 RETURNS text
 LANGUAGE plpgsql
 IMMUTABLE

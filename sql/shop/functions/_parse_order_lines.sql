@@ -1,6 +1,6 @@
 -- Validates place_order's lines: a JSON array of 1 to 100 {"sku": text, "quantity": integer > 0},
 -- each sku once. Returns them as two arrays in line order; CQ001 naming the first bad entry.
-CREATE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[])
+CREATE OR REPLACE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[])
 LANGUAGE plpgsql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -10,6 +10,7 @@ DECLARE
     i integer := 0;
     sku text;
     quantity numeric;
+    unknown text;
 BEGIN
     IF lines IS NULL THEN
         PERFORM cqrs._fail('CQ001', 'lines must not be null');
@@ -34,11 +35,17 @@ BEGIN
             PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a number, got %s',
                                                i, coalesce(left((line -> 'quantity')::text, 80), 'nothing')));
         END IF;
+        -- A misspelt or extra key ("qty", "price") is a mistake, not something to ignore.
+        SELECT k INTO unknown FROM jsonb_object_keys(line) k WHERE k NOT IN ('sku', 'quantity') LIMIT 1;
+        IF FOUND THEN
+            PERFORM cqrs._fail('CQ001', format('lines[%s] has an unknown key %L: only "sku" and "quantity" are allowed',
+                                               i, left(unknown, 40)));
+        END IF;
         sku := cqrs._require_text(format('lines[%s].sku', i), line ->> 'sku', 100);
         quantity := (line -> 'quantity')::numeric;
         IF quantity <> trunc(quantity) OR quantity < 1 OR quantity > 2147483647 THEN
             PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
-                                               i, quantity));
+                                               i, left((line -> 'quantity')::text, 40)));
         ELSIF sku = ANY (skus) THEN
             PERFORM cqrs._fail('CQ001', format('lines[%s]: sku %L appears more than once', i, sku));
         END IF;

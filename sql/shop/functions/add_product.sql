@@ -1,5 +1,5 @@
 -- Adds a product to the catalogue under a unique sku.
-CREATE FUNCTION shop.add_product(command_id uuid, sku text, name text, price_cents bigint, initial_stock integer)
+CREATE OR REPLACE FUNCTION shop.add_product(command_id uuid, sku text, name text, price_cents bigint, initial_stock integer)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER

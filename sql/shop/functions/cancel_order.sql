@@ -1,5 +1,5 @@
 -- Cancels a placed order and gives its stock back.
-CREATE FUNCTION shop.cancel_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
+CREATE OR REPLACE FUNCTION shop.cancel_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
 RETURNS cqrs.receipt
 LANGUAGE sql
 SECURITY DEFINER

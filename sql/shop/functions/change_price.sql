@@ -1,5 +1,5 @@
 -- Sets the price that future orders of a product capture.
-CREATE FUNCTION shop.change_price(command_id uuid, sku text, price_cents bigint)
+CREATE OR REPLACE FUNCTION shop.change_price(command_id uuid, sku text, price_cents bigint)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER

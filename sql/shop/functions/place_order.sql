@@ -1,5 +1,5 @@
 -- Places an order: takes the stock of every line and captures each product's current price.
-CREATE FUNCTION shop.place_order(command_id uuid, customer_id uuid, lines jsonb)
+CREATE OR REPLACE FUNCTION shop.place_order(command_id uuid, customer_id uuid, lines jsonb)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -10,6 +10,7 @@ DECLARE
     v_id uuid := gen_random_uuid();
     missing text;
     short record;
+    total numeric;
     r cqrs.receipt;
 BEGIN
     PERFORM cqrs._require_id('customer_id', customer_id);
@@ -45,6 +46,16 @@ BEGIN
     IF FOUND THEN
         PERFORM cqrs._fail('CQ003', format('not enough stock of sku %L: %s ordered, %s in stock',
                                            short.sku, short.quantity, short.stock));
+    END IF;
+
+    -- Read models sum quantity * unit_price_cents in bigint: an order they cannot total
+    -- would stop every projection, so it is refused here.
+    SELECT sum(l.quantity::numeric * p.price_cents) INTO total
+      FROM unnest(parsed.skus, parsed.quantities) AS l(sku, quantity)
+      JOIN shop.products p ON p.sku = l.sku;
+    IF total > 9223372036854775807 THEN
+        PERFORM cqrs._fail('CQ003', format('order total of %s cents exceeds the largest allowed, 9223372036854775807',
+                                           total));
     END IF;
 
     UPDATE shop.products p

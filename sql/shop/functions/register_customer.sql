@@ -1,5 +1,5 @@
 -- Registers a customer under a unique (case-insensitive) email address.
-CREATE FUNCTION shop.register_customer(command_id uuid, email text, name text)
+CREATE OR REPLACE FUNCTION shop.register_customer(command_id uuid, email text, name text)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER

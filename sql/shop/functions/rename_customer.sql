@@ -1,5 +1,5 @@
 -- Gives a customer a new name.
-CREATE FUNCTION shop.rename_customer(command_id uuid, customer_id uuid, name text, expected_version integer DEFAULT NULL)
+CREATE OR REPLACE FUNCTION shop.rename_customer(command_id uuid, customer_id uuid, name text, expected_version integer DEFAULT NULL)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -11,6 +11,9 @@ DECLARE
     r cqrs.receipt;
 BEGIN
     PERFORM cqrs._require_id('customer_id', customer_id);
+    IF expected_version IS NOT NULL THEN  -- versions start at 1
+        PERFORM cqrs._require_range('expected_version', expected_version, 1);
+    END IF;
     r := cqrs._begin_command(command_id, 'rename_customer',
                              jsonb_build_object('customer_id', customer_id, 'name', name,
                                                 'expected_version', expected_version));

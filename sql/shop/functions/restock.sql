@@ -1,5 +1,5 @@
 -- Adds quantity units to a product's stock.
-CREATE FUNCTION shop.restock(command_id uuid, sku text, quantity integer)
+CREATE OR REPLACE FUNCTION shop.restock(command_id uuid, sku text, quantity integer)
 RETURNS cqrs.receipt
 LANGUAGE plpgsql
 SECURITY DEFINER

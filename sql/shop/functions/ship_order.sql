@@ -1,5 +1,5 @@
 -- Ships a placed order.
-CREATE FUNCTION shop.ship_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
+CREATE OR REPLACE FUNCTION shop.ship_order(command_id uuid, order_id uuid, expected_version integer DEFAULT NULL)
 RETURNS cqrs.receipt
 LANGUAGE sql
 SECURITY DEFINER

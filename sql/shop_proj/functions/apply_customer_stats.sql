@@ -8,7 +8,7 @@
 -- are parameters, and a generic plan cannot estimate the batch from them.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
-CREATE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+CREATE OR REPLACE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -18,7 +18,7 @@ DECLARE
 BEGIN
     WITH e AS MATERIALIZED (
         SELECT e.event_type, e.aggregate_id, e.aggregate_version, e.payload
-          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
                                 'order_line.created')),
     cu AS (

@@ -1,6 +1,8 @@
--- Applies one batch of events to order_summary, set-based, in two statements:
+-- Applies one batch of events to order_summary, set-based, in three statements:
 -- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
---    into the private copy and their orders renamed;
+--    into the private copy, and then their orders renamed, by index: the renamed
+--    customers pass as arrays, whose size the planner sees (joined to the upsert's
+--    RETURNING, a guessed size, the update scanned all of order_summary);
 -- 2. per order in the batch, one group holds its latest state and its new lines, so an
 --    order's row is written once: upserted with its state (applied only over an older
 --    version) plus its lines, or, lines only, updated.
@@ -9,17 +11,21 @@
 -- are parameters, and a generic plan cannot estimate the batch from them.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
-CREATE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+CREATE OR REPLACE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
 AS $$
+DECLARE
+    renamed uuid[];
+    names text[];
+    emails text[];
 BEGIN
     WITH bc AS MATERIALIZED (
         SELECT DISTINCT ON (e.aggregate_id)
                e.aggregate_id AS customer_id, e.payload ->> 'name' AS name, e.payload ->> 'email' AS email,
                e.aggregate_version AS version
-          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated')
          ORDER BY e.aggregate_id, e.aggregate_version DESC),
     cu AS (
@@ -29,12 +35,18 @@ BEGIN
            SET name = excluded.name, email = excluded.email, version = excluded.version
          WHERE c.version < excluded.version
         RETURNING c.customer_id, c.name, c.email)
+    SELECT array_agg(cu.customer_id), array_agg(cu.name), array_agg(cu.email)
+      INTO renamed, names, emails
+      FROM cu;
+
     -- Orders placed before their customer's event was applied get the name here too.
-    UPDATE order_summary s
-       SET customer_name = cu.name, customer_email = cu.email
-      FROM cu
-     WHERE s.customer_id = cu.customer_id
-       AND (s.customer_name, s.customer_email) IS DISTINCT FROM (cu.name, cu.email);
+    IF renamed IS NOT NULL THEN
+        UPDATE order_summary s
+           SET customer_name = cu.name, customer_email = cu.email
+          FROM unnest(renamed, names, emails) AS cu(customer_id, name, email)
+         WHERE s.customer_id = cu.customer_id
+           AND (s.customer_name, s.customer_email) IS DISTINCT FROM (cu.name, cu.email);
+    END IF;
 
     WITH o AS MATERIALIZED (
         SELECT e.aggregate_id AS order_id,
@@ -46,7 +58,7 @@ BEGIN
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS item_count,
                coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
-          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
          WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
          GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).

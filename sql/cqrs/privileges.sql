@@ -1,0 +1,32 @@
+-- Least privilege for the cqrs core: no function is executable by PUBLIC; each group role
+-- gets only what its users need. SECURITY DEFINER functions do the rest as the owner.
+-- An application's own grants (its commands to cqrs_writer, its read tables to
+-- cqrs_reader) come after this, in its own privileges file (the shop's: sql/privileges.sql).
+REVOKE ALL ON SCHEMA cqrs FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cqrs FROM PUBLIC;
+
+-- cqrs_writer: the receipt type that commands return (USAGE, no function, no table).
+GRANT USAGE ON SCHEMA cqrs TO cqrs_writer;
+
+-- cqrs_reader: read-your-writes.
+GRANT USAGE ON SCHEMA cqrs TO cqrs_reader;
+GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
+
+-- cqrs_listener: what the daemon calls, and the list of projections it runs. A python
+-- projection's handler writes its tables as this role: grant those with the projection.
+-- prune_receipts: an operator's cron job may run as the daemon's role.
+GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
+GRANT SELECT ON cqrs.projections TO cqrs_listener;
+GRANT EXECUTE ON FUNCTION
+    cqrs.run_projection(text, integer, interval),
+    cqrs.claim_batch(text, integer),
+    cqrs.batch_events(text, xid8, bigint, xid8, bigint),
+    cqrs.complete_batch(text, xid8, bigint, bigint, xid8, integer),
+    cqrs.listener_heartbeat(text, boolean, interval),
+    cqrs.listener_exit(text),
+    cqrs.projection_status(),
+    cqrs.fence_blockers(),
+    cqrs.fence_status(),
+    cqrs.caught_up(bigint, text),
+    cqrs.prune_receipts(interval, integer)
+TO cqrs_listener;
