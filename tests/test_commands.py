@@ -14,6 +14,8 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from cqrs_pg.projections import Event
+
 if TYPE_CHECKING:
     from conftest import Database
 
@@ -83,7 +85,14 @@ def fails(conn: psycopg.Connection, command: str, command_id: uuid.UUID | None, 
 
 
 def counts(conn: psycopg.Connection) -> dict[str, int]:
-    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ALL_TABLES}
+    """Rows in every table and materialized view of our schemas (the outbox and
+    cqrs.commands included)."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname IN ('cqrs', 'shop', 'shop_read', 'shop_proj') AND c.relkind IN ('r', 'p', 'm')"
+        " ORDER BY 1").fetchall()]
+    assert set(ALL_TABLES) <= set(tables)
+    return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
 
 
 def state(conn: psycopg.Connection) -> dict[str, list[str]]:
@@ -120,23 +129,12 @@ def order_lines(conn: psycopg.Connection, order_id: uuid.UUID) -> list[tuple[int
     ).fetchall()
 
 
-@dataclass
-class Event:
-    event_type: str
-    aggregate_type: str
-    aggregate_id: uuid.UUID
-    aggregate_version: int
-    payload: dict[str, Any]
-    metadata: dict[str, Any]
-    tx_id: int
-
-
 def events(conn: psycopg.Connection, receipt: Receipt) -> list[Event]:
     """The events of one command, in position order; checks they all belong to its
     transaction (tx_id = token) and carry its command_id."""
     rows = conn.execute(
-        "SELECT event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,"
-        "       tx_id::text::bigint"
+        "SELECT position, tx_id::text::bigint, event_type, aggregate_type, aggregate_id, aggregate_version,"
+        "       payload, metadata, occurred_at"
         "  FROM cqrs.outbox WHERE metadata->>'command_id' = %s ORDER BY position",
         (str(receipt.command_id),),
     ).fetchall()
@@ -431,6 +429,7 @@ def make_world(conn: psycopg.Connection) -> World:
     run(conn, "ship_order", shipped.aggregate_id, None)
     cancelled = run(conn, "place_order", cust.aggregate_id, [line("SKU-A", 1)])
     run(conn, "cancel_order", cancelled.aggregate_id, None)
+    run(conn, "add_product", "SKU-BIG", "Priceless", 2**62, 10)
     # SKU-A: stock 4, SKU-B: stock 1
     return World(cust.aggregate_id, cust.command_id, placed.aggregate_id, placed.command_id,
                  shipped.aggregate_id, cancelled.aggregate_id)
@@ -453,25 +452,38 @@ def case(sqlstate: str, label: str, build: Callable[[World], Bad], marks: Any = 
 
 
 NAME_201 = "Z" * 201
+INJECTION = "x'); DROP TABLE shop.products; --"
 LINES_101 = [line(f"S{i}", 1) for i in range(101)]
 
+# Valid arguments of each command (after command_id) in the World, with the names of the
+# arguments that must not be NULL: a NULL in each of them is a case of its own.
+VALID: dict[str, tuple[Callable[[World], tuple[Any, ...]], tuple[str | None, ...]]] = {
+    "register_customer": (lambda w: ("new@example.com", "New"), ("email", "name")),
+    "rename_customer": (lambda w: (w.customer_id, "New", None), ("customer_id", "name", None)),
+    "add_product": (lambda w: ("SKU-N", "New", 1, 1), ("sku", "name", "price_cents", "initial_stock")),
+    "restock": (lambda w: ("SKU-A", 1), ("sku", "quantity")),
+    "change_price": (lambda w: ("SKU-A", 1), ("sku", "price_cents")),
+    "place_order": (lambda w: (w.customer_id, [line("SKU-A", 1)]), ("customer_id", "lines")),
+    "cancel_order": (lambda w: (w.placed, None), ("order_id", None)),
+    "ship_order": (lambda w: (w.placed, None), ("order_id", None)),
+}
+
+
+def with_null(args: tuple[Any, ...], position: int) -> tuple[Any, ...]:
+    return args[:position] + (None,) + args[position + 1:]
+
+
+NULL_CASES = [
+    *[case("CQ001", f"{cmd}-null-command_id",
+           lambda w, cmd=cmd, valid=valid: Bad(cmd, valid(w), ("command_id", "null"), null_command_id=True))
+      for cmd, (valid, _) in VALID.items()],
+    *[case("CQ001", f"{cmd}-null-{name}",
+           lambda w, cmd=cmd, valid=valid, i=i, name=name: Bad(cmd, with_null(valid(w), i), (name, "null")))
+      for cmd, (valid, names) in VALID.items() for i, name in enumerate(names) if name],
+]
+
 ERROR_CASES = [
-    # CQ001 — invalid arguments
-    *[
-        case("CQ001", f"{cmd}-null-command_id",
-             lambda w, cmd=cmd, args=args: Bad(cmd, args(w), ("command_id",), null_command_id=True))
-        for cmd, args in [
-            ("register_customer", lambda w: ("new@example.com", "New")),
-            ("rename_customer", lambda w: (w.customer_id, "New", None)),
-            ("add_product", lambda w: ("SKU-N", "New", 1, 1)),
-            ("restock", lambda w: ("SKU-A", 1)),
-            ("change_price", lambda w: ("SKU-A", 1)),
-            ("place_order", lambda w: (w.customer_id, [line("SKU-A", 1)])),
-            ("cancel_order", lambda w: (w.placed, None)),
-            ("ship_order", lambda w: (w.placed, None)),
-        ]
-    ],
-    case("CQ001", "register-null-name", lambda w: Bad("register_customer", ("n@example.com", None), ("name",))),
+    *NULL_CASES,
     case("CQ001", "register-blank-name",
         lambda w: Bad("register_customer", ("n@example.com", "   "), ("name", "'   '"))),
     case("CQ001", "register-whitespace-name",
@@ -485,8 +497,6 @@ ERROR_CASES = [
     case("CQ001", "register-email-no-tld",
         lambda w: Bad("register_customer", ("someone@localhost", "N"), ("someone@localhost",))),
     case("CQ001", "register-blank-email", lambda w: Bad("register_customer", ("   ", "N"), ("email",))),
-    case("CQ001", "register-null-email", lambda w: Bad("register_customer", (None, "N"), ("email",))),
-    case("CQ001", "rename-null-customer", lambda w: Bad("rename_customer", (None, "N", None), ("customer_id",))),
     case("CQ001", "rename-blank-name", lambda w: Bad("rename_customer", (w.customer_id, "", None), ("name", "''"))),
     case("CQ001", "rename-name-201",
         lambda w: Bad("rename_customer", (w.customer_id, NAME_201, None), ("201", NAME_201[:40]))),
@@ -496,13 +506,9 @@ ERROR_CASES = [
         lambda w: Bad("add_product", ("SKU-N", "N", -1, 1), ("price_cents", "-1"))),
     case("CQ001", "add_product-negative-stock",
         lambda w: Bad("add_product", ("SKU-N", "N", 1, -3), ("initial_stock", "-3"))),
-    case("CQ001", "add_product-null-price", lambda w: Bad("add_product", ("SKU-N", "N", None, 1), ("price_cents",))),
     case("CQ001", "restock-zero", lambda w: Bad("restock", ("SKU-A", 0), ("quantity", "0"))),
     case("CQ001", "restock-negative", lambda w: Bad("restock", ("SKU-A", -5), ("quantity", "-5"))),
     case("CQ001", "change_price-negative", lambda w: Bad("change_price", ("SKU-A", -7), ("price_cents", "-7"))),
-    case("CQ001", "place_order-null-customer",
-        lambda w: Bad("place_order", (None, [line("SKU-A", 1)]), ("customer_id",))),
-    case("CQ001", "place_order-lines-null", lambda w: Bad("place_order", (w.customer_id, None), ("lines",))),
     case("CQ001", "place_order-lines-object",
         lambda w: Bad("place_order", (w.customer_id, line("SKU-A", 1)), ("object", "SKU-A"))),
     case("CQ001", "place_order-lines-empty", lambda w: Bad("place_order", (w.customer_id, []), ("lines", "0"))),
@@ -527,8 +533,59 @@ ERROR_CASES = [
         lambda w: Bad("place_order", (w.customer_id, [{"sku": "SKU-A"}]), ("lines[1].quantity",))),
     case("CQ001", "place_order-quantity-too-big",
         lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", 2147483648)]), ("2147483648",))),
-    case("CQ001", "cancel-null-order", lambda w: Bad("cancel_order", (None, None), ("order_id",))),
-    case("CQ001", "ship-null-order", lambda w: Bad("ship_order", (None, None), ("order_id",))),
+    # over-long strings
+    case("CQ001", "register-email-321",
+        lambda w: Bad("register_customer", ("e" * 309 + "@example.com", "N"), ("email", "321", "e" * 40))),
+    case("CQ001", "add_product-sku-101",
+        lambda w: Bad("add_product", ("S" * 101, "N", 1, 1), ("sku", "101", "S" * 40))),
+    case("CQ001", "add_product-name-201",
+        lambda w: Bad("add_product", ("SKU-N", NAME_201, 1, 1), ("name", "201", NAME_201[:40]))),
+    case("CQ001", "restock-sku-101", lambda w: Bad("restock", ("S" * 101, 1), ("sku", "101"))),
+    case("CQ001", "change_price-sku-101", lambda w: Bad("change_price", ("S" * 101, 1), ("sku", "101"))),
+    case("CQ001", "place_order-sku-101",
+        lambda w: Bad("place_order", (w.customer_id, [line("S" * 101, 1)]), ("lines[1].sku", "101"))),
+    # blanks that [[:space:]] misses under some locales, and control characters
+    case("CQ001", "register-no-break-space-name",
+        lambda w: Bad("register_customer", ("n@example.com", "\u00a0\u00a0"), ("name", "blank"))),
+    case("CQ001", "add_product-ideographic-space-sku",
+        lambda w: Bad("add_product", ("\u3000\u200b\ufeff", "N", 1, 1), ("sku", "blank"))),
+    case("CQ001", "rename-control-character",
+        lambda w: Bad("rename_customer", (w.customer_id, "Bob\nDROP", None), ("name", "U+000A", "position 4"))),
+    case("CQ001", "add_product-escape-sequence",
+        lambda w: Bad("add_product", ("SKU-N", "\x1b[31mRed", 1, 1), ("name", "U+001B", "position 1"))),
+    # numbers out of range
+    case("CQ001", "rename-expected-version-0",
+        lambda w: Bad("rename_customer", (w.customer_id, "N", 0), ("expected_version", "0"))),
+    case("CQ001", "cancel-expected-version-negative",
+        lambda w: Bad("cancel_order", (w.placed, -1), ("expected_version", "-1"))),
+    case("CQ001", "ship-expected-version-min-int",
+        lambda w: Bad("ship_order", (w.placed, -2147483648), ("expected_version", "-2147483648"))),
+    case("CQ001", "add_product-min-bigint-price",
+        lambda w: Bad("add_product", ("SKU-N", "N", -9223372036854775808, 1), ("price_cents", "-9223372036854775808"))),
+    case("CQ001", "restock-min-int",
+        lambda w: Bad("restock", ("SKU-A", -2147483648), ("quantity", "-2147483648"))),
+    # malformed lines
+    case("CQ001", "place_order-lines-string",
+        lambda w: Bad("place_order", (w.customer_id, Jsonb("SKU-A")), ("lines", "string", "SKU-A"))),
+    case("CQ001", "place_order-lines-number",
+        lambda w: Bad("place_order", (w.customer_id, Jsonb(3)), ("lines", "number", "3"))),
+    case("CQ001", "place_order-lines-json-null",
+        lambda w: Bad("place_order", (w.customer_id, Jsonb(None)), ("lines", "null"))),
+    case("CQ001", "place_order-line-null",
+        lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", 1), None]), ("lines[2]", "null"))),
+    case("CQ001", "place_order-sku-number",
+        lambda w: Bad("place_order", (w.customer_id, [line(42, 1)]), ("lines[1].sku", "42"))),
+    case("CQ001", "place_order-quantity-bool",
+        lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", True)]), ("lines[1].quantity", "true"))),
+    case("CQ001", "place_order-quantity-json-null",
+        lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", None)]), ("lines[1].quantity", "null"))),
+    case("CQ001", "place_order-quantity-1e20",
+        lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", 1e20)]), ("lines[1].quantity", "100000000000000000000"))),
+    case("CQ001", "place_order-unknown-key",
+        lambda w: Bad("place_order", (w.customer_id, [{"sku": "SKU-A", "quantity": 1, "unit_price_cents": 0}]),
+                      ("lines[1]", "unit_price_cents"))),
+    case("CQ001", "place_order-misspelt-key",
+        lambda w: Bad("place_order", (w.customer_id, [{"sku": "SKU-A", "qty": 1}]), ("lines[1].quantity",))),
     # CQ002 — unknown references
     case("CQ002", "rename-unknown-customer", lambda w: Bad("rename_customer", (UNKNOWN, "N", None), (str(UNKNOWN),))),
     case("CQ002", "place_order-unknown-customer",
@@ -538,6 +595,11 @@ ERROR_CASES = [
     case("CQ002", "place_order-unknown-sku",
         lambda w: Bad("place_order", (w.customer_id, [line("SKU-A", 1), line("NOPE-3", 1)]), ("NOPE-3",))),
     case("CQ002", "cancel-unknown-order", lambda w: Bad("cancel_order", (UNKNOWN, None), (str(UNKNOWN),))),
+    case("CQ002", "restock-injection-sku", lambda w: Bad("restock", (INJECTION, 1), (INJECTION.replace("'", "''"),))),
+    case("CQ002", "place_order-injection-sku",
+        lambda w: Bad("place_order", (w.customer_id, [line(INJECTION, 1)]), (INJECTION.replace("'", "''"),))),
+    case("CQ002", "place_order-sku-case-differs",
+        lambda w: Bad("place_order", (w.customer_id, [line("sku-a", 1)]), ("sku-a",))),
     case("CQ002", "ship-unknown-order", lambda w: Bad("ship_order", (UNKNOWN, None), (str(UNKNOWN),))),
     # CQ003 — business rules
     case("CQ003", "email-taken-other-case",
@@ -549,6 +611,11 @@ ERROR_CASES = [
     case("CQ003", "cancel-cancelled", lambda w: Bad("cancel_order", (w.cancelled, None), (str(w.cancelled),))),
     case("CQ003", "ship-cancelled", lambda w: Bad("ship_order", (w.cancelled, None), (str(w.cancelled), "cancelled"))),
     case("CQ003", "ship-shipped", lambda w: Bad("ship_order", (w.shipped, None), (str(w.shipped),))),
+    case("CQ003", "restock-overflows-stock",
+        lambda w: Bad("restock", ("SKU-A", 2147483647), ("SKU-A", "2147483647", "4 + 2147483647"))),
+    case("CQ003", "order-total-overflows",
+        lambda w: Bad("place_order", (w.customer_id, [line("SKU-BIG", 2)]), ("9223372036854775808",))),
+    case("CQ003", "sku-taken-after-trim", lambda w: Bad("add_product", ("\u00a0SKU-A\t", "Other", 1, 1), ("SKU-A",))),
     # CQ004 — expected_version
     case("CQ004", "rename-wrong-version",
         lambda w: Bad("rename_customer", (w.customer_id, "N", 42), (str(w.customer_id), "42"))),
@@ -657,6 +724,44 @@ def test_documented_error(
         assert needle in message, f"{needle!r} not in {message!r}"
     assert counts(conn) == before_counts
     assert state(conn) == before
+
+
+def test_error_matrix_covers_the_issue() -> None:
+    """At least 40 bad calls, every command among them, every documented SQLSTATE."""
+    assert len(ERROR_CASES) >= 40
+    assert {p.values[0] for p in ERROR_CASES} == {"CQ001", "CQ002", "CQ003", "CQ004", "CQ005"}
+    world = World(*(uuid.uuid4() for _ in range(6)))
+    assert {p.values[1](world).command for p in ERROR_CASES} == set(SIGNATURES)
+
+
+def test_sql_lookalikes_are_stored_literally(scratch_conn: psycopg.Connection) -> None:
+    """Valid strings that look like SQL, format() directives or dollar quotes are data:
+    stored, returned and put in events exactly as sent."""
+    conn = scratch_conn
+    tag = uuid.uuid4().hex[:8]
+    name = "Robert'); DROP TABLE shop.customers; --"
+    email = f"o'reilly+{tag}@example.com"
+    sku = f"'; DELETE FROM cqrs.outbox; -- {tag}"
+    product_name = "%s %I %L $1 $$ \\x41 E'\\n' \"quoted\""
+    new_name = "$$; SELECT pg_sleep(10); $$"
+    before = counts(conn)
+
+    reg = run(conn, "register_customer", email, name)
+    add = run(conn, "add_product", sku, product_name, 1, 5)
+    placed = run(conn, "place_order", reg.aggregate_id, [line(sku, 2)])
+    run(conn, "rename_customer", reg.aggregate_id, new_name, None)
+
+    c, p = customer(conn, reg.aggregate_id), product(conn, sku)
+    assert (c["email"], c["name"]) == (email, new_name)
+    assert (p["id"], p["name"], p["stock"]) == (add.aggregate_id, product_name, 3)
+    assert order_lines(conn, placed.aggregate_id) == [(1, add.aggregate_id, 2, 1)]
+    assert events(conn, reg)[0].payload["name"] == name
+    assert events(conn, add)[0].payload["sku"] == sku
+    after = counts(conn)
+    assert after["shop.customers"] == before["shop.customers"] + 1
+    assert after["shop.products"] == before["shop.products"] + 1
+    assert after["cqrs.commands"] == before["cqrs.commands"] + 4
+    assert after["cqrs.outbox"] > before["cqrs.outbox"]
 
 
 def test_failed_command_id_is_not_used_up(scratch_conn: psycopg.Connection) -> None:
@@ -788,7 +893,9 @@ def test_outbox_failure_undoes_cancel_order(conn: psycopg.Connection) -> None:
 def test_outbox_triggers_exist(scratch_conn: psycopg.Connection) -> None:
     rows = scratch_conn.execute(
         "SELECT c.oid::regclass::text, count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
-        " WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND t.tgfoid = 'cqrs.tg_capture'::regproc"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'"
+        "   AND t.tgfoid = format('cqrs.%I()', '_capture_' || n.nspname || '_' || c.relname)::regprocedure"
         " GROUP BY 1 ORDER BY 1"
     ).fetchall()
     assert rows == [(t, 3) for t in sorted(WRITE_TABLES)]

@@ -1,0 +1,166 @@
+"""The cqrs core in a database of your own: what your alembic migration calls to install it.
+
+The core is the schema ``cqrs`` — the outbox and its capture triggers
+(``cqrs.capture_changes``), receipts and the command helpers (``cqrs._begin_command``,
+``cqrs._finish_command``, ``cqrs._require_*``, ``cqrs._check_version``, ``cqrs._fail``),
+projections and the daemon's functions — with the three group roles and their grants on
+it, and without the shop example. ``cqrs-pg migrate`` installs the core together with the
+shop; your project installs only the core, from its own migration::
+
+    from cqrs_pg import core
+
+    def upgrade():
+        core.install(op, "0002")
+
+    def downgrade():
+        core.uninstall(op)
+
+Each core version is frozen SQL shipped with this package
+(``migrations/versions/NNNN_*.core.sql``, checked by SHA-256), named after the cqrs_pg
+migration that froze it, so a migration that installs version "0002" keeps its meaning
+whatever cqrs_pg release runs it. A later version ships the steps from the one before it;
+``core.upgrade(op, "0002", "0003")`` runs them in a later migration of yours.
+
+Maintainers: ``python -m cqrs_pg.core freeze`` rewrites the newest version's file from
+``sql/`` (the manifest's core files, in order) and records its hash here — only while that
+version has not been released, as for migrations.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from cqrs_pg import sqlsource
+
+# Version -> (frozen file in migrations/versions, its SHA-256). The first is a whole
+# install; each later one upgrades from the version before it.
+VERSIONS: dict[str, tuple[str, str]] = {
+    "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
+}
+LATEST = list(VERSIONS)[-1]
+
+
+def is_core(path: str) -> bool:
+    """A manifest entry (relative to sql/) that belongs to the core."""
+    return path == "roles.sql" or path.startswith("cqrs/")
+
+
+def build(root: Path = sqlsource.SQL_ROOT) -> str:
+    """The core as sql/ defines it now: the manifest's core files, in order."""
+    return "\n".join(
+        f"-- sql/{path.relative_to(root)}\n{path.read_text().strip()}\n"
+        for path in sqlsource.manifest(root)
+        if is_core(str(path.relative_to(root)))
+    )
+
+
+def _versions_dir() -> Path:
+    from cqrs_pg.migrate import migrations_dir
+
+    return migrations_dir() / "versions"
+
+
+def frozen_sql(version: str) -> str:
+    """The frozen SQL of one core version, refusing a file edited after it was frozen."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown cqrs core version {version!r}: this cqrs_pg ships {', '.join(VERSIONS)}")
+    name, expected = VERSIONS[version]
+    text = (_versions_dir() / name).read_text()
+    actual = sqlsource.sha256(text)
+    if actual != expected:
+        raise RuntimeError(f"{name} was edited after it was frozen (sha256 {actual}, expected {expected})")
+    return text
+
+
+def _execute(target: Any, text: str) -> None:
+    """Runs SQL through the raw driver connection: SQLAlchemy's text() would read ':name'
+    inside it as a bind. target: alembic's ``op`` or a psycopg connection."""
+    if isinstance(target, psycopg.Connection):
+        target.execute(text.encode())  # bytes: sent as is, several statements at once
+        return
+    with target.get_bind().connection.dbapi_connection.cursor() as cur:
+        cur.execute(text)
+
+
+def _steps(after: str | None, to: str) -> list[str]:
+    names = list(VERSIONS)
+    for version in (after, to):
+        if version is not None and version not in VERSIONS:
+            raise ValueError(f"unknown cqrs core version {version!r}: this cqrs_pg ships {', '.join(names)}")
+    start = 0 if after is None else names.index(after) + 1
+    if start > names.index(to) + 1:  # from == to: nothing to run
+        raise ValueError(f"cannot upgrade the cqrs core from {after} to the older {to}")
+    return names[start : names.index(to) + 1]
+
+
+def install(target: Any, version: str) -> None:
+    """Installs the cqrs core at ``version`` into a database that has none: schema cqrs,
+    the roles cqrs_writer, cqrs_reader and cqrs_listener (kept if they exist: roles are
+    cluster-wide), and their grants. Run it as the role that will own your commands."""
+    for step in _steps(None, version):
+        _execute(target, frozen_sql(step))
+
+
+def upgrade(target: Any, from_version: str, to_version: str) -> None:
+    """Upgrades an installed core from one version to a later one."""
+    for step in _steps(from_version, to_version):
+        _execute(target, frozen_sql(step))
+
+
+UNINSTALL = """
+DROP SCHEMA IF EXISTS cqrs CASCADE;
+-- Roles are cluster-wide: keep one that another database still uses.
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['cqrs_writer', 'cqrs_reader', 'cqrs_listener'] LOOP
+        BEGIN
+            EXECUTE format('DROP ROLE IF EXISTS %I', r);
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            RAISE NOTICE 'role % is still used: kept', r;
+        END;
+    END LOOP;
+END
+$$;
+"""
+
+
+def uninstall(target: Any) -> None:
+    """Removes the core: schema cqrs with everything in it (drop your own objects that
+    use it first: CASCADE would take your capture triggers and your commands' return
+    type with it), and the roles where no other database uses them."""
+    _execute(target, UNINSTALL)
+
+
+def freeze() -> str:
+    """Writes the newest version's frozen file from sql/ and records its hash here."""
+    name, _ = VERSIONS[LATEST]
+    text = build()
+    (sqlsource.REPO_ROOT / "migrations" / "versions" / name).write_text(text)
+    digest = sqlsource.sha256(text)
+    here = Path(__file__)
+    source = here.read_text()
+    line = f'    "{LATEST}": ("{name}", "'
+    start = source.index(line) + len(line)
+    here.write_text(source[:start] + digest + source[start + 64 :])
+    return digest
+
+
+def main(argv: list[str]) -> int:
+    if argv == ["freeze"]:
+        print(f"cqrs core {LATEST}: sha256 {freeze()}")
+        return 0
+    if len(argv) == 2 and argv[0] == "sql":
+        sys.stdout.write(frozen_sql(argv[1]))  # for psql users: python -m cqrs_pg.core sql 0002 | psql
+        return 0
+    print("usage: python -m cqrs_pg.core freeze\n       python -m cqrs_pg.core sql VERSION", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,174 @@
+"""docs/adding-an-aggregate.md runs: in an empty database, its alembic migration installs
+the cqrs core (only the core) and its aggregate; a login member of cqrs_writer calls the
+commands as shown (through psql), gets the errors its table lists, and the events land in
+the outbox. Also: the core that cqrs_pg ships equals what sql/ defines."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+from sqlalchemy import create_engine
+
+from cqrs_pg import core, errors
+from cqrs_pg.commands import CommandClient
+from cqrs_pg.devcluster import DevCluster
+from tests.conftest import REPO, Database, new_database
+from tests.test_migrations import schema_dump
+from tests.test_readme import psql
+
+DOC = REPO / "docs" / "adding-an-aggregate.md"
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def block(name: str) -> str:
+    blocks = dict(re.findall(r"<!-- aggregate: ([\w ]+?) -->\n```(?:sql|python)\n(.*?)```", DOC.read_text(), re.S))
+    assert name in blocks, f"docs/adding-an-aggregate.md lost its '{name}' block"
+    return blocks[name]
+
+
+def error_table() -> list[tuple[str, re.Pattern[str]]]:
+    """The doc's table of errors: (SQLSTATE, the message as a pattern, '…' = anything)."""
+    rows = re.findall(r"^\| `[^|]*` [^|]*\| (CQ\d{3}) \| `(.*)` \|$", DOC.read_text(), re.M)
+    assert len(rows) == 6, rows
+    return [(code, re.compile(".*".join(map(re.escape, message.split("…"))) + "$")) for code, message in rows]
+
+
+def migrate(dsn: str, migration: object, step: str) -> None:
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
+    try:
+        with engine.begin() as connection, Operations.context(MigrationContext.configure(connection)):
+            getattr(migration, step)()
+    finally:
+        engine.dispose()
+
+
+def schemas(conn: psycopg.Connection) -> set[str]:
+    return {r[0] for r in conn.execute(
+        "SELECT nspname FROM pg_namespace WHERE nspname IN ('cqrs', 'shop', 'shop_read', 'shop_proj', 'library')")}
+
+
+@pytest.fixture
+def writer(empty_db: Database) -> Iterator[str]:
+    name = f"app_{uuid.uuid4().hex[:8]}"
+    yield name
+    with empty_db.connect() as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer: str, tmp_path: Path) -> None:
+    """db (a migrated database of the same cluster) is there so the roles are in use
+    elsewhere, as in any shared cluster: the tutorial's downgrade must keep them."""
+    (tmp_path / "0001_library.sql").write_text("\n".join(block(s) for s in ("step 2", "step 3", "step 4")))
+    path = tmp_path / "0001_library.py"
+    path.write_text(block("migration"))
+    spec = importlib.util.spec_from_file_location("aggregate_tutorial_0001", path)
+    assert spec and spec.loader
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert (migration.revision, migration.down_revision) == ("0001", None)
+
+    migrate(empty_db.dsn, migration, "upgrade")
+    with empty_db.connect() as admin:
+        assert schemas(admin) == {"cqrs", "library"}  # the core, not the shop
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE cqrs_writer").format(sql.Identifier(writer)))
+    app = make_conninfo(empty_db.dsn, user=writer)
+
+    # "Call them", as the writer
+    out = psql(app, block("call")).split()
+    first = re.fullmatch(rf"6f1c3d2e-8a4b-4c5d-9e6f-0a1b2c3d4e5f\|({UUID})\|1\|(\d+)\|f", out[0])
+    assert first, out
+    assert out[1] == out[0][:-1] + "t"  # the retry: the first receipt, duplicate
+    assert out[2:] == ["2|f"]
+
+    # the errors the table lists, in its order, and that each leaves nothing behind
+    with empty_db.connect() as admin:
+        book = admin.execute("SELECT id FROM library.books WHERE isbn = '978-0262033848'").fetchone()[0]
+        lend_command = admin.execute(
+            "SELECT command_id FROM cqrs.commands WHERE command = 'lend_book'").fetchone()[0]
+        before = admin.execute("SELECT (SELECT count(*) FROM cqrs.outbox), (SELECT count(*) FROM cqrs.commands),"
+                               " (SELECT sum(version) FROM library.books)").fetchone()
+    calls = [
+        ("add_book(%s, '  ', 'T', 1)", ()),
+        ("add_book(%s, '978-0201633610', 'Other', 1)", ()),
+        ("lend_book(%s, %s)", (uuid.uuid4(),)),
+        ("lend_book(%s, %s, expected_version => 1)", (book,)),
+        ("lend_book(%s, %s)", (book,)),
+        ("add_book(%s, '978-1', 'T', 1)", ()),
+    ]
+    with psycopg.connect(app, autocommit=True) as conn:
+        for (call, args), (code, message) in zip(calls, error_table()):
+            command_id = lend_command if code == "CQ005" else uuid.uuid4()
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute(f"SELECT * FROM library.{call}", (command_id, *args))
+            assert info.value.sqlstate == code, (call, info.value)
+            assert message.match(info.value.diag.message_primary or ""), (message.pattern, str(info.value))
+        # the writer may call the commands, and nothing else
+        for statement in ("SELECT * FROM library.books", "SELECT * FROM cqrs.outbox", "SELECT * FROM cqrs.commands",
+                          "SELECT cqrs._fail('CQ001', 'x')"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    with CommandClient(app) as commands, pytest.raises(errors.Rejected):
+        commands.call("library.lend_book", book)
+
+    with empty_db.connect() as admin:
+        after = admin.execute("SELECT (SELECT count(*) FROM cqrs.outbox), (SELECT count(*) FROM cqrs.commands),"
+                              " (SELECT sum(version) FROM library.books)").fetchone()
+        assert after == before
+        # the events, as the doc reads them (as the owner)
+        assert psql(empty_db.dsn, block("events")).split() == [
+            "book.created|1|0|add_book", "book.created|1|0|add_book", "book.updated|2|1|lend_book"]
+        # no function of ours or the tutorial's is executable by PUBLIC; definers pin search_path
+        loose = admin.execute(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                WHERE n.nspname IN ('cqrs', 'library')
+                  AND (has_function_privilege('public', p.oid, 'EXECUTE')
+                       OR p.prosecdef AND NOT 'search_path=pg_catalog, pg_temp' = ANY (coalesce(p.proconfig, '{}')))"""
+        ).fetchall()
+        assert loose == []
+
+    migrate(empty_db.dsn, migration, "downgrade")
+    with empty_db.connect() as admin:
+        assert schemas(admin) == set()
+        # roles are cluster-wide: the other databases of this cluster still use them
+        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'cqrs\\_%'").fetchone()[0] == 3
+
+
+def test_shipped_core_equals_sql_source(cluster: DevCluster, empty_db: Database) -> None:
+    """core.install(LATEST) builds what sql/'s core files build. If this fails after a
+    change to sql/cqrs/ (or roles.sql): while the newest core version has not been
+    released, run `python -m cqrs_pg.core freeze`; after, add a new version."""
+    other = new_database(cluster, None)
+    built = next(other)
+    try:
+        with empty_db.connect() as conn:
+            core.install(conn, core.LATEST)
+        with built.connect() as conn:
+            conn.execute(core.build().encode())
+            assert schemas(conn) == {"cqrs"}
+        assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, built.name), (
+            "the frozen cqrs core differs from sql/: run `python -m cqrs_pg.core freeze`")
+    finally:
+        next(other, None)
+
+
+def test_core_versions_are_checked() -> None:
+    with pytest.raises(ValueError, match="unknown cqrs core version '9999'"):
+        core.install(None, "9999")
+    assert core.frozen_sql(core.LATEST).startswith("-- sql/roles.sql")
+    assert "shop" not in {line.split("/")[1] for line in core.frozen_sql(core.LATEST).splitlines()
+                          if line.startswith("-- sql/") and "/" in line[7:]}
+
+
+def test_readme_links_the_aggregate_tutorial() -> None:
+    assert "(docs/adding-an-aggregate.md)" in (REPO / "README.md").read_text()
