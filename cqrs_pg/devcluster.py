@@ -18,6 +18,9 @@ Used by ``cqrs-pg dev up/down/status``, ``cqrs-pg demo`` and the test suite.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import ipaddress
 import json
 import logging
@@ -60,8 +63,10 @@ wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
 hot_standby = on
+# Replica settings recommended in docs/production.md (Server settings), and why.
 # Keeps vacuum on the primary from cancelling replica reads (costs some bloat).
 hot_standby_feedback = on
+# Replayed locks (a rebuild's table swap, DDL) wait this long for replica reads to end.
 max_standby_streaming_delay = 30s
 wal_keep_size = 256MB
 # Replicas reconnect within a second after the primary restarts (default 5s).
@@ -237,8 +242,10 @@ class DevCluster:
             "user": _SERVICE_USER,
             "target_session_attrs": "standby",
         }
-        # load_balance_hosts needs libpq 16+; an older libpq rejects the whole conninfo.
-        if psycopg.pq.version() >= 160000:
+        # load_balance_hosts needs libpq 16+; an older libpq rejects the whole conninfo,
+        # and psql uses the system's libpq, not psycopg's. (cqrs_pg.routing.Router spreads
+        # reads over the hosts itself either way.)
+        if min(psycopg.pq.version(), _system_libpq_version()) >= 160000:
             params["load_balance_hosts"] = "random"
         return _conninfo(**params)
 
@@ -751,6 +758,18 @@ def _replicas(state: dict[str, Any]) -> list[dict[str, Any]]:
 def _connect(dsn: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
         yield conn
+
+
+@functools.cache
+def _system_libpq_version() -> int:
+    """PQlibVersion() of the libpq that psql and other clients here load; 0 if none is found."""
+    name = ctypes.util.find_library("pq")
+    if name is None:
+        return 0
+    try:
+        return int(ctypes.CDLL(name).PQlibVersion())
+    except (OSError, AttributeError):
+        return 0
 
 
 def _conninfo(**params: str) -> str:

@@ -26,6 +26,14 @@ class NotMigrated(CqrsPgError):
     """The database has no cqrs_pg schema (or an older one)."""
 
 
+class ReplicaUnavailable(CqrsPgError):
+    """No replica answered a read, and the router may not fall back to the primary."""
+
+
+class ConsistencyTimeout(CqrsPgError):
+    """A read-your-writes read waited its bound and the projection had not applied the token."""
+
+
 class CommandError(Exception):
     """A command refused its arguments or the current state; ``sqlstate`` says why."""
 

@@ -1,56 +1,150 @@
-"""`cqrs-pg status`: how far each projection is, how far each replica is, what blocks."""
+"""`cqrs-pg status`: how far each projection is, how far each replica is, what blocks,
+and whether that is healthy by the thresholds given (the exit code of a probe).
+
+The JSON form (``--json``) is ``collect()``'s dict; docs/production.md lists its fields.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
 from cqrs_pg.db import connect, require_migrated
+from cqrs_pg.routing import replica_hosts
+
+# Exit code of `cqrs-pg status` when a threshold is passed or a replica is not usable
+# (1 means status itself could not run: no DSN, primary unreachable, not migrated).
+UNHEALTHY = 3
 
 
-def _rows(conn: psycopg.Connection, query: str) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Thresholds:
+    """Past any of these (None: not checked), status reports unhealthy."""
+
+    max_events_behind: int | None = None
+    max_seconds_behind: float | None = None
+    max_replica_lag: float | None = None  # seconds
+    max_replica_lag_bytes: int | None = None
+
+
+def _rows(conn: psycopg.Connection, query: str, params: Any = None) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
-        return list(cur.execute(query))
+        return list(cur.execute(query, params))
 
 
-def collect(dsn: str, replica_dsn: str | None = None) -> dict[str, Any]:
+def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | None = None) -> dict[str, Any]:
+    """The status report as a dict (what --json prints)."""
+    thresholds = thresholds or Thresholds()
     with connect(dsn, application_name="cqrs-pg status") as conn:
         require_migrated(conn)
         projections = _rows(
             conn,
-            "SELECT name, kind, last_tx::text AS last_tx, last_position, applied_events, events_behind,"
-            " round(seconds_behind::numeric, 3)::float AS seconds_behind, updated_at::text AS updated_at,"
-            " refreshed_at::text AS refreshed_at FROM cqrs.projection_status()",
+            "SELECT name, kind, last_tx::text AS last_tx, last_position, horizon::text AS horizon, applied_events,"
+            " events_behind, round(seconds_behind::numeric, 3)::float AS seconds_behind,"
+            " updated_at::text AS updated_at, refreshed_at::text AS refreshed_at FROM cqrs.projection_status()",
         )
+        # The transaction at the fence is the one with the oldest xid, listed first.
         blockers = _rows(
             conn,
             "SELECT pid, database, username, application_name, state, xid::text AS xid,"
-            " round(seconds::numeric, 3)::float AS seconds, query FROM cqrs.fence_blockers()",
+            " round(seconds::numeric, 3)::float AS seconds, query_start::text AS query_start, query"
+            " FROM cqrs.fence_blockers() ORDER BY age(xid) DESC, seconds DESC",
         )
+        # As the primary sees each attached replica (lsn columns need pg_monitor: else null).
         senders = _rows(
             conn,
             "SELECT application_name, client_addr::text AS client_addr, state,"
             " pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)::bigint AS replay_lag_bytes,"
-            " extract(epoch FROM replay_lag)::float AS replay_lag_seconds"
-            " FROM pg_stat_replication ORDER BY application_name",
+            " CASE WHEN replay_lsn = pg_current_wal_lsn() THEN 0"
+            "      ELSE extract(epoch FROM replay_lag) END::float AS replay_lag_seconds"
+            " FROM pg_stat_replication ORDER BY application_name, client_addr",
         )
-    replica = None
-    if replica_dsn:
-        with connect(replica_dsn, application_name="cqrs-pg status") as conn:
-            rows = _rows(
+        primary_lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
+    hosts = replica_hosts(replica_dsn, target_session_attrs=None) if replica_dsn else []
+    replicas = [_replica(host.label, host.conninfo, primary_lsn) for host in hosts]
+    report: dict[str, Any] = {
+        "healthy": True,
+        "problems": [],
+        "thresholds": asdict(thresholds),
+        "projections": projections,
+        "fence_blocker": blockers[0] if blockers else None,
+        "fence_blockers": blockers,
+        "replicas": replicas,
+        "replication": senders,
+    }
+    report["problems"] = problems(report, thresholds)
+    report["healthy"] = not report["problems"]
+    return report
+
+
+def _replica(label: str, conninfo: str, primary_lsn: str) -> dict[str, Any]:
+    """One host of the replica DSN, measured against the primary's WAL position."""
+    entry: dict[str, Any] = {
+        "host": label,
+        "reachable": False,
+        "in_recovery": None,
+        "replay_lag_bytes": None,
+        "replay_lag_seconds": None,
+        "error": None,
+    }
+    try:
+        # target_session_attrs=any: report a promoted replica, do not skip it.
+        with psycopg.connect(
+            conninfo, autocommit=True, connect_timeout=5, target_session_attrs="any", application_name="cqrs-pg status"
+        ) as conn:
+            row = _rows(
                 conn,
                 "SELECT pg_is_in_recovery() AS in_recovery,"
-                " coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::bigint"
-                "   AS replay_lag_bytes,"
-                " CASE WHEN pg_last_wal_receive_lsn() = pg_last_wal_replay_lsn() THEN 0"
-                "      ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END::float"
-                "   AS replay_lag_seconds,"
-                " current_setting('port')::int AS port",
-            )
-            replica = rows[0]
-    return {"projections": projections, "fence_blockers": blockers, "replication": senders, "replica": replica}
+                " greatest(pg_wal_lsn_diff(%(lsn)s::pg_lsn, pg_last_wal_replay_lsn()), 0)::bigint AS replay_lag_bytes,"
+                " CASE WHEN pg_last_wal_replay_lsn() >= %(lsn)s::pg_lsn THEN 0"
+                "      ELSE extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END::float AS replay_lag_seconds",
+                {"lsn": primary_lsn},
+            )[0]
+    except psycopg.Error as exc:
+        text = " ".join(str(exc).split())
+        entry["error"] = text or type(exc).__name__
+        return entry
+    entry["reachable"] = True
+    entry.update(row)
+    if not row["in_recovery"]:
+        entry["replay_lag_bytes"] = entry["replay_lag_seconds"] = None
+    return entry
+
+
+def problems(report: dict[str, Any], t: Thresholds) -> list[str]:
+    """What is unhealthy, one line each, by the thresholds (and unusable replicas)."""
+    found = []
+    for p in report["projections"]:
+        if t.max_events_behind is not None and p["events_behind"] > t.max_events_behind:
+            found.append(f"projection {p['name']}: {p['events_behind']} events behind (max {t.max_events_behind})")
+        if t.max_seconds_behind is not None and p["seconds_behind"] > t.max_seconds_behind:
+            found.append(f"projection {p['name']}: {p['seconds_behind']:.3f}s behind (max {t.max_seconds_behind:g}s)")
+    # Replica lag: the hosts reads go to when a replica DSN is given, else every
+    # replica attached to the primary.
+    for r in report["replicas"]:
+        if not r["reachable"]:
+            found.append(f"replica {r['host']}: unreachable ({r['error']})")
+        elif not r["in_recovery"]:
+            found.append(f"replica {r['host']}: not a standby (promoted?)")
+        else:
+            found.extend(_lag(f"replica {r['host']}", r, t))
+    if not report["replicas"]:
+        for r in report["replication"]:
+            found.extend(_lag(f"replica {r['application_name'] or r['client_addr']}", r, t))
+    return found
+
+
+def _lag(name: str, r: dict[str, Any], t: Thresholds) -> list[str]:
+    seconds, size = r["replay_lag_seconds"], r["replay_lag_bytes"]
+    found = []
+    if t.max_replica_lag is not None and seconds is not None and seconds > t.max_replica_lag:
+        found.append(f"{name}: replay lag {seconds:.3f}s (max {t.max_replica_lag:g}s)")
+    if t.max_replica_lag_bytes is not None and size is not None and size > t.max_replica_lag_bytes:
+        found.append(f"{name}: replay lag {size} bytes (max {t.max_replica_lag_bytes})")
+    return found
 
 
 def render(status: dict[str, Any]) -> str:
@@ -61,28 +155,42 @@ def render(status: dict[str, Any]) -> str:
             f" {p['seconds_behind']:>15.3f}  ({p['last_tx']}, {p['last_position']})"
         )
     lines.append("")
+    for r in status["replicas"]:
+        if not r["reachable"]:
+            lines.append(f"reads: replica {r['host']} unreachable: {r['error']}")
+        elif not r["in_recovery"]:
+            lines.append(f"reads: replica {r['host']} (NOT a standby)")
+        else:
+            lines.append(
+                f"reads: replica {r['host']} (standby): replay lag {r['replay_lag_bytes']} bytes, "
+                f"{_seconds(r['replay_lag_seconds'])}"
+            )
     if status["replication"]:
         for r in status["replication"]:
-            lag_s = "n/a" if r["replay_lag_seconds"] is None else f"{r['replay_lag_seconds']:.3f}s"
+            size = "n/a" if r["replay_lag_bytes"] is None else f"{r['replay_lag_bytes']} bytes"
             lines.append(
-                f"replica {r['application_name'] or r['client_addr']}: {r['state']}, "
-                f"replay lag {r['replay_lag_bytes']} bytes, {lag_s}"
+                f"attached: replica {r['application_name'] or r['client_addr']}: {r['state']}, "
+                f"replay lag {size}, {_seconds(r['replay_lag_seconds'])}"
             )
     else:
         lines.append("no streaming replicas attached to the primary")
-    if status["replica"] is not None:
-        r = status["replica"]
-        lines.append(
-            f"reads go to port {r['port']} ({'standby' if r['in_recovery'] else 'NOT a standby'}): "
-            f"replay lag {r['replay_lag_bytes']} bytes, {r['replay_lag_seconds']:.3f}s"
-        )
     lines.append("")
-    if status["fence_blockers"]:
-        b = status["fence_blockers"][0]
+    b = status["fence_blocker"]
+    if b is not None:
         lines.append(
             f"oldest open transaction holding the fence: pid {b['pid']} ({b['application_name']}, "
             f"{b['database']}, {b['state']}), open {b['seconds']:.1f}s"
         )
     else:
         lines.append("no open transaction holds the fence back")
+    if status["problems"]:
+        lines.append("")
+        lines.extend(f"UNHEALTHY: {problem}" for problem in status["problems"])
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}s"
+
+
+__all__ = ["UNHEALTHY", "Thresholds", "collect", "problems", "render"]
