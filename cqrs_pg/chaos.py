@@ -7,6 +7,7 @@ Used by tests/test_chaos.py (a short run) and `cqrs-pg soak` (as long as you lik
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -23,8 +24,14 @@ from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload, WorkloadResult
 
 
+# The directory holding this package: a child `python -m cqrs_pg` runs this very code,
+# whatever its working directory or what else is installed.
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
 class DaemonProcess:
-    """`cqrs-pg listen` as a child process, restarted the way systemd would."""
+    """`cqrs-pg listen` as a child process, restarted the way systemd would; everything it
+    writes (its log) is appended to `log`, across restarts."""
 
     def __init__(self, dsn: str, log: Path, *args: str) -> None:
         self.dsn = dsn
@@ -34,12 +41,23 @@ class DaemonProcess:
         self.starts = 0
 
     def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "cqrs_pg", "listen", "--dsn", self.dsn, *self.args],
-                stdout=out, stderr=subprocess.STDOUT,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
         self.starts += 1
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    @property
+    def output(self) -> str:
+        """What it has written so far."""
+        return self.log.read_text() if self.log.exists() else ""
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -50,15 +68,26 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+    def signal(self, signum: int, timeout: float = 30.0) -> int | None:
+        """Send signum and wait for the exit: its code; None if it still runs after timeout
+        (or never started)."""
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signum)
         try:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
             return None
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, and SIGKILL if it has not exited within timeout: its exit code (None:
+        killed, or never started)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        code = self.signal(signal.SIGTERM, timeout)
+        if code is None:
+            self.kill()
+        return code
 
 
 @dataclass

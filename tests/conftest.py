@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,15 @@ class Database:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"token {token} not caught up within {timeout}s")
                 time.sleep(0.01)
+
+
+def wait_until(predicate: Callable[[], object], what: str = "a condition", timeout: float = 30.0, interval: float = 0.02) -> None:
+    """Poll predicate until it is true; fail naming `what` after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
 
 
 def outbox_count(conn: psycopg.Connection) -> int:

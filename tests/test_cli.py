@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,12 +25,13 @@ from click.testing import CliRunner, Result
 from psycopg.types.json import Jsonb
 
 from cqrs_pg import __version__
+from cqrs_pg.chaos import DaemonProcess
 from cqrs_pg.cli import main
 from cqrs_pg.devcluster import DevCluster
 from cqrs_pg.migrate import head_revision
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload, WorkloadResult
-from tests.conftest import REPO, Database, make_root, outbox_count
+from tests.conftest import REPO, Database, make_root, outbox_count, wait_until
 
 PROJECTIONS = ("order_summary", "customer_stats", "product_sales")
 NO_MISMATCH = dict.fromkeys(PROJECTIONS, 0)
@@ -79,14 +79,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
     return errors[0]
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
 def scalar(conn: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
     row = conn.execute(query, params).fetchone()
     assert row is not None
@@ -109,26 +101,17 @@ def postgres_servers(fragment: str) -> list[str]:
     return [line for line in out.splitlines() if "postgres -D " in line and fragment in line]
 
 
-class Daemon:
-    """One `python -m cqrs_pg listen` process; its stderr (the log) goes to a file."""
+class Daemon(DaemonProcess):
+    """A `cqrs-pg listen` process on a test database, started at once (polling every 0.2 s),
+    with waits that fail the test and show its log."""
 
     def __init__(self, db: Database, log: Path, *extra: str) -> None:
-        self.log = log
-        with log.open("w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cqrs_pg", "listen", "--dsn", db.dsn, "--poll-interval", "0.2", *extra],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                cwd=REPO,
-            )
-
-    @property
-    def output(self) -> str:
-        """What the daemon wrote to stderr so far."""
-        return self.log.read_text()
+        super().__init__(db.dsn, log, "--poll-interval", "0.2", *extra)
+        self.start()
 
     def registered(self, conn: psycopg.Connection) -> bool:
         """True once the daemon has its row in cqrs.listeners (its signal handlers are set)."""
+        assert self.proc is not None
         if self.proc.poll() is not None:
             raise AssertionError(f"listen exited with {self.proc.returncode}:\n{self.output}")
         mine = f"%:{self.proc.pid}:%"  # listener_id is host:pid:random
@@ -138,17 +121,11 @@ class Daemon:
         wait_until(lambda: self.registered(conn), "the daemon to register in cqrs.listeners")
 
     def signal(self, signum: int, timeout: float = 10.0) -> int:
-        self.proc.send_signal(signum)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        code = super().signal(signum, timeout)
+        if code is None:
             name = signal.Signals(signum).name
-            raise AssertionError(f"listen did not exit within {timeout:g}s of {name}:\n{self.output}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+            raise AssertionError(f"listen did not exit within {timeout:g}s of {name}:\n{self.output}")
+        return code
 
 
 @pytest.fixture
@@ -292,10 +269,10 @@ def test_status_text_and_json(db: Database) -> None:
     assert "(standby)" in text
 
     report = status_json(db)
-    assert set(report) >= {"projections", "fence_blockers", "replication", "replica"}
+    assert set(report) >= {"projections", "fence_blockers", "replication", "replicas"}
     assert sorted(p["name"] for p in report["projections"]) == sorted(PROJECTIONS)
     assert all(p["events_behind"] == 0 for p in report["projections"])
-    assert report["replica"]["in_recovery"] is True
+    assert [r["in_recovery"] for r in report["replicas"]] == [True]
     assert [r["application_name"] for r in report["replication"]] == ["replica1"]
 
 

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.metrics import NAMES, Metrics
-from tests.conftest import Database, outbox_count
+from tests.conftest import Database, outbox_count, wait_until
 from tests.test_cli import (
     LOG_LINE,
     PROJECTIONS,
@@ -28,7 +28,6 @@ from tests.test_cli import (
     cli,
     daemons,  # noqa: F401  (the fixture)
     scalar,
-    wait_until,
 )
 
 STALL = "projections stalled for"

@@ -4,7 +4,6 @@ to their definitions on the primary and on the replica, read-your-writes, wake-u
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from psycopg.types.json import Jsonb
 from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload
-from tests.conftest import Database, outbox_count
+from tests.conftest import Database, outbox_count, wait_until
 
 NO_MISMATCH = {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
 
@@ -260,13 +259,6 @@ def test_commands_ring_the_doorbell_only_while_a_daemon_sleeps(db: Database) -> 
 def sleeping_listeners(db: Database) -> int:
     with db.connect() as conn:
         return conn.execute("SELECT count(*) FROM cqrs.listeners WHERE sleeping").fetchone()[0]
-
-
-def wait_until(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:

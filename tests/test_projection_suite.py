@@ -28,6 +28,7 @@ from tests.projection_suite import (  # noqa: F401  (the suite's tests, collecte
     test_an_aggregates_events_apply_by_version_not_xid_order,
     test_equals_its_definition_after_a_concurrent_workload,
     test_every_event_applied_exactly_once,
+    test_rebuild_under_load_is_invisible_to_readers,
     test_small_batches_give_what_one_big_batch_gives,
 )
 from tests.test_projection import running_daemon
@@ -50,7 +51,8 @@ def sqlstate_of(conn: psycopg.Connection, query: str, params: tuple = ()) -> str
 
 def test_python_batch_api_refuses_misuse(db: Database) -> None:
     """claim_batch / batch_events / complete_batch belong together, in one transaction, for
-    a python projection; run_projection and rebuild are not for python projections."""
+    a python projection; run_projection is not for python projections, and rebuilding one
+    needs its tables and its handler (tests/test_rebuild.py has the rest)."""
     with db.connect() as conn:
         register_python(conn, "py")
         conn.execute("SELECT shop.add_product(gen_random_uuid(), 'API-1', 'a', 10, 5)")
@@ -60,8 +62,8 @@ def test_python_batch_api_refuses_misuse(db: Database) -> None:
         assert sqlstate_of(conn, "SELECT * FROM cqrs.claim_batch('py', 0)") == "CQ001"
         assert sqlstate_of(conn, "SELECT cqrs.complete_batch('py', '999', 1, 1, '1000', 10)") == "CQ003"
         assert sqlstate_of(conn, "SELECT * FROM cqrs.batch_events('py', '0', 0, '999', 1)") == "CQ003"
-        assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('py')") == "CQ001"
-        with pytest.raises(CqrsPgError, match="python projection"):
+        assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('py')") == "CQ001"  # names no tables
+        with pytest.raises(CqrsPgError, match="'py' is a python projection and no handler is registered"):
             rebuild(db.dsn, "py", 100, lambda _: None)
         with conn.transaction():
             from_tx, from_pos, to_tx, to_pos, n, fence, busy = conn.execute(

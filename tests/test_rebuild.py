@@ -1,28 +1,38 @@
 """cqrs-pg rebuild: a read model built anew from the log and swapped in while writers
-write, the daemon runs, and readers on the primary and the replica keep reading."""
+write, the daemon runs, and readers on the primary and the replica keep reading; a python
+projection rebuilt by its handler, step by step; the rebuild functions refusing misuse."""
 
 from __future__ import annotations
 
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg
+import pytest
 from click.testing import CliRunner
 
+from cqrs_pg import rebuild as rebuild_module
 from cqrs_pg.cli import main
-from cqrs_pg.rebuild import rebuild
+from cqrs_pg.projections import Event, Handler, handler_for, register, unregister
+from cqrs_pg.rebuild import apply_rebuild_batch, rebuild
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload, WorkloadResult
 from tests.conftest import Database, outbox_count
+from tests.projection_suite import INSTALL, NAME, TABLES, Subject, block, mismatches, place, seed_shop
 from tests.test_projection import NO_MISMATCH, applied_counts, running_daemon
 
 
 class Reader(threading.Thread):
-    """Counts a read table's rows in a loop; rows only ever grow there."""
+    """Runs a query over a read model in a loop: one number that only ever grows while the
+    model is whole and current (its row count, its orders), so an empty, half-built or
+    older model shows as a drop."""
 
-    def __init__(self, connect: Callable[[], psycopg.Connection], table: str) -> None:
+    def __init__(self, connect: Callable[[], psycopg.Connection], query: str) -> None:
         super().__init__(daemon=True)
-        self.connect, self.table = connect, table
+        self.connect, self.query = connect, query
         self.stop = threading.Event()
         self.counts: list[int] = []
         self.errors: list[str] = []
@@ -31,12 +41,20 @@ class Reader(threading.Thread):
         with self.connect() as conn:
             while not self.stop.is_set():
                 try:
-                    self.counts.append(conn.execute(f"SELECT count(*) FROM shop_read.{self.table}").fetchone()[0])
+                    self.counts.append(conn.execute(self.query).fetchone()[0])
                 except psycopg.Error as exc:
                     self.errors.append(f"{exc.sqlstate}: {exc}")
 
     def never_shrank(self) -> bool:
         return all(b >= a for a, b in zip(self.counts, self.counts[1:]))
+
+    def finish(self) -> None:
+        """Stop, then: no error, never empty, never a drop."""
+        self.stop.set()
+        self.join()
+        assert not self.errors, self.errors[:3]
+        assert self.counts and min(self.counts) > 0, f"{self.query}: the read model was seen empty"
+        assert self.never_shrank(), f"{self.query}: went back {self.counts}"
 
 
 def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
@@ -50,10 +68,9 @@ def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
             conn.execute("UPDATE shop_read.order_summary SET total_cents = -1")
             conn.execute("UPDATE shop_read.customer_stats SET orders_placed = 0")
         readers = [
-            Reader(db.connect, "order_summary"),
-            Reader(db.connect_replica, "order_summary"),
-            Reader(db.connect, "customer_stats"),
-            Reader(db.connect_replica, "customer_stats"),
+            Reader(connect, f"SELECT count(*) FROM shop_read.{table}")
+            for table in ("order_summary", "customer_stats")
+            for connect in (db.connect, db.connect_replica)
         ]
         for r in readers:
             r.start()
@@ -68,12 +85,7 @@ def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
         assert not box[0].errors
         db.wait_caught_up(box[0].max_token)
         for r in readers:
-            r.stop.set()
-            r.join()
-    for r in readers:
-        assert not r.errors, r.errors[:3]
-        assert r.counts and min(r.counts) > 0, "a reader saw an empty read model"
-        assert r.never_shrank(), f"a reader of {r.table} saw rows disappear"
+            r.finish()
     with db.connect() as primary, db.connect_replica() as replica:
         assert all_mismatches(primary) == NO_MISMATCH
         assert all_mismatches(replica) == NO_MISMATCH
@@ -100,3 +112,216 @@ def test_rebuild_command_line(db: Database) -> None:
     result = runner.invoke(main, ["rebuild", "--dsn", db.dsn, "nope"])
     assert result.exit_code == 1
     assert "no projection named 'nope'" in result.output and "order_summary" in result.output
+
+
+# -- python projections: the tutorial's handler (tests/projection_suite.py) ----------------
+# The behaviour under load, for both kinds, is in the suite:
+# tests/projection_suite.py::test_rebuild_under_load_is_invisible_to_readers.
+
+
+@contextmanager
+def handler_registered(handler: Handler | None) -> Iterator[None]:
+    """The tutorial projection's handler replaced (None: none) for a while, then restored."""
+    saved = handler_for(NAME)
+    unregister(NAME)
+    if handler is not None:
+        register(NAME)(handler)
+    try:
+        yield
+    finally:
+        unregister(NAME)
+        if saved is not None:
+            register(NAME)(saved)
+
+
+def python_subject(db: Database) -> tuple[Subject, Handler]:
+    subject = Subject(db, "python")
+    subject.install()
+    handler = handler_for(NAME)
+    assert handler is not None
+    return subject, handler
+
+
+def test_python_rebuild_catches_up_with_a_daemon_ahead_of_it(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon applies newer events between the rebuild's last step and its final
+    transaction: the handler catches the shadow up there, under the projection's lock, so
+    the swapped-in model is not older than the live one."""
+    subject, _ = python_subject(db)
+    with db.connect() as conn:
+        customer, sku = seed_shop(conn)
+        for _ in range(3):
+            place(conn, customer, sku)
+    ahead: list[int] = []
+    real_finish = rebuild_module._finish
+
+    def daemon_gets_ahead(*args: object) -> int:
+        with db.connect() as other:
+            place(other, customer, sku, 2)
+            subject.drain(other)
+            ahead.append(subject.applied(other))
+        return real_finish(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rebuild_module, "_finish", daemon_gets_ahead)
+    built = rebuild(db.dsn, NAME, 4, lambda _: None)
+    with db.connect() as conn:
+        assert built == ahead[0] == subject.applied(conn) == outbox_count(conn)
+        assert mismatches(conn) == 0
+
+
+def test_python_rebuild_finish_step_by_step(db: Database) -> None:
+    """Scripted: the live model runs ahead of the shadow after the rebuild's steps; the
+    final transaction locks the daemon out, lets the handler catch the shadow up and swaps
+    it in, so the model never goes back. A transaction that commits after the handler's
+    last look, before the swap, is left to the daemon: not counted as caught up until it
+    is applied."""
+    subject, handler = python_subject(db)
+    with db.connect() as conn, db.connect() as daemon:
+        customer, sku = seed_shop(conn)
+        for _ in range(3):
+            place(conn, customer, sku)
+        conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
+        while True:
+            with conn.transaction():
+                _, more = apply_rebuild_batch(conn, NAME, handler, 4)
+            if not more:
+                break
+        for _ in range(3):
+            place(conn, customer, sku, 2)
+        subject.drain(daemon)  # the live model is now ahead of the shadow
+        live = subject.rows(daemon)
+        ahead = subject.applied(daemon)
+        with psycopg.connect(db.dsn) as late:
+            late.execute("SELECT pg_current_xact_id()")  # its xid is below the final transaction's
+            late_order = place(late, customer, sku, 5)
+            late_token = late.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
+            with conn.transaction():
+                while apply_rebuild_batch(conn, NAME, handler, 4, final=True)[0]:
+                    pass
+                assert subject.run_once(daemon, 100) == (0, True), "the daemon was not locked out"
+                late.commit()  # ends after the handler's last look, before the swap
+                built = conn.execute("SELECT cqrs.rebuild_finish(%s)", (NAME,)).fetchone()[0]
+        assert built == ahead
+        assert subject.rows(daemon) == live
+        assert subject.applied(daemon) == subject.events_to_checkpoint(daemon) == ahead
+        assert not daemon.execute("SELECT cqrs.caught_up(%s, %s)", (late_token, NAME)).fetchone()[0]
+        subject.drain(daemon)
+        assert daemon.execute("SELECT cqrs.caught_up(%s, %s)", (late_token, NAME)).fetchone()[0]
+        assert subject.applied(daemon) == outbox_count(daemon)
+        assert mismatches(daemon) == 0
+        assert daemon.execute(f"SELECT count(*) FROM {TABLES[1]} WHERE order_id = %s", (late_order,)).fetchone()[0] == 1
+
+
+def test_python_rebuild_writes_only_the_shadow_and_a_failure_changes_nothing_live(db: Database) -> None:
+    """The handler's search_path names only the shadow schema; a handler that fails midway
+    leaves the live tables and checkpoint as they were, and a second run starts over."""
+    subject, handler = python_subject(db)
+    with db.connect() as conn:
+        customer, sku = seed_shop(conn)
+        for quantity in range(1, 6):
+            place(conn, customer, sku, quantity)
+        subject.drain(conn)
+        conn.execute(f"UPDATE {TABLES[0]} SET total_cents = total_cents + 1")  # only a rebuild repairs it
+        live, checkpoint = subject.rows(conn), subject.checkpoint(conn)
+    paths: list[list[str]] = []
+
+    def failing(conn: psycopg.Connection, events: list[Event]) -> None:
+        paths.append(conn.execute("SELECT current_schemas(false)").fetchone()[0])
+        if len(paths) == 3:
+            raise RuntimeError("handler failed")
+        handler(conn, events)
+
+    with handler_registered(failing), pytest.raises(RuntimeError, match="handler failed"):
+        rebuild(db.dsn, NAME, 3, lambda _: None)
+    assert paths == [["pg_catalog", f"cqrs_rebuild_{NAME}"]] * 3
+    with db.connect() as conn:
+        assert subject.rows(conn) == live
+        assert subject.checkpoint(conn) == checkpoint
+        assert mismatches(conn) > 0
+        assert rebuild(db.dsn, NAME, 3, lambda _: None) == outbox_count(conn)
+        assert mismatches(conn) == 0
+        assert subject.applied(conn) == outbox_count(conn)
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'cqrs_rebuild_%'").fetchone()[0] == 0
+
+
+def test_rebuild_python_projection_command_line(db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cqrs-pg rebuild --import MODULE NAME`, as `listen --import`; without the module, one
+    line saying what to do."""
+    (tmp_path / "rebuild_tutorial_handler.py").write_text(block("python handler"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with db.connect() as conn:
+        for step in INSTALL["python"]:
+            conn.execute(block(step))
+        customer, sku = seed_shop(conn)
+        place(conn, customer, sku)
+    runner = CliRunner()
+    with handler_registered(None):
+        result = runner.invoke(main, ["rebuild", "--dsn", db.dsn, NAME])
+        assert result.exit_code == 1
+        assert f"'{NAME}' is a python projection and no handler is registered" in result.output
+        assert "--import MODULE" in result.output
+        result = runner.invoke(main, ["rebuild", "--dsn", db.dsn, "--import", "no_such_module_xyz", NAME])
+        assert result.exit_code == 1
+        assert "cannot import 'no_such_module_xyz'" in result.output
+        try:
+            result = runner.invoke(main, ["rebuild", "--dsn", db.dsn, "--import", "rebuild_tutorial_handler", NAME])
+        finally:
+            sys.modules.pop("rebuild_tutorial_handler", None)
+        assert result.exit_code == 0, result.output
+    assert "swapped it in" in result.output
+    with db.connect() as conn:
+        assert mismatches(conn) == 0
+        assert conn.execute("SELECT applied_events FROM cqrs.projections WHERE name = %s", (NAME,)).fetchone()[0] == outbox_count(conn)
+
+
+def sqlstate_of(conn: psycopg.Connection, query: str, params: tuple[object, ...] = ()) -> str | None:
+    with pytest.raises(psycopg.Error) as err:
+        conn.execute(query, params)
+    return err.value.sqlstate
+
+
+def test_rebuild_api_refuses_misuse(db: Database) -> None:
+    """Each function of the rebuild protocol refuses what it cannot do, with a CQ code."""
+    python_subject(db)
+    with db.connect() as conn:
+        customer, sku = seed_shop(conn)
+        place(conn, customer, sku)
+        assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('nope')") == "CQ002"
+        assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('product_sales')") == "CQ001"
+        conn.execute("SELECT cqrs.register_projection('untabled', 'python', search_path => 'shop_read')")
+        assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('untabled')") == "CQ001"
+        conn.execute("CREATE TABLE shop_read.twin (id int); CREATE TABLE shop_proj.twin (id int)")
+        conn.execute(
+            "SELECT cqrs.register_projection('twins', 'python', search_path => 'shop_read',"
+            " tables => ARRAY['shop_read.twin', 'shop_proj.twin']::regclass[])"
+        )
+        with pytest.raises(psycopg.Error, match="two tables named twin") as err:
+            conn.execute("SELECT cqrs.rebuild_begin('twins')")
+        assert err.value.sqlstate == "CQ001"
+
+        for call in ("SELECT * FROM cqrs.rebuild_claim(%s)", "SELECT cqrs.rebuild_finish(%s)",
+                     "SELECT cqrs.rebuild_complete(%s, '1', 1, 1, '2')"):
+            assert sqlstate_of(conn, call, (NAME,)) == "CQ002"  # no rebuild in progress
+        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_step('order_summary')") == "CQ002"
+        conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
+        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_step(%s)", (NAME,)) == "CQ001"  # the handler's job
+        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim('order_summary')") == "CQ001"
+        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim(%s, 0)", (NAME,)) == "CQ001"
+        with conn.transaction():
+            _, _, to_tx, to_pos, n, fence, shadow = conn.execute(
+                "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, shadow_schema"
+                " FROM cqrs.rebuild_claim(%s, 100)", (NAME,)
+            ).fetchone()
+            assert shadow == f"cqrs_rebuild_{NAME}" and n > 1
+            for name, args in (
+                (NAME, (to_tx, to_pos, n + 1, fence)),  # a wrong count
+                (NAME, (to_tx, to_pos, n, "999999999")),  # a fence from the future
+                (NAME, ("0", 0, 0, fence)),  # not after the checkpoint
+                ("order_summary", (to_tx, to_pos, n, fence)),  # not a python projection
+            ):
+                with pytest.raises(psycopg.Error) as err, conn.transaction():
+                    conn.execute("SELECT cqrs.rebuild_complete(%s, %s::xid8, %s, %s, %s::xid8)", (name, *args))
+                assert err.value.sqlstate == "CQ001", (name, args)
+        # the live model has applied events the shadow has not: the swap would take them back
+        Subject(db, "python").drain(conn)
+        assert sqlstate_of(conn, "SELECT cqrs.rebuild_finish(%s)", (NAME,)) == "CQ003"
+        assert conn.execute("SELECT count(*) FROM cqrs.rebuilds").fetchone()[0] == 1
