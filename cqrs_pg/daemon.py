@@ -113,7 +113,7 @@ class Listener:
         self._missing_handlers: set[str] = set()
         # projection -> its connection (created on first use, dropped when it fails)
         self._workers: dict[str, psycopg.Connection] = {}
-        self._pool = ThreadPoolExecutor(thread_name_prefix="projection")
+        self._pool: ThreadPoolExecutor | None = None
         self._count_lock = threading.Lock()
 
     def stop(self) -> None:
@@ -135,6 +135,7 @@ class Listener:
                 "serving Prometheus metrics on http://%s:%d/metrics", self.config.metrics_addr, port,
                 extra={"metrics_port": port},
             )
+        self._pool = ThreadPoolExecutor(thread_name_prefix="projection")
         try:
             self._run()
         finally:
@@ -217,6 +218,7 @@ class Listener:
         if len(names) == 1:
             progress.merge(self._turn(names[0]))
             return progress
+        assert self._pool is not None, "run() starts the pool"
         futures = [self._pool.submit(self._turn, name) for name in names]
         failure: BaseException | None = None
         for future in futures:
