@@ -85,6 +85,15 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
 @click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds between polls when no NOTIFY arrives.")
 @click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
+@click.option(
+    "--batch-delay",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="While events keep coming, wait this long after a partial batch before the next: "
+    "bigger batches cost the server less; 0 applies each event as soon as it can, at more CPU.",
+)
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
@@ -104,6 +113,7 @@ def listen(
     batch_size: int,
     poll_interval: float,
     refresh_interval: float,
+    batch_delay: float,
     projections: tuple[str, ...],
     log_level: str,
     log_format: str,
@@ -113,9 +123,10 @@ def listen(
 ) -> None:
     """Run the projection daemon until SIGTERM or SIGINT.
 
-    Woken by LISTEN/NOTIFY, polling as a fallback. On SIGTERM/SIGINT it finishes the
-    batch in hand and exits 0. Safe to kill at any moment: each batch commits together
-    with its checkpoint.
+    Woken by LISTEN/NOTIFY, polling as a fallback. Opens one connection to listen and
+    one per projection, and runs the projections in parallel. On SIGTERM/SIGINT it
+    finishes the batch in hand and exits 0. Safe to kill at any moment: each batch
+    commits together with its checkpoint.
     """
     from cqrs_pg.daemon import Listener, ListenerConfig
     from cqrs_pg.logs import setup_logging
@@ -129,6 +140,7 @@ def listen(
             batch_size=batch_size,
             poll_interval=poll_interval,
             refresh_interval=refresh_interval,
+            batch_delay=batch_delay,
             projections=list(projections) or None,
             stall_warning=stall_warning,
             metrics_port=metrics_port,
@@ -146,13 +158,33 @@ def listen(
 
 @main.command()
 @connection_options
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(dsn: str | None, replica_dsn: str | None, as_json: bool) -> None:
-    """Show each projection's progress, replica lag and what holds the fence back."""
-    from cqrs_pg.status import collect, render
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (fields: docs/production.md).")
+@click.option("--max-events-behind", type=click.IntRange(0), metavar="N", help="Unhealthy when a projection has more than N events not yet applied.")
+@click.option("--max-seconds-behind", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a projection's oldest unapplied event is older than this.")
+@click.option("--max-replica-lag", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a replica's replay lags more than this.")
+@click.option("--max-replica-lag-bytes", type=click.IntRange(0), metavar="BYTES", help="Unhealthy when a replica's replay lags more WAL than this.")
+def status(
+    dsn: str | None,
+    replica_dsn: str | None,
+    as_json: bool,
+    max_events_behind: int | None,
+    max_seconds_behind: float | None,
+    max_replica_lag: float | None,
+    max_replica_lag_bytes: int | None,
+) -> None:
+    """Show each projection's progress, replica lag and what holds the fence back.
 
-    report = collect(require_dsn(dsn), replica_dsn)
+    Exit code: 0 healthy; 3 unhealthy (a threshold given is passed, or a replica of
+    --replica-dsn is unreachable or not a standby); 1 status could not be read. So it
+    serves as a liveness/readiness probe.
+    """
+    from cqrs_pg.status import UNHEALTHY, Thresholds, collect, render
+
+    thresholds = Thresholds(max_events_behind, max_seconds_behind, max_replica_lag, max_replica_lag_bytes)
+    report = collect(require_dsn(dsn), replica_dsn, thresholds)
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    if not report["healthy"]:
+        raise SystemExit(UNHEALTHY)
 
 
 @main.group()
@@ -255,7 +287,9 @@ def soak(
         raise SystemExit(1)
 
 
-def _client_counts(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[int, ...]:
+def _client_counts(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
     try:
         counts = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError:
@@ -265,51 +299,124 @@ def _client_counts(_ctx: click.Context, _param: click.Parameter, value: str) -> 
     return tuple(dict.fromkeys(counts))
 
 
-@main.command()
-@click.option("--seconds", default=10, show_default=True, type=click.IntRange(1), help="Length of each measured pgbench run.")
-@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1), help="Interleaved rounds: each runs every variant once at each client count.")
-@click.option("--clients", default="1,4,16", show_default=True, callback=_client_counts, metavar="N,N,...", help="Client counts (pgbench -c N -j 2).")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(1), help="Seconds of load before the measured run with the daemon running.")
-@click.option("--quick", is_flag=True, help="1 round of 1-second runs at 1 and 4 clients: checks that it works, measures nothing.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help="Also write all runs, medians, ratios and machine info here.")
-@click.option("--dsn", metavar="DSN", help="Use this server (creates and drops databases; needs superuser) instead of a throwaway primary + replica.")
-def bench(seconds: int, rounds: int, clients: tuple[int, ...], warmup: int, quick: bool, json_path: Path | None, dsn: str | None) -> None:
-    """Command throughput: place_order (2 lines) beside baselines, in one run.
+def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, click.Parameter, str | None], tuple[int, ...] | None]:
+    """A click callback: comma-separated integers from low to high (None stays None)."""
 
-    pgbench drives, at each client count and in interleaved rounds, one database per variant:
-    (a) the same writes as plain SQL, no triggers; (b) the command with the outbox and no
-    wake-up; with the wake-up: (c) daemon stopped, (d) daemon idle when the load starts,
-    (e) daemon running under load; (f) the naive NOTIFY in every command. Prints medians with
-    their spread and the ratios at the largest client count (targets: c, d, e >= 0.95 x b;
-    c >= 0.80 x a), and the daemon's CPU time. Takes about 6 x clients x rounds x seconds.
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+        if value is None:
+            return None
+        try:
+            numbers = tuple(int(part.replace("_", "")) for part in value.split(",") if part.strip())
+        except ValueError:
+            numbers = ()
+        if not numbers or any(n < low or n > high for n in numbers):
+            raise click.BadParameter(f"{value!r}: give numbers from {low:,} to {high:,}, comma-separated, e.g. {example}")
+        return tuple(dict.fromkeys(numbers))
+
+    return parse
+
+
+@main.command()
+@click.option("--parts", default="1,2,3,4,5", show_default=True, callback=_int_list(1, 5, "1,3"), metavar="N,N,...",
+              help="Which parts to run: 1 throughput, 2 catch-up, 3 latency, 4 materialized view, 5 growth.")
+@click.option("--rounds", type=click.IntRange(1), help="Interleaved repetitions of every measurement [default: 3].")
+@click.option("--seconds", type=click.IntRange(1), help="Part 1: length of each measured pgbench run [default: 10].")
+@click.option("--clients", callback=_client_counts, metavar="N,N,...", help="Part 1: client counts (pgbench -c N -j 2) [default: 1,4,16].")
+@click.option("--warmup", type=click.IntRange(1), help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
+@click.option("--backlog", type=click.IntRange(1), metavar="N", help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
+@click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
+@click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...", help="Part 3: arrival rates, commands/s [default: 500,2000].")
+@click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
+@click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")
+@click.option("--matview-lines", callback=_int_list(1, 100_000_000, "10000,100000"), metavar="N,N,...", help="Part 4: order lines behind product_sales [default: 10000,100000,1000000].")
+@click.option("--load-rate", type=click.IntRange(1), help="Part 4: commands/s during the debounce runs [default: 200].")
+@click.option("--load-seconds", type=click.IntRange(1), help="Part 4: seconds of each debounce run [default: 20].")
+@click.option("--history", callback=_int_list(1, 1_000_000_000, "100000,10000000"), metavar="SMALL,LARGE", help="Part 5: outbox rows of the small and the large history [default: 100000,10000000].")
+@click.option("--quick", is_flag=True, help="Every part tiny (1 round, seconds each): checks that it works, measures nothing. Options given as well override its sizes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help="Also write all runs, medians, ratios and machine info here.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Write PNG plots here (part 1: throughput vs clients; part 3: latency percentiles). Needs matplotlib: pip install 'cqrs_pg[bench]'.")
+@click.option("--dsn", metavar="DSN", help="Use this server (creates and drops databases; needs superuser) instead of a throwaway primary + replica.")
+@click.option("--replica-dsn", metavar="DSN", help="With --dsn: its streaming replica, where part 3 watches (default: the primary).")
+@click.pass_context
+def bench(ctx: click.Context, quick: bool, json_path: Path | None, plots_dir: Path | None, **options: Any) -> None:
+    """Measure what the design costs, each figure beside a baseline from the same run.
+
+    \b
+    1. command throughput of place_order at 1, 4, 16 clients (pgbench) beside plain SQL,
+       the outbox without wake-up and the naive NOTIFY-per-command
+    2. projection catch-up: a backlog drained by `cqrs-pg listen` into every read model,
+       beside a raw set-based upsert of the same events; the daemon's peak memory
+    3. end-to-end latency: commit -> row in order_summary on the replica, p50/p95/p99 at
+       fixed arrival rates, beside the bare replication latency
+    4. refresh time of product_sales at 10k, 100k, 1M order lines; refresh count with and
+       without the debounce under a steady load
+    5. per-batch read cost and command latency with 100k vs 10M outbox rows, with plans
+
+    Every figure is a median of interleaved rounds with its min-max spread. Progress goes
+    to stderr, the tables to stdout. On a throwaway primary + replica it takes about 30
+    minutes with the defaults; see docs/benchmarks.md.
     """
     from cqrs_pg.bench import BenchConfig, run_bench
 
+    given = {k: v for k, v in options.items() if v is not None and k not in ("dsn", "replica_dsn")}
+    if options["replica_dsn"] and not options["dsn"]:
+        raise click.UsageError("--replica-dsn goes with --dsn (without --dsn the bench starts its own replica)")
+    fields = {"history": tuple(sorted(given["history"])) if "history" in given else None}
+    if fields["history"] is not None and len(fields["history"]) != 2:
+        raise click.BadParameter(
+            f"'{','.join(map(str, options['history']))}': give two sizes, small and large, e.g. 100000,10000000",
+            param_hint="--history",
+        )
+    overrides = {**given, **{k: v for k, v in fields.items() if v is not None}}
+    if "backlog" in overrides and overrides["backlog"] < 10:
+        raise click.BadParameter(f"{overrides['backlog']}: the backlog must be at least 10 events", param_hint="--backlog")
+    connection = {"dsn": options["dsn"], "replica_dsn": options["replica_dsn"]}
     if quick:
-        config = BenchConfig.quick(dsn=dsn)
-        command = "cqrs-pg bench --quick"
+        config = BenchConfig.quick_config(**connection, **overrides)
     else:
-        config = BenchConfig(seconds=seconds, rounds=rounds, clients=clients, warmup=warmup, dsn=dsn)
-        command = f"cqrs-pg bench --seconds {seconds} --rounds {rounds} --clients {','.join(map(str, clients))} --warmup {warmup}"
-    if dsn:
-        command += " --dsn …"
-    run_bench(config, echo=click.echo, json_path=json_path, command=command)
+        config = BenchConfig(**connection, **overrides)
+    words = ["cqrs-pg bench"]
+    for param in ctx.command.params:
+        if param.name in ("json_path", "plots_dir") or param.name is None:
+            continue
+        if ctx.get_parameter_source(param.name) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        flag = param.opts[0]
+        if param.name == "quick":
+            words.append(flag)
+        elif param.name in ("dsn", "replica_dsn"):
+            words.append(f"{flag} …")
+        else:
+            value = ctx.params[param.name]
+            words.append(f"{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+
+    def _terminated(signum: int, _frame: object) -> None:
+        # Unwind, so the throwaway servers and daemons are stopped on the way out.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    run_bench(config, echo=click.echo, json_path=json_path, command=" ".join(words), plots_dir=plots_dir,
+              progress=lambda line: click.echo(line, err=True))
 
 
 @main.command()
 @connection_options
 @click.argument("projection")
 @click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
-def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int) -> None:
+@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers the python projection's handler (repeatable), as for listen.")
+def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...]) -> None:
     """Rebuild one read model from the whole event log, without downtime.
 
     The new tables are built in a shadow schema while the daemon keeps the live ones
     current and readers keep reading them; then, in one transaction, the shadow catches
     up with every event and replaces the live tables. Readers on the primary and the
-    replicas see the old read model until that commit and the new one after. A
-    materialized view (product_sales) is rebuilt by a refresh. Run it as the role that
-    ran the migrations.
+    replicas see the old read model until that commit and the new one after. A python
+    projection is rebuilt by its handler (give its module with --import, as to listen);
+    a materialized view (product_sales) by a refresh. Run it as the role that ran the
+    migrations.
     """
+    from cqrs_pg.projections import import_modules
     from cqrs_pg.rebuild import rebuild as run_rebuild
 
+    import_modules(imports)
     run_rebuild(require_dsn(dsn), projection, batch_size, click.echo)

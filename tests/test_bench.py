@@ -1,47 +1,86 @@
-"""`cqrs-pg bench --quick`: it completes, its JSON is well formed, and every variant really
-did what it says (rows written, events in the outbox or not). No timing thresholds: the
-figures of a 1-second run on a shared machine prove nothing."""
+"""`cqrs-pg bench --quick`: every part completes, its JSON is well formed, each part really
+did what it says (rows written, events in the outbox or not, every event projected exactly
+once, read models equal to their definitions), and the plots are written. No timing
+thresholds: the figures of a seconds-long run on a shared machine prove nothing."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-from pathlib import Path
+import uuid
+from typing import Any
 
-from cqrs_pg.bench import RATIOS, VARIANTS, capture_function_variant
-from tests.conftest import REPO
+import pytest
+from click.testing import CliRunner
+from psycopg.conninfo import make_conninfo
+
+from cqrs_pg.bench import RATIOS, VARIANTS, doorbell_variant, render
+from cqrs_pg.bench._common import BenchConfig, percentile, spread
+from cqrs_pg.cli import main
+from tests.conftest import REPO, Database
 
 EVENTS_PER_ORDER = 5  # 2 product updates, 1 order, 2 order lines
+PROJECTIONS = {"order_summary", "customer_stats", "product_sales"}
+QUICK = BenchConfig.quick_config()
 
 
-def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "cqrs_pg", "bench", "--quick", "--json", str(out)],
-        capture_output=True, text=True, timeout=240, cwd=REPO,
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One `cqrs-pg bench --quick --json --plots` run, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, plots = tmp / "bench.json", tmp / "plots"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cqrs_pg", "bench", "--quick", "--json", str(out), "--plots", str(plots)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "[12/12]" in proc.stdout  # progress lines while it runs
-    assert "ratios of medians at 4 clients" in proc.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the bench stops its servers and daemons on the way out
+        stdout, stderr = proc.communicate(timeout=120)
+        pytest.fail(f"cqrs-pg bench --quick did not finish in 20 minutes:\n{stdout}\n{stderr}")
+    assert proc.returncode == 0, stdout + stderr
+    return {"stdout": stdout, "stderr": stderr, "report": json.loads(out.read_text()), "plots": plots}
 
-    report = json.loads(out.read_text())
+
+def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
+    report = quick["report"]
     assert report["command"] == "cqrs-pg bench --quick"
-    assert report["config"]["clients"] == [1, 4]
+    assert report["quick"] is True and report["complete"] is True
+    assert report["parts_run"] == [1, 2, 3, 4, 5]
+    assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth"}
+    assert [p["part"] for p in report["parts"].values()] == [1, 2, 3, 4, 5]
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["server_version"]
     assert report["machine"]["replicas_streaming"] == 1
+    # The issue's targets, each with its value and verdict (whatever it is on this machine).
+    assert {t["part"] for t in report["targets"]} == {1, 2, 3, 5}
+    for t in report["targets"]:
+        assert t["met"] in (True, False), t
+    # Progress on stderr while it runs; the tables on stdout.
+    assert "[12/12]" in quick["stderr"] and "[12/12]" not in quick["stdout"]
+    for title in ("part 1: command throughput", "part 2: projection catch-up", "part 3: end-to-end latency",
+                  "part 4: materialized view cost", "part 5: growth of the outbox", "== targets =="):
+        assert title in quick["stdout"], title
+    assert "ratios of medians at 4 clients" in quick["stdout"]
+    # The tables can be printed again from the JSON alone.
+    assert "\n".join(render(report)).strip() in quick["stdout"]
 
+
+def test_quick_throughput(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["throughput"]
+    assert part["config"]["clients"] == [1, 4]
     keys = [v.key for v in VARIANTS]
-    assert set(report["variants"]) == set(keys)
-    assert len(report["runs"]) == len(keys) * 2
+    assert set(part["variants"]) == set(keys)
+    assert len(part["runs"]) == len(keys) * 2
     for key in keys:
         for clients in ("1", "4"):
-            cell = report["medians"][key][clients]
+            cell = part["medians"][key][clients]
             assert cell["runs"] == 1
             assert cell["min"] <= cell["median"] <= cell["max"]
             assert cell["median"] > 0
-    for run in report["runs"]:
+    for run in part["runs"]:
         assert run["failed"] == 0, run
         assert run["transactions"] > 0, run
         assert run["other_cpu"] is not None  # own cluster: foreign CPU use is measured
@@ -57,7 +96,7 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
 
     # Every variant wrote what it says: one order per pgbench transaction, 2 lines each;
     # the outbox gets 5 events per command in (b)-(f) and none at all in (a).
-    rows = report["rows"]
+    rows = part["rows"]
     for key in keys:
         r = rows[key]
         assert r["orders"] == r["transactions"] > 0, (key, r)
@@ -68,35 +107,142 @@ def test_bench_quick_writes_a_complete_report(tmp_path: Path) -> None:
             assert r["outbox_events"] == EVENTS_PER_ORDER * r["orders"], (key, r)
             assert r["commands"] == r["orders"], (key, r)
 
-    ratios = report["ratios"]
+    ratios = part["ratios"]
     assert ratios["clients"] == 4
     for num, den, target, _what in RATIOS:
         r = ratios[f"{num}/{den}"]
         assert r["value"] > 0 and r["target"] == target
         assert r["met"] is (None if target is None else r["value"] >= target)
-    assert set(report["daemon_cpu"]) == {"d", "e"}
+    assert set(part["daemon_cpu"]) == {"d", "e"}
 
 
-DEFINITION = """CREATE OR REPLACE FUNCTION cqrs.tg_capture()
- RETURNS trigger
- LANGUAGE plpgsql
-AS $function$
-BEGIN
-    EXECUTE 'INSERT ...';
-    -- The doorbell.
-    IF EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.sleeping AND l.expires_at > now()) THEN
-        PERFORM pg_notify('cqrs_outbox', '');
-    END IF;
-    RETURN NULL;
-END
-$function$
-"""
+def test_quick_catchup(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["catchup"]
+    assert part["config"]["backlogs"] == [QUICK.backlog // 10, QUICK.backlog]
+    assert len(part["sizes"]) == 2
+    assert len(part["runs"]) == 2 * 2  # (daemon, raw) x 2 backlogs x 1 round
+    for key, size in part["sizes"].items():
+        backlog = size["backlog"]
+        assert backlog["events"] == int(key) >= backlog["size"]
+        assert backlog["generated_events"] > 0
+        # The backlog is a mix of every kind of shop event, written through the triggers.
+        assert {"customer.created", "customer.updated", "product.updated", "order.created",
+                "order.updated", "order_line.created"} <= set(backlog["event_types"])
+        # The real daemon drained it into every read model, each event exactly once.
+        assert backlog["verified"] == {name: 0 for name in PROJECTIONS}
+        assert backlog["applied_exactly_once"] is True
+        assert set(size["per_projection"]) == PROJECTIONS
+        assert size["daemon_events_per_second"]["median"] > 0
+        assert size["raw_events_per_second"]["median"] > 0
+        assert size["ratio_to_raw"]["value"] > 0
+        assert size["peak_rss_mb"]["median"] > 0
+    for run in part["runs"]:
+        if run["kind"] == "daemon":
+            assert run["applied"] == {name: run["backlog"] for name in PROJECTIONS}, run
+            assert sum(c["events"] for c in run["per_projection"].values()) == 3 * run["backlog"], run
+        else:
+            assert run["batches"] >= 1 and run["rows_written"] > 0, run
+    assert part["memory"]["ratio"] > 0 and part["memory"]["flat"] in (True, False)
 
 
-def test_capture_variants_rewrite_only_the_doorbell() -> None:
-    quiet = capture_function_variant(DEFINITION, "no_doorbell")
-    assert "pg_notify" not in quiet and "cqrs.listeners" not in quiet
-    assert "EXECUTE 'INSERT ...';" in quiet and "RETURN NULL;" in quiet
-    naive = capture_function_variant(DEFINITION, "always_notify")
-    assert "PERFORM pg_notify('cqrs_outbox', '');" in naive and "cqrs.listeners" not in naive
-    assert "END IF" not in naive
+def test_quick_latency(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["latency"]
+    assert part["config"]["watched_on"] == "replica"
+    assert len(part["runs"]) == len(QUICK.rates) * 2
+    for kind in ("command", "replication"):
+        for rate in QUICK.rates:
+            cell = part["results"][kind][str(rate)]
+            assert cell["errors"] == 0 and cell["unseen"] == 0, cell
+            assert cell["samples"] > 0
+            assert cell["p50_ms"]["median"] <= cell["p95_ms"]["median"] <= cell["p99_ms"]["median"]
+            if kind == "command":  # read-your-writes: caught_up turns true once the row is there, not before
+                assert cell["caught_up_p50_ms"]["median"] >= cell["p50_ms"]["median"]
+    for run in part["runs"]:
+        assert run["seen"] == run["committed"] == run["scheduled"], run
+
+
+def test_quick_matview(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["matview"]
+    assert len(part["refresh"]) == len(QUICK.matview_lines)
+    for key, row in part["refresh"].items():
+        assert int(key) >= row["asked"]
+        assert row["concurrently_ms"]["median"] > 0 and row["plain_ms"]["median"] > 0
+    debounced = [r for r in part["debounce_runs"] if r["refresh_interval"] == QUICK.refresh_interval]
+    eager = [r for r in part["debounce_runs"] if r["refresh_interval"] == 0]
+    assert len(debounced) == len(eager) == 1
+    for run in debounced + eager:
+        assert run["commands"] > 0 and run["refreshes"] >= 1, run
+    # The debounce's guarantee: at most one refresh per interval (plus one at each end of
+    # the window: a refresh is counted when it ends, the interval runs from its start).
+    for run in debounced:
+        assert run["refreshes"] <= run["seconds"] / run["refresh_interval"] + 2, run
+
+
+def test_quick_growth(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["growth"]
+    assert [o["rows_asked"] for o in part["outboxes"]] == list(QUICK.history)
+    small, large = part["outboxes"]
+    assert small["rows"] >= QUICK.history[0] and large["rows"] >= QUICK.history[1]
+    for o in part["outboxes"]:
+        assert o["new_events"] >= QUICK.batch_size
+        for what in ("batch_end", "idle_poll", "batch_read"):
+            plans = o["plans"][what]
+            assert plans, (what, o["plans"])
+            assert any(any("outbox" in s["relation"] for s in p["scans"]) for p in plans), (what, plans)
+            assert all(isinstance(p["buffers"], int) for p in plans), plans
+    for what in ("batch_end", "batch_read", "idle_poll", "apply", "command"):
+        f = part["figures"][what]
+        assert set(f["ms"]) == {str(small["rows"]), str(large["rows"])}
+        assert f["ratio"] > 0 and f["flat"] in (True, False)
+
+
+def test_quick_plots(quick: dict[str, Any]) -> None:
+    for name in ("throughput.png", "latency.png"):
+        data = (quick["plots"] / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+def test_statistics() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0], 99) == 1.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+    assert spread([]) is None and spread([None]) is None
+    assert spread([3, 1, None, 2]) == {"median": 2, "min": 1, "max": 3, "runs": 3}
+
+
+def test_bench_options_are_checked() -> None:
+    runner = CliRunner()
+    for args, bad in ((["--parts", "1,7"], "'1,7'"), (["--rates", "0"], "'0'"), (["--history", "5"], "'5'"),
+                      (["--clients", "1,x"], "'1,x'")):
+        result = runner.invoke(main, ["bench", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert bad in result.output, (args, result.output)
+    result = runner.invoke(main, ["bench", "--replica-dsn", "host=x"])
+    assert result.exit_code == 2 and "--replica-dsn goes with --dsn" in result.output, result.output
+    result = runner.invoke(main, ["bench", "--quick", "--json", "/nonexistent-dir/bench.json"])
+    assert result.exit_code == 1 and "/nonexistent-dir does not exist" in result.output, result.output
+
+
+def test_bench_on_a_server_needs_a_superuser(db: Database) -> None:
+    role = f"bench_{uuid.uuid4().hex[:8]}"
+    with db.connect() as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        try:
+            result = CliRunner().invoke(main, ["bench", "--quick", "--dsn", make_conninfo(db.dsn, user=role)])
+        finally:
+            conn.execute(f"DROP ROLE {role}")
+    assert result.exit_code == 1, result.output
+    assert f"role '{role}' is not a superuser" in result.output, result.output
+
+
+def test_doorbell_variants(db: Database) -> None:
+    """Each variant's cqrs._ring_doorbell does what its label says, in a real database."""
+    with db.connect() as conn:
+        listen = db.connect()
+        listen.execute("LISTEN cqrs_outbox")
+        for capture, rings in (("no_doorbell", False), ("always_notify", True)):
+            conn.execute(doorbell_variant(capture))
+            conn.execute("SELECT cqrs._ring_doorbell()")
+            assert bool(list(listen.notifies(timeout=0.5, stop_after=1))) is rings, capture
+        listen.close()

@@ -1,0 +1,392 @@
+"""Part 3: end-to-end latency, command commit -> effect visible on the replica, beside the
+bare replication latency measured the same way in the same run.
+
+One database, the real `cqrs-pg listen` running on it (its defaults) throughout. An
+open-loop schedule issues commands at a fixed rate (command i is due at t0 + i / rate,
+whatever happened to the ones before), spread over several client connections; a client
+still busy when a command is due starts it late, and that lateness is reported. Two kinds
+of run, interleaved in a shuffled order in every round:
+
+- command:     SELECT ... FROM shop.place_order(...) (2 lines). Visible = its row in
+               shop_read.order_summary on the replica with both lines (line_count = 2);
+               also recorded: when cqrs.caught_up(token, 'order_summary') turns true there
+               (read-your-writes as a client would see it).
+- replication: INSERT of one row into a plain table, no trigger, no daemon work. Visible =
+               the row on the replica. This is the floor any replica read pays.
+
+One watcher connection on the replica asks, every --poll-ms, which of the committed and
+not yet seen ids are visible (primary-key look-ups of at most 1,000 ids). A sighting is
+timed at the middle of that poll's round trip: latency = sighting - commit returned, an
+upper bound that is late by up to one poll period for both kinds alike. The first
+--latency-warmup seconds of each run are not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from cqrs_pg.bench._common import (
+    OTHER_CPU_WARNING,
+    BenchError,
+    CpuWatch,
+    DaemonCpu,
+    Session,
+    fmt_spread,
+    percentile,
+    seed_uuid,
+    spread,
+)
+
+KINDS = ("command", "replication")
+TARGET_P50_MS = 5.0
+TARGET_P99_MS = 25.0
+# The rate the issue sets the targets at; with other rates, the lowest one is judged.
+TARGET_RATE = 500
+# Ids asked about per poll; a backlog beyond that is looked at oldest first.
+WATCH_LIMIT = 1000
+# After the last command: how long stragglers may take to become visible.
+STRAGGLERS_SECONDS = 60.0
+
+COMMAND_SQL = "SELECT aggregate_id, token FROM shop.place_order(%s, %s, %s)"
+PING_SQL = "INSERT INTO cqrs_bench.ping (id) VALUES (%s)"
+PING_TABLE_SQL = "CREATE SCHEMA IF NOT EXISTS cqrs_bench; CREATE TABLE cqrs_bench.ping (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+WATCH_SQL = {
+    "command": """
+        SELECT array(SELECT s.order_id FROM shop_read.order_summary s
+                      WHERE s.order_id = ANY(%(ids)s::uuid[]) AND s.line_count = 2),
+               array(SELECT t FROM unnest(%(tokens)s::bigint[]) t WHERE cqrs.caught_up(t, 'order_summary'))""",
+    "replication": """
+        SELECT array(SELECT p.id FROM cqrs_bench.ping p WHERE p.id = ANY(%(ids)s::uuid[])), '{}'::bigint[]""",
+}
+
+
+@dataclass
+class Run:
+    round: int
+    kind: str
+    rate: int
+    scheduled: int  # commands in the measured window
+    committed: int
+    seen: int
+    errors: int
+    achieved_rate: float | None
+    late_share: float | None  # started more than 2 ms after they were due
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+    caught_up_p50_ms: float | None = None
+    caught_up_p95_ms: float | None = None
+    caught_up_p99_ms: float | None = None
+    command_p50_ms: float | None = None  # due -> commit returned (includes waiting for a free client)
+    command_p99_ms: float | None = None
+    poll_period_ms: float | None = None
+    daemon_cpu_seconds: float | None = None
+    machine_cpu_busy: float | None = None
+    other_cpu: float | None = None
+    first_error: str | None = None
+
+
+def run(session: Session) -> dict[str, Any]:
+    return _Latency(session).run()
+
+
+class _Latency:
+    def __init__(self, session: Session) -> None:
+        self.s = session
+        self.cfg = session.cfg
+        self.progress = session.progress
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        db = self.s.clone("latency")
+        with self.s.connect(db) as conn:
+            conn.execute(PING_TABLE_SQL)
+        dsn = self.s.dsn(db)
+        watch_dsn = self.s.replica_dsn(db)
+        where = "replica"
+        if watch_dsn is None:
+            watch_dsn, where = dsn, "primary (no replica given)"
+            self.progress("   no replica given (--replica-dsn): visibility is watched on the primary")
+        rng = random.Random(cfg.seed)
+        plan = []
+        for r in range(cfg.rounds):
+            order = [(rate, kind) for rate in cfg.rates for kind in KINDS]
+            rng.shuffle(order)
+            plan += [(r + 1, rate, kind) for rate, kind in order]
+        per_run = cfg.latency_seconds + cfg.latency_warmup + 4
+        self.progress(
+            f"{len(plan)} runs: rates {','.join(map(str, cfg.rates))}/s x {{command, replication}} x {cfg.rounds} round(s)"
+            f" of {cfg.latency_seconds:g}s, {cfg.latency_clients} connections (about {len(plan) * per_run / 60:.1f} min)"
+        )
+        daemon = self.s.start_daemon(db, "latency-listen.log", "--log-level", "warning")
+        runs: list[Run] = []
+        try:
+            for i, (rnd, rate, kind) in enumerate(plan, 1):
+                self.s.settle(dsn)
+                with self.s.connect(db) as conn:
+                    self.s.wait_asleep(conn, daemon)
+                    daemon_cpu = DaemonCpu(self.s, conn, daemon)
+                watch = CpuWatch(self.s)
+                result = asyncio.run(self._one_run(rnd, kind, rate, dsn, watch_dsn))
+                cpu = watch.result()
+                result.daemon_cpu_seconds = daemon_cpu.total()
+                result.machine_cpu_busy, result.other_cpu = cpu["machine_cpu_busy"], cpu["other_cpu"]
+                if not daemon.alive():
+                    raise BenchError(f"the daemon exited during the latency runs: see {daemon.log}")
+                runs.append(result)
+                self.progress(f"[{i}/{len(plan)}] round {rnd}/{cfg.rounds}  {_describe(result)}")
+        finally:
+            self.s.stop_daemon(daemon)
+        self.s.drop(db)
+        return self._report(runs, where)
+
+    async def _one_run(self, rnd: int, kind: str, rate: int, dsn: str, watch_dsn: str) -> Run:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        total = max(1, round(rate * (cfg.latency_warmup + cfg.latency_seconds)))
+        warm = min(total - 1, round(rate * cfg.latency_warmup))
+        rng = random.Random(f"{cfg.seed}-{rnd}-{kind}-{rate}")
+        inputs: list[Any] = []
+        for _ in range(total):
+            if kind == "command":
+                p1 = rng.randint(1, cfg.products)
+                p2 = 1 + (p1 - 1 + rng.randint(1, cfg.products - 1)) % cfg.products
+                inputs.append((
+                    uuid.uuid4(), seed_uuid("c", rng.randint(1, cfg.customers)),
+                    Jsonb([{"sku": f"SKU-{p1}", "quantity": 1}, {"sku": f"SKU-{p2}", "quantity": 1}]),
+                ))
+            else:
+                inputs.append(uuid.uuid4())
+        nan = float("nan")
+        due = [nan] * total
+        started = [nan] * total
+        committed = [nan] * total
+        seen = [nan] * total
+        caught = [nan] * total
+        pending: dict[Any, int] = {}  # committed, not yet seen: key -> i, in commit order
+        tokens: dict[int, int] = {}  # committed, not yet caught up: token -> i
+        errors: list[str] = []
+        counter = itertools.count()
+        polls: list[float] = []
+
+        conns = [
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="cqrs-pg bench latency")
+            for _ in range(cfg.latency_clients)
+        ]
+        watcher = await psycopg.AsyncConnection.connect(watch_dsn, autocommit=True, application_name="cqrs-pg bench watcher")
+        try:
+            for conn in conns:  # connections warmed: the first command pays no catalog lookups
+                await conn.execute("SELECT 1")
+            t0 = loop.time() + 0.05
+
+            async def client(conn: psycopg.AsyncConnection) -> None:
+                while True:
+                    i = next(counter)
+                    if i >= total:
+                        return
+                    due[i] = t0 + i / rate
+                    delay = due[i] - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    started[i] = loop.time()
+                    try:
+                        if kind == "command":
+                            cur = await conn.execute(COMMAND_SQL, inputs[i])
+                            row = await cur.fetchone()
+                            assert row is not None
+                            key, token = row
+                        else:
+                            key, token = inputs[i], None
+                            await conn.execute(PING_SQL, (key,))
+                    except psycopg.Error as exc:
+                        errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                        continue
+                    committed[i] = loop.time()
+                    pending[key] = i
+                    if token is not None:
+                        tokens[token] = i
+
+            async def watch(sending: asyncio.Task[Any]) -> None:
+                give_up: float | None = None
+                while True:
+                    if sending.done():
+                        if not pending and not tokens:
+                            return
+                        give_up = give_up or loop.time() + STRAGGLERS_SECONDS
+                        if loop.time() > give_up:
+                            return
+                    keys = list(itertools.islice(pending, WATCH_LIMIT))
+                    toks = list(itertools.islice(tokens, WATCH_LIMIT))
+                    if keys or toks:
+                        s = loop.time()
+                        try:
+                            cur = await watcher.execute(WATCH_SQL[kind], {"ids": keys, "tokens": toks})
+                            row = await cur.fetchone()
+                        except psycopg.errors.SerializationFailure:
+                            # Cancelled by a conflict with recovery on the replica: ask again.
+                            await asyncio.sleep(cfg.poll_ms / 1000)
+                            continue
+                        r = loop.time()
+                        assert row is not None
+                        at = (s + r) / 2
+                        polls.append(at)
+                        for key in row[0]:
+                            i = pending.pop(key, None)
+                            if i is not None:
+                                seen[i] = at
+                        for token in row[1]:
+                            i = tokens.pop(token, None)
+                            if i is not None:
+                                caught[i] = at
+                    await asyncio.sleep(cfg.poll_ms / 1000)
+
+            sending = asyncio.ensure_future(asyncio.gather(*(client(c) for c in conns)))
+            await asyncio.gather(sending, watch(sending))
+        finally:
+            for conn in [*conns, watcher]:
+                await conn.close()
+
+        window = range(warm, total)
+        done = [i for i in window if committed[i] == committed[i]]  # not NaN
+        e2e = sorted((seen[i] - committed[i]) * 1000 for i in done if seen[i] == seen[i])
+        rw = sorted((caught[i] - committed[i]) * 1000 for i in done if caught[i] == caught[i])
+        cmd = sorted((committed[i] - due[i]) * 1000 for i in done)
+        late = sum(1 for i in done if started[i] - due[i] > 0.002)
+        span = (max(committed[i] for i in done) - min(committed[i] for i in done)) if len(done) > 1 else 0.0
+        gaps = [b - a for a, b in itertools.pairwise(polls)]
+        return Run(
+            round=rnd, kind=kind, rate=rate, scheduled=len(window), committed=len(done),
+            seen=len(e2e), errors=len(errors),
+            achieved_rate=round((len(done) - 1) / span, 1) if span > 0 else None,
+            late_share=round(late / len(done), 4) if done else None,
+            p50_ms=_r(percentile(e2e, 50)), p95_ms=_r(percentile(e2e, 95)), p99_ms=_r(percentile(e2e, 99)),
+            max_ms=_r(e2e[-1] if e2e else None),
+            caught_up_p50_ms=_r(percentile(rw, 50)) if kind == "command" else None,
+            caught_up_p95_ms=_r(percentile(rw, 95)) if kind == "command" else None,
+            caught_up_p99_ms=_r(percentile(rw, 99)) if kind == "command" else None,
+            command_p50_ms=_r(percentile(cmd, 50)), command_p99_ms=_r(percentile(cmd, 99)),
+            poll_period_ms=_r(sorted(gaps)[len(gaps) // 2] * 1000 if gaps else None),
+            first_error=errors[0] if errors else None,
+        )
+
+    def _report(self, runs: list[Run], where: str) -> dict[str, Any]:
+        cfg = self.cfg
+        results: dict[str, dict[str, Any]] = {}
+        for kind in KINDS:
+            for rate in cfg.rates:
+                mine = [r for r in runs if r.kind == kind and r.rate == rate]
+                cell: dict[str, Any] = {
+                    key: spread([getattr(r, key) for r in mine])
+                    for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "command_p50_ms", "command_p99_ms",
+                                "achieved_rate", "late_share", "poll_period_ms", "daemon_cpu_seconds")
+                }
+                if kind == "command":
+                    for key in ("caught_up_p50_ms", "caught_up_p95_ms", "caught_up_p99_ms"):
+                        cell[key] = spread([getattr(r, key) for r in mine])
+                cell["samples"] = sum(r.seen for r in mine)
+                cell["unseen"] = sum(r.committed - r.seen for r in mine)
+                cell["errors"] = sum(r.errors for r in mine)
+                results.setdefault(kind, {})[str(rate)] = cell
+        judged = TARGET_RATE if TARGET_RATE in cfg.rates else min(cfg.rates)
+        return {
+            "part": 3,
+            "benchmark": "end-to-end latency: command commit -> its row in shop_read.order_summary visible on the replica",
+            "config": {
+                "rates": list(cfg.rates),
+                "rounds": cfg.rounds,
+                "seconds": cfg.latency_seconds,
+                "warmup_seconds": cfg.latency_warmup,
+                "clients": cfg.latency_clients,
+                "poll_ms": cfg.poll_ms,
+                "watched_on": where,
+                "schedule": "open loop: command i due at t0 + i / rate, spread over the client connections",
+                "daemon": "cqrs-pg listen with its defaults (--log-level warning), running throughout",
+                "order": f"(rate, kind) shuffled per round, seed {cfg.seed}",
+                "before_each_run": "VACUUM (ANALYZE), no autovacuum worker running, CHECKPOINT, replica replayed,"
+                " daemon asleep",
+                "timing": "sighting at the middle of the watcher's poll round trip; latency = sighting - commit"
+                " returned: an upper bound, late by up to one poll period, the same for both kinds",
+            },
+            "runs": [asdict(r) for r in runs],
+            "results": results,
+            "judged_rate": judged,
+        }
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _describe(r: Run) -> str:
+    def ms(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    text = (
+        f"{r.rate:>5}/s {r.kind:<11} p50 {ms(r.p50_ms)} p95 {ms(r.p95_ms)} p99 {ms(r.p99_ms)} ms"
+        f"  ({r.seen:,} seen of {r.committed:,}; achieved {r.achieved_rate or 0:,.0f}/s; late {100 * (r.late_share or 0):.1f}%)"
+    )
+    if r.kind == "command":
+        text += f"  caught_up p50 {ms(r.caught_up_p50_ms)} p99 {ms(r.caught_up_p99_ms)} ms"
+    if r.errors:
+        text += f"  ERRORS {r.errors}: {r.first_error}"
+    if r.other_cpu is not None and r.other_cpu > OTHER_CPU_WARNING:
+        text += f"  [other processes used {r.other_cpu * 100:.0f}% of the CPUs]"
+    return text
+
+
+def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
+    rate = part["judged_rate"]
+    cell = part["results"]["command"][str(rate)]
+    p50 = (cell["p50_ms"] or {}).get("median")
+    p99 = (cell["p99_ms"] or {}).get("median")
+    return [
+        {"part": 3, "what": f"end-to-end p50 at {rate}/s (ms)", "value": p50, "target": f"<= {TARGET_P50_MS:g} ms",
+         "met": None if p50 is None else p50 <= TARGET_P50_MS},
+        {"part": 3, "what": f"end-to-end p99 at {rate}/s (ms)", "value": p99, "target": f"<= {TARGET_P99_MS:g} ms",
+         "met": None if p99 is None else p99 <= TARGET_P99_MS},
+    ]
+
+
+def render(part: dict[str, Any]) -> list[str]:
+    cfg = part["config"]
+    lines = [
+        f"end-to-end latency, ms: median (min-max) over {cfg['rounds']} interleaved round(s) of {cfg['seconds']:g}s;"
+        f" open loop, {cfg['clients']} connections, watched on the {cfg['watched_on']} every {cfg['poll_ms']:g} ms",
+    ]
+    head = f"{'rate':>7} {'what':<34} {'p50':>20} {'p95':>20} {'p99':>20} {'samples':>9}"
+    lines += [head, "-" * len(head)]
+    fmt = "{:.2f}"
+    for rate in cfg["rates"]:
+        c = part["results"]["command"][str(rate)]
+        b = part["results"]["replication"][str(rate)]
+        rows = [
+            ("order_summary row on the replica", c["p50_ms"], c["p95_ms"], c["p99_ms"], c["samples"]),
+            ("caught_up(token) true there", c["caught_up_p50_ms"], c["caught_up_p95_ms"], c["caught_up_p99_ms"], c["samples"]),
+            ("baseline: plain row replicated", b["p50_ms"], b["p95_ms"], b["p99_ms"], b["samples"]),
+        ]
+        for label, p50, p95, p99, n in rows:
+            lines.append(f"{rate:>5}/s {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}")
+    lines.append("")
+    for rate in cfg["rates"]:
+        c = part["results"]["command"][str(rate)]
+        lines.append(
+            f"  {rate}/s commands: achieved {fmt_spread(c['achieved_rate'])}/s, started late (> 2 ms) {fmt_spread(c['late_share'], '{:.1%}')},"
+            f" due -> committed p50 {fmt_spread(c['command_p50_ms'], fmt)} ms, p99 {fmt_spread(c['command_p99_ms'], fmt)} ms;"
+            f" poll period {fmt_spread(c['poll_period_ms'], fmt)} ms; unseen {c['unseen']}, errors {c['errors']}"
+        )
+    others = [r["other_cpu"] for r in part["runs"] if r.get("other_cpu") is not None]
+    if others and max(others) > OTHER_CPU_WARNING:
+        lines.append(f"WARNING: other processes used up to {max(others) * 100:.0f}% of the CPUs during some runs: figures disturbed")
+    return lines
+
+
+__all__ = ["run", "render", "targets"]
