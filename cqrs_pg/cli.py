@@ -86,6 +86,15 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
 @click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds between polls when no NOTIFY arrives.")
 @click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
 @click.option(
+    "--refresh-budget",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
+    help="At most this share of the time refreshing one materialized view: after a refresh that took "
+    "t seconds the next waits at least t/FRACTION (a refresh recomputes the whole view).",
+)
+@click.option(
     "--batch-delay",
     default=0.01,
     show_default=True,
@@ -113,6 +122,7 @@ def listen(
     batch_size: int,
     poll_interval: float,
     refresh_interval: float,
+    refresh_budget: float,
     batch_delay: float,
     projections: tuple[str, ...],
     log_level: str,
@@ -140,6 +150,7 @@ def listen(
             batch_size=batch_size,
             poll_interval=poll_interval,
             refresh_interval=refresh_interval,
+            refresh_budget=refresh_budget,
             batch_delay=batch_delay,
             projections=list(projections) or None,
             stall_warning=stall_warning,
@@ -325,6 +336,7 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 @click.option("--warmup", type=click.IntRange(1), help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
 @click.option("--backlog", type=click.IntRange(1), metavar="N", help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
 @click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
+@click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS", help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
 @click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...", help="Part 3: arrival rates, commands/s [default: 500,2000].")
 @click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
 @click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")

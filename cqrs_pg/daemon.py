@@ -8,7 +8,8 @@ in one transaction too (cqrs_pg.projections.run_batch).
 
 One connection (the main thread) listens, beats the heart and watches the fence; each
 projection runs on a connection of its own, in a thread of its own, so a catch-up uses
-every core and one slow projection does not delay the others' next batch.
+every core, and a materialized view's refresh (a whole recompute) does not delay the
+other projections' next batch.
 See sql/cqrs/DESIGN.md, also for the wake-up protocol.
 """
 
@@ -20,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import psycopg
@@ -61,6 +62,10 @@ class ListenerConfig:
     # fixed cost (round trips, planning, a commit each) would compete with the commands.
     batch_delay: float = 0.01
     refresh_interval: float = 1.0
+    # A materialized view's refresh recomputes all of it: keep the share of time spent
+    # refreshing it at most this, by waiting longer between refreshes than
+    # refresh_interval when the last one took more than refresh_budget of it.
+    refresh_budget: float = 0.1
     # Batches per projection before giving the others a turn.
     batches_per_turn: int = 10
     projections: list[str] | None = None
@@ -79,6 +84,8 @@ class Progress:
     retry_after: float | None = None
     # some projection stopped at a full batch: more is waiting right now
     more: bool = False
+    # turns still running (a long refresh, a big batch): collected by a later round
+    pending: int = 0
 
     def add(self, applied: int, retry_after: float | None, more: bool = False) -> None:
         self.applied += applied
@@ -110,6 +117,8 @@ class Listener:
         self._lag_due = 0.0
         # python projections: name -> search_path; those without a handler, logged once
         self._python: dict[str, str] = {}
+        self._matviews: dict[str, float] = {}
+        self._running: dict[str, Future[Progress]] = {}
         self._missing_handlers: set[str] = set()
         # projection -> its connection (created on first use, dropped when it fails)
         self._workers: dict[str, psycopg.Connection] = {}
@@ -160,6 +169,7 @@ class Listener:
                     try:
                         self._serve(conn)
                     finally:
+                        self._finish_turns()
                         self._close_workers()
                         self._leave(conn)
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
@@ -181,6 +191,8 @@ class Listener:
         if unknown:
             raise CqrsPgError(f"unknown projection(s): {', '.join(sorted(unknown))}")
         self._python = {name: registered[name][1] for name in names if registered[name][0] == "python"}
+        # matview projections: name -> seconds its last refresh took
+        self._matviews = {name: 0.0 for name in names if registered[name][0] == "matview"}
         logger.info("projections: %s", ", ".join(names))
         self._heartbeat(conn, sleeping=False)
         sleeping = False
@@ -190,6 +202,8 @@ class Listener:
             progress = self._run_all(conn, names)
             now = time.monotonic()
             self._observe(conn, names, now, applied=progress.applied)
+            if progress.pending == len(names):
+                continue  # only refreshes running, none ended within WAIT_SLICE
             if progress.applied:
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
@@ -199,7 +213,7 @@ class Listener:
                     self._stop.wait(cfg.batch_delay)
                 continue
             timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
-            if now - last_event < cfg.linger:
+            if now - last_event < cfg.linger or progress.pending:  # awake while a refresh runs
                 self._stop.wait(min(timeout, cfg.linger_poll))
                 continue
             if not sleeping or now - slept_at > self._ttl / 3:
@@ -207,28 +221,49 @@ class Listener:
                 # command that read "awake" just before may have committed since.
                 self._heartbeat(conn, sleeping=True)
                 sleeping, slept_at = True, now
-                if self._run_all(conn, names).applied:
+                if self._run_all(conn, names, every=True).applied:
                     continue
             if self._wait(conn, timeout):
                 last_event = time.monotonic()
 
-    def _run_all(self, conn: psycopg.Connection, names: list[str]) -> Progress:
-        """One turn of every projection, each on its own connection, in parallel."""
+    def _run_all(self, conn: psycopg.Connection, names: list[str], every: bool = False) -> Progress:
+        """A turn of every projection, each on its own connection, in parallel. The round
+        waits for the sql and python projections, not for a materialized view's refresh
+        (a whole recompute, which may take seconds): that one runs on and is collected by
+        a later round, so it never delays the next batch of the others. With every, the
+        round waits for all."""
         progress = Progress()
         if len(names) == 1:
             progress.merge(self._turn(names[0]))
             return progress
         assert self._pool is not None, "run() starts the pool"
-        futures = [self._pool.submit(self._turn, name) for name in names]
+        for name in names:
+            if name not in self._running:
+                self._running[name] = self._pool.submit(self._turn, name)
+        rounds = [f for name, f in self._running.items() if every or name not in self._matviews]
+        if rounds:
+            wait(rounds)
+        else:  # only views are running: wait for one, a slice at a time
+            wait(self._running.values(), timeout=WAIT_SLICE, return_when=FIRST_COMPLETED)
         failure: BaseException | None = None
-        for future in futures:
+        for name, future in list(self._running.items()):
+            if not future.done():
+                progress.pending += 1
+                continue
+            del self._running[name]
             try:
                 progress.merge(future.result())
-            except BaseException as exc:  # re-raised below, once every turn has ended
+            except BaseException as exc:  # re-raised below, once every ended turn is collected
                 failure = failure or exc
         if failure is not None:
             raise failure
         return progress
+
+    def _finish_turns(self) -> None:
+        """Let running turns end (each stops after its batch in hand) before their
+        connections are closed."""
+        running, self._running = list(self._running.values()), {}
+        wait(running)
 
     def _turn(self, name: str) -> Progress:
         """Up to batches_per_turn batches of one projection, on its own connection."""
@@ -250,11 +285,13 @@ class Listener:
                 else:
                     row = conn.execute(
                         "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))",
-                        (name, cfg.batch_size, cfg.refresh_interval),
+                        (name, cfg.batch_size, self._refresh_interval(name)),
                     ).fetchone()
                     assert row is not None
                     applied, more, busy, retry_after = row
                 progress.add(applied, retry_after, bool(more) and not busy)
+                if name in self._matviews and applied:
+                    self._matviews[name] = time.monotonic() - started  # the refresh's cost
                 if applied:
                     with self._count_lock:
                         self.applied_total += applied
@@ -270,6 +307,12 @@ class Listener:
             self._close_worker(name)
             raise
         return progress
+
+    def _refresh_interval(self, name: str) -> float:
+        """refresh_interval, or longer for a view whose last refresh took more than
+        refresh_budget of that: a refresh costs the whole view, not the new events."""
+        cost = self._matviews.get(name, 0.0)
+        return max(self.config.refresh_interval, cost / self.config.refresh_budget)
 
     def _worker_conn(self, name: str) -> psycopg.Connection:
         conn = self._workers.get(name)

@@ -4,6 +4,7 @@ to their definitions on the primary and on the replica, read-your-writes, wake-u
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ NO_MISMATCH = {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
 
 @contextmanager
 def running_daemon(db: Database, **overrides: object) -> Iterator[Listener]:
-    config = ListenerConfig(dsn=db.dsn, refresh_interval=0.1, **overrides)  # type: ignore[arg-type]
+    config = ListenerConfig(dsn=db.dsn, **{"refresh_interval": 0.1, **overrides})  # type: ignore[arg-type]
     listener = Listener(config)
     thread = threading.Thread(target=listener.run, daemon=True)
     thread.start()
@@ -126,6 +127,23 @@ def test_small_batches_split_transactions_and_still_match(db: Database) -> None:
         assert applied_counts(conn) == dict.fromkeys(NO_MISMATCH, outbox_count(conn))
 
 
+def test_sums_over_many_orders_do_not_overflow_the_read_models(db: Database) -> None:
+    """Each order's total fits a bigint (place_order refuses one that does not); the sums
+    of a customer's or a product's orders need not, and must not stop a projection."""
+    with db.connect() as conn:
+        customer, _ = seed(conn)
+        price = 2**62
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'HUGE', 'h', %s, 10)", (price,))
+        for _ in range(3):
+            conn.execute("SELECT shop.place_order(gen_random_uuid(), %s, %s)",
+                         (customer, Jsonb([{"sku": "HUGE", "quantity": 1}])))
+        db.run_projections()
+        assert all_mismatches(conn) == NO_MISMATCH
+        assert conn.execute("SELECT lifetime_value_cents FROM shop_read.customer_stats WHERE customer_id = %s",
+                            (customer,)).fetchone()[0] == 3 * price
+        assert conn.execute("SELECT revenue_cents FROM shop_read.product_sales WHERE sku = 'HUGE'").fetchone()[0] == 3 * price
+
+
 def test_caught_up_only_after_the_whole_transaction(db: Database) -> None:
     with db.connect() as conn:
         customer, sku = seed(conn)
@@ -186,6 +204,32 @@ def test_materialized_view_refresh_is_debounced(db: Database) -> None:
         applied, _, _, retry_after = conn.execute("SELECT * FROM cqrs.run_projection('product_sales', 100, '0 s')").fetchone()
         assert applied == 3 and retry_after is None
         assert conn.execute("SELECT units_sold FROM shop_read.product_sales").fetchone()[0] == 4
+
+
+def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
+    """A refresh recomputes the whole view: after one that took t seconds the daemon waits
+    at least t / refresh_budget before the next, however often events arrive."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        conn.execute(
+            "CREATE MATERIALIZED VIEW shop_read.slow AS"
+            " SELECT 1 AS id, (SELECT count(*) FROM shop.orders) AS orders, pg_sleep(0.3)::text AS slept"
+        )
+        conn.execute("CREATE UNIQUE INDEX ON shop_read.slow (id)")
+        conn.execute("SELECT cqrs.register_projection('slow', 'matview', matview => 'shop_read.slow',"
+                     " event_types => ARRAY['order.created'])")
+        conn.execute("CREATE TABLE refreshes AS SELECT refreshed_at FROM cqrs.projections WHERE false")
+        with running_daemon(db, projections=["slow"], refresh_interval=0.05, refresh_budget=0.5):
+            for _ in range(40):  # an order every 0.1 s for 4 s
+                place(conn, customer, sku)
+                conn.execute("INSERT INTO refreshes SELECT refreshed_at FROM cqrs.projections"
+                             " WHERE name = 'slow' AND refreshed_at IS NOT NULL")
+                time.sleep(0.1)
+        times = [r[0] for r in conn.execute("SELECT DISTINCT refreshed_at FROM refreshes ORDER BY 1")]
+    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    assert len(gaps) >= 2, times
+    # 0.3 s / 0.5: at least 0.6 s apart (without the budget: the refresh plus 0.05 s)
+    assert min(gaps) >= 0.6, gaps
 
 
 def test_events_irrelevant_to_a_view_advance_it_without_refresh(db: Database) -> None:

@@ -65,6 +65,7 @@ class BenchConfig:
     # part 2: projection catch-up; backlogs of backlog // 10 and backlog events
     backlog: int = 1_000_000
     batch_size: int = 5000  # the daemon's --batch-size (its default)
+    batch_delay: float | None = None  # the daemon's --batch-delay in every part (None: its default)
     # part 3: end-to-end latency
     rates: tuple[int, ...] = (500, 2000)  # commands per second, open loop
     latency_seconds: float = 10.0  # measured, per run
@@ -405,6 +406,8 @@ class Session:
         so "no daemon" always means no row."""
         with self.connect(dbname) as conn:
             conn.execute("DELETE FROM cqrs.listeners")
+        if self.cfg.batch_delay is not None:
+            args = (*args, "--batch-delay", str(self.cfg.batch_delay))
         daemon = Daemon(self.dsn(dbname), self.workdir / log_name, *args)
         daemon.dbname = dbname
         self.daemons.append(daemon)
