@@ -24,7 +24,7 @@ EXPECTED = {
                count(o.id)::bigint AS orders_placed,
                count(o.id) FILTER (WHERE o.status = 'cancelled')::bigint AS orders_cancelled,
                count(o.id) FILTER (WHERE o.status = 'shipped')::bigint AS orders_shipped,
-               coalesce(sum(t.total) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS lifetime_value_cents
+               coalesce(sum(t.total) FILTER (WHERE o.status <> 'cancelled'), 0)::numeric AS lifetime_value_cents
           FROM shop.customers c
           LEFT JOIN shop.orders o ON o.customer_id = c.id
           LEFT JOIN (SELECT order_id, sum(quantity * unit_price_cents) AS total
@@ -33,7 +33,7 @@ EXPECTED = {
     "product_sales": """
         SELECT p.id AS product_id, p.sku, p.name, p.price_cents, p.stock,
                coalesce(sum(s.quantity), 0)::bigint AS units_sold,
-               coalesce(sum(s.quantity * s.unit_price_cents), 0)::bigint AS revenue_cents
+               coalesce(sum(s.quantity * s.unit_price_cents), 0)::numeric AS revenue_cents
           FROM shop.products p
           LEFT JOIN (SELECT l.product_id, l.quantity, l.unit_price_cents
                        FROM shop.order_lines l JOIN shop.orders o ON o.id = l.order_id

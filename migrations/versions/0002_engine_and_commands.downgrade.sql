@@ -23,6 +23,9 @@ DROP FUNCTION cqrs.rebuild_claim(text, integer, boolean),
 DROP FUNCTION cqrs.batch_unordered(xid8, bigint, xid8, bigint);
 DROP FUNCTION cqrs.prune_receipts(interval, integer);
 DROP INDEX cqrs.commands_created_at_idx;
+-- Read-model sums back to bigint (0001); product_sales is restored below.
+DROP MATERIALIZED VIEW shop_read.product_sales;
+ALTER TABLE shop_read.customer_stats ALTER COLUMN lifetime_value_cents TYPE bigint;
 
 -- 0001_initial.sql:sql/cqrs/functions/tg_capture.sql
 -- Statement-level outbox trigger: appends one event per changed row, in one INSERT, from
@@ -886,3 +889,27 @@ BEGIN
     RETURN cqrs._finish_command(command_id, v_id, 1);
 END
 $$;
+
+-- 0001_initial.sql:sql/shop_read/views/product_sales.sql
+-- One row per product: units sold and revenue over lines of orders not cancelled.
+-- Refreshed CONCURRENTLY by the daemon, which needs the unique index on product_id.
+CREATE MATERIALIZED VIEW shop_read.product_sales AS
+SELECT p.id AS product_id,
+       p.sku,
+       p.name,
+       p.price_cents,
+       p.stock,
+       coalesce(sum(l.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS units_sold,
+       coalesce(sum(l.quantity * l.unit_price_cents) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS revenue_cents
+  FROM shop.products p
+  LEFT JOIN shop.order_lines l ON l.product_id = p.id
+  LEFT JOIN shop.orders o ON o.id = l.order_id
+ GROUP BY p.id;
+
+CREATE UNIQUE INDEX product_sales_product_id ON shop_read.product_sales (product_id);
+
+-- migrations/versions/0002/downgrade_after.sql
+-- 0002 undone, last: product_sales (restored above as 0001 made it) gets its grant back
+-- and the registry its new oid.
+GRANT SELECT ON shop_read.product_sales TO cqrs_reader;
+UPDATE cqrs.projections SET matview = 'shop_read.product_sales'::regclass WHERE name = 'product_sales';

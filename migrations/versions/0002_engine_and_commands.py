@@ -45,6 +45,7 @@ SOURCES = [
     "sql/shop/functions/_close_order.sql",
     "sql/shop/functions/rename_customer.sql",
     "sql/shop/functions/place_order.sql",
+    "sql/shop_read/views/product_sales.sql",
     "sql/shop_proj/functions/apply_order_summary.sql",
     "sql/shop_proj/functions/apply_customer_stats.sql",
     "sql/cqrs/privileges.sql",
@@ -53,7 +54,7 @@ SOURCES = [
     "migrations/versions/0002/capture.sql",
 ]
 FROZEN = Path(__file__).with_name("0002_engine_and_commands.sql")
-FROZEN_SHA256 = "4fc796d079240d0240ae6cde6f1822ea5a5b92143b9fd00ab1b21303364f31cd"
+FROZEN_SHA256 = "64d3c40941ea78398097b8f19d388eee649677d1f953f2085a81078863bdd3a0"
 
 
 # Back to 0001: undo this revision's own steps, then restore each changed file of sql/
@@ -79,9 +80,11 @@ DOWNGRADE_SOURCES = [
     "0001_initial.sql:sql/shop/functions/_close_order.sql",
     "0001_initial.sql:sql/shop/functions/rename_customer.sql",
     "0001_initial.sql:sql/shop/functions/place_order.sql",
+    "0001_initial.sql:sql/shop_read/views/product_sales.sql",
+    "migrations/versions/0002/downgrade_after.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0002_engine_and_commands.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "ef19979e39560e4c06d9c3f3094aa10a718cb4230f8ceb8a49d929ca56880a4f"
+FROZEN_DOWNGRADE_SHA256 = "af2ab1031e02cac55e9956761018ac6a917804134f59fa1c1e2208ceb7945880"
 
 
 def upgrade() -> None:

@@ -1,6 +1,11 @@
 -- migrations/versions/0002/before.sql
 -- 0002, first: drops and ALTERs that the new definitions below need.
 SELECT 1;
+-- Read-model sums over many orders in numeric (0001: bigint, which one customer's or one
+-- product's orders could overflow, stopping the projection). The view is created anew
+-- from sql/ below; the registry follows its new oid in capture.sql's neighbour, after.sql.
+ALTER TABLE shop_read.customer_stats ALTER COLUMN lifetime_value_cents TYPE numeric;
+DROP MATERIALIZED VIEW shop_read.product_sales;
 
 -- sql/cqrs/indexes/commands_created_at.sql
 -- For cqrs.prune_receipts: the oldest receipts without a scan of them all.
@@ -984,6 +989,25 @@ BEGIN
 END
 $$;
 
+-- sql/shop_read/views/product_sales.sql
+-- One row per product: units sold and revenue over lines of orders not cancelled
+-- (revenue numeric: each line's value fits a bigint, the sum over all lines need not).
+-- Refreshed CONCURRENTLY by the daemon, which needs the unique index on product_id.
+CREATE MATERIALIZED VIEW shop_read.product_sales AS
+SELECT p.id AS product_id,
+       p.sku,
+       p.name,
+       p.price_cents,
+       p.stock,
+       coalesce(sum(l.quantity) FILTER (WHERE o.status <> 'cancelled'), 0)::bigint AS units_sold,
+       coalesce(sum(l.quantity * l.unit_price_cents) FILTER (WHERE o.status <> 'cancelled'), 0)::numeric AS revenue_cents
+  FROM shop.products p
+  LEFT JOIN shop.order_lines l ON l.product_id = p.id
+  LEFT JOIN shop.orders o ON o.id = l.order_id
+ GROUP BY p.id;
+
+CREATE UNIQUE INDEX product_sales_product_id ON shop_read.product_sales (product_id);
+
 -- sql/shop_proj/functions/apply_order_summary.sql
 -- Applies one batch of events to order_summary, set-based, in three statements:
 -- 1. customers whose name or email is newer in the batch (version-guarded) are upserted
@@ -1240,6 +1264,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 -- migrations/versions/0002/after.sql
 -- 0002, last: grants and data changes after the new definitions.
 SELECT 1;
+-- product_sales was created anew (before.sql, then sql/): the registry follows its oid.
+UPDATE cqrs.projections SET matview = 'shop_read.product_sales'::regclass WHERE name = 'product_sales';
 
 -- migrations/versions/0002/capture.sql
 -- Outbox capture: every table that 0001's generic cqrs.tg_capture captured (by dynamic SQL

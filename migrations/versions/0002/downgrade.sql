@@ -22,3 +22,6 @@ DROP FUNCTION cqrs.rebuild_claim(text, integer, boolean),
 DROP FUNCTION cqrs.batch_unordered(xid8, bigint, xid8, bigint);
 DROP FUNCTION cqrs.prune_receipts(interval, integer);
 DROP INDEX cqrs.commands_created_at_idx;
+-- Read-model sums back to bigint (0001); product_sales is restored below.
+DROP MATERIALIZED VIEW shop_read.product_sales;
+ALTER TABLE shop_read.customer_stats ALTER COLUMN lifetime_value_cents TYPE bigint;

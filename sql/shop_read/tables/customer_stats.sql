@@ -1,5 +1,6 @@
 -- One row per customer: orders placed, cancelled and shipped, and the value of orders
--- not cancelled.
+-- not cancelled (numeric: each order's total fits a bigint, as place_order checks, but a
+-- customer's sum of them need not, and an overflow would stop the projection).
 CREATE TABLE shop_read.customer_stats (
     customer_id          uuid PRIMARY KEY,
     name                 text NOT NULL,
@@ -7,5 +8,5 @@ CREATE TABLE shop_read.customer_stats (
     orders_placed        bigint NOT NULL DEFAULT 0,
     orders_cancelled     bigint NOT NULL DEFAULT 0,
     orders_shipped       bigint NOT NULL DEFAULT 0,
-    lifetime_value_cents bigint NOT NULL DEFAULT 0
+    lifetime_value_cents numeric NOT NULL DEFAULT 0
 );
