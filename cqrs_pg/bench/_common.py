@@ -141,24 +141,10 @@ def fmt_spread(cell: dict[str, Any] | None, fmt: str = "{:,.0f}", unit: str = ""
 
 
 class Daemon(DaemonProcess):
-    """`python -m cqrs_pg listen` from this very package, whatever the cwd or the install."""
+    """`python -m cqrs_pg listen` from this very package (DaemonProcess), with the database
+    it serves and its peak memory."""
 
     dbname = ""
-
-    def start(self) -> None:
-        package_root = str(Path(__file__).resolve().parent.parent.parent)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cqrs_pg", "listen", "--dsn", self.dsn, *self.args],
-                stdout=out, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
-            )
-        self.starts += 1
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
 
     def peak_rss_mb(self) -> float | None:
         """The process's peak resident set (VmHWM), while it is alive."""
