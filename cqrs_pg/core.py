@@ -51,11 +51,7 @@ def is_core(path: str) -> bool:
 
 def build(root: Path = sqlsource.SQL_ROOT) -> str:
     """The core as sql/ defines it now: the manifest's core files, in order."""
-    return "\n".join(
-        f"-- sql/{path.relative_to(root)}\n{path.read_text().strip()}\n"
-        for path in sqlsource.manifest(root)
-        if is_core(str(path.relative_to(root)))
-    )
+    return sqlsource.build(root, include=is_core)
 
 
 def _versions_dir() -> Path:
@@ -69,11 +65,7 @@ def frozen_sql(version: str) -> str:
     if version not in VERSIONS:
         raise ValueError(f"unknown cqrs core version {version!r}: this cqrs_pg ships {', '.join(VERSIONS)}")
     name, expected = VERSIONS[version]
-    text = (_versions_dir() / name).read_text()
-    actual = sqlsource.sha256(text)
-    if actual != expected:
-        raise RuntimeError(f"{name} was edited after it was frozen (sha256 {actual}, expected {expected})")
-    return text
+    return sqlsource.read_frozen(_versions_dir() / name, expected, "it was frozen")
 
 
 def _execute(target: Any, text: str) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,14 @@ def manifest(root: Path = SQL_ROOT) -> list[Path]:
     return [root / line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
-def build(root: Path = SQL_ROOT) -> str:
-    """The whole schema as one SQL script, each file headed by its path."""
-    parts = [f"-- sql/{path.relative_to(root)}\n{path.read_text().strip()}\n" for path in manifest(root)]
+def build(root: Path = SQL_ROOT, include: Callable[[str], bool] = lambda _path: True) -> str:
+    """The schema (the manifest's files for which include(path relative to sql/) is true)
+    as one SQL script, each file headed by its path."""
+    parts = [
+        f"-- sql/{path.relative_to(root)}\n{path.read_text().strip()}\n"
+        for path in manifest(root)
+        if include(str(path.relative_to(root)))
+    ]
     return "\n".join(parts)
 
 
@@ -97,15 +103,19 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_frozen(op: Any, path: Path, expected_sha256: str) -> None:
-    """Run a frozen SQL file from a migration, refusing one that was edited after landing."""
+def read_frozen(path: Path, expected_sha256: str, advice: str) -> str:
+    """A frozen SQL file's text, refusing one whose hash is not the one recorded."""
     text = path.read_text()
     actual = sha256(text)
     if actual != expected_sha256:
-        raise RuntimeError(
-            f"{path.name} was edited after its migration landed (sha256 {actual}, "
-            f"expected {expected_sha256}): change the schema in a new migration instead"
-        )
+        raise RuntimeError(f"{path.name} was edited after {advice} (sha256 {actual}, expected {expected_sha256})")
+    return text
+
+
+def run_frozen(op: Any, path: Path, expected_sha256: str) -> None:
+    """Run a frozen SQL file from a migration, refusing one that was edited after landing."""
+    text = read_frozen(path, expected_sha256,
+                       "its migration landed: change the schema in a new migration instead")
     # Raw driver execution: SQLAlchemy's text() would read ':name' inside the SQL as binds.
     dbapi = op.get_bind().connection.dbapi_connection
     with dbapi.cursor() as cur:
