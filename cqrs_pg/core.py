@@ -10,7 +10,7 @@ shop; your project installs only the core, from its own migration::
     from cqrs_pg import core
 
     def upgrade():
-        core.install(op, "0002")
+        core.install(op, "0003")
 
     def downgrade():
         core.uninstall(op)
@@ -20,10 +20,12 @@ Each core version is frozen SQL shipped with this package
 migration that froze it, so a migration that installs version "0002" keeps its meaning
 whatever cqrs_pg release runs it. A later version ships the steps from the one before it;
 ``core.upgrade(op, "0002", "0003")`` runs them in a later migration of yours.
+Version "0003" leaves a materialized view's refresh out of the projections' fence.
 
-Maintainers: ``python -m cqrs_pg.core freeze`` rewrites the newest version's file from
-``sql/`` (the manifest's core files, in order) and records its hash here — only while that
-version has not been released, as for migrations.
+Maintainers: ``python -m cqrs_pg.core freeze`` rewrites the newest version's file — the
+first from ``sql/`` (the manifest's core files, in order), a later one from the
+``CORE_SOURCES`` of the cqrs_pg migration of its number — and records its hash here, only
+while that version has not been released, as for migrations.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from cqrs_pg import sqlsource
 # install; each later one upgrades from the version before it.
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
+    "0003": ("0003_refresh_outside_fence.core.sql", "9dd0907ebe24405f99fcc47e73348f5e8b9ba618278b510ae6a595cce1ed1c92"),
 }
 LATEST = list(VERSIONS)[-1]
 
@@ -129,10 +132,23 @@ def uninstall(target: Any) -> None:
     _execute(target, UNINSTALL)
 
 
+def _upgrade_steps(version: str) -> str:
+    """A later version's steps: the CORE_SOURCES of the cqrs_pg migration of that number."""
+    import importlib.util
+
+    (path,) = _versions_dir().glob(f"{version}_*.py")
+    spec = importlib.util.spec_from_file_location(f"_migration_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return sqlsource.concatenate(module.CORE_SOURCES)
+
+
 def freeze() -> str:
-    """Writes the newest version's frozen file from sql/ and records its hash here."""
+    """Writes the newest version's frozen file (the first: sql/'s core; a later one: its
+    migration's CORE_SOURCES) and records its hash here."""
     name, _ = VERSIONS[LATEST]
-    text = build()
+    text = build() if LATEST == list(VERSIONS)[0] else _upgrade_steps(LATEST)
     (sqlsource.REPO_ROOT / "migrations" / "versions" / name).write_text(text)
     digest = sqlsource.sha256(text)
     here = Path(__file__)

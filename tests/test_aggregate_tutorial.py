@@ -165,9 +165,16 @@ def test_shipped_core_equals_sql_source(cluster: DevCluster, empty_db: Database)
 def test_core_versions_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown cqrs core version '9999'"):
         core.install(None, "9999")
-    assert core.frozen_sql(core.LATEST).startswith("-- sql/roles.sql")
-    assert "shop" not in {line.split("/")[1] for line in core.frozen_sql(core.LATEST).splitlines()
-                          if line.startswith("-- sql/") and "/" in line[7:]}
+    first, *later = core.VERSIONS
+    assert core.frozen_sql(first).startswith("-- sql/roles.sql")  # a whole install
+    for version in later:  # upgrade steps, from cqrs_pg's migration of that number
+        assert core.frozen_sql(version).startswith("-- ")
+        assert not core.frozen_sql(version).startswith("-- sql/roles.sql")
+    for version in core.VERSIONS:
+        assert "shop" not in {line.split("/")[1] for line in core.frozen_sql(version).splitlines()
+                              if line.startswith("-- sql/") and "/" in line[7:]}
+    with pytest.raises(ValueError, match="cannot upgrade the cqrs core from 0003 to the older 0002"):
+        core.upgrade(None, "0003", "0002")
 
 
 def test_readme_links_the_aggregate_tutorial() -> None:

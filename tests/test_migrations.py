@@ -12,7 +12,7 @@ import pytest
 from cqrs_pg import sqlsource
 from cqrs_pg.devcluster import DevCluster, find_bindir
 from cqrs_pg.migrate import current_revision, head_revision, migrate
-from tests.conftest import REPO, Database
+from tests.conftest import REPO, Database, new_database
 
 OUR_SCHEMAS = ("cqrs", "shop", "shop_read", "shop_proj")
 
@@ -85,12 +85,21 @@ def test_migrated_schema_equals_sql_source(cluster: DevCluster, db: Database, em
 def test_downgrade_to_each_revision_equals_that_revision_built_directly(
     cluster: DevCluster, db: Database, empty_db: Database
 ) -> None:
-    """Every later revision undoes itself exactly: head downgraded to 0001 has the schema
+    """Every later revision undoes itself exactly: head downgraded to 0002 has the schema
+    that upgrading an empty database to 0002 builds, and downgraded to 0001 the schema
     that 0001's frozen SQL builds on its own."""
-    migrate(db.dsn, "0001")
-    with empty_db.connect() as conn:
-        conn.execute((REPO / "migrations" / "versions" / "0001_initial.sql").read_text())
+    migrate(db.dsn, "0002")
+    migrate(empty_db.dsn, "0002")
     assert schema_dump(cluster, db.name) == schema_dump(cluster, empty_db.name)
+    migrate(db.dsn, "0001")
+    databases = new_database(cluster, None)
+    built = next(databases)
+    try:
+        with built.connect() as conn:
+            conn.execute((REPO / "migrations" / "versions" / "0001_initial.sql").read_text())
+        assert schema_dump(cluster, db.name) == schema_dump(cluster, built.name)
+    finally:
+        next(databases, None)
     assert migrate(db.dsn) == ("0001", head_revision())
 
 

@@ -232,6 +232,107 @@ def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
     assert min(gaps) >= 0.6, gaps
 
 
+GATE = 4242  # an advisory lock key: the test holds it to keep a view's refresh running
+
+
+def gated_view(conn: psycopg.Connection) -> None:
+    """A view whose refresh waits for the test's advisory lock GATE."""
+    conn.execute(
+        "CREATE FUNCTION shop_read.gate() RETURNS integer LANGUAGE sql VOLATILE"
+        f" AS 'SELECT pg_advisory_xact_lock_shared({GATE}); SELECT 1'"
+    )
+    conn.execute("CREATE MATERIALIZED VIEW shop_read.gated AS"
+                 " SELECT shop_read.gate() AS id, (SELECT count(*) FROM shop.orders) AS orders")
+    conn.execute("CREATE UNIQUE INDEX ON shop_read.gated (id)")
+    conn.execute("SELECT cqrs.register_projection('gated', 'matview', matview => 'shop_read.gated',"
+                 " event_types => ARRAY['order.created'])")
+
+
+def test_a_view_refresh_does_not_hold_the_other_projections_back(db: Database) -> None:
+    """A refresh holds an xid while it runs but writes no events: the fence leaves it out,
+    so an order committed during it is applied at once, not after the refresh."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        gated_view(conn)
+        conn.execute("SELECT * FROM cqrs.run_projection('gated', 100, '0 s')")  # its first refresh
+        db.run_projections()
+        place(conn, customer, sku)  # for the view to refresh
+        refresh_error: list[BaseException] = []
+        with db.connect() as gate, db.connect() as refresher:
+            gate.execute("SELECT pg_advisory_lock(%s)", (GATE,))
+
+            def refresh() -> None:
+                try:
+                    refresher.execute("SELECT * FROM cqrs.run_projection('gated', 100, '0 s')")
+                except BaseException as exc:  # reported by the main thread
+                    refresh_error.append(exc)
+
+            thread = threading.Thread(target=refresh)
+            thread.start()
+            try:
+                wait_until(lambda: conn.execute(
+                    "SELECT backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = %s"
+                    " AND wait_event_type = 'Lock'", (refresher.info.backend_pid,)).fetchone(),
+                    "the refresh waiting at the gate with an xid")
+                order, token = place(conn, customer, sku)
+                for name in ("order_summary", "customer_stats"):
+                    conn.execute("SELECT * FROM cqrs.run_projection(%s)", (name,))
+                assert conn.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (token,)).fetchone()[0], \
+                    "the refresh held the fence back"
+                assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s",
+                                    (order,)).fetchone()[0] == 1
+                assert conn.execute("SELECT held FROM cqrs.fence_status()").fetchone()[0] is False
+                assert refresher.info.backend_pid not in {
+                    r[0] for r in conn.execute("SELECT pid FROM cqrs.fence_blockers()")}
+            finally:
+                gate.execute("SELECT pg_advisory_unlock(%s)", (GATE,))
+                thread.join(timeout=30)
+        assert not refresh_error, refresh_error
+        assert conn.execute("SELECT orders FROM shop_read.gated").fetchone()[0] >= 1
+        db.run_projections()
+        assert all_mismatches(conn) == NO_MISMATCH
+        assert applied_counts(conn) == dict.fromkeys([*NO_MISMATCH, "gated"], outbox_count(conn))
+
+
+def test_a_transaction_out_of_the_fence_cannot_write_events(db: Database) -> None:
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        conn.execute("SELECT cqrs._exempt_from_fence('product_sales')")  # inserts its row
+        before = outbox_count(conn)
+        with psycopg.connect(db.dsn) as tx:
+            assert tx.execute("SELECT cqrs._exempt_from_fence('product_sales')").fetchone()[0] is True
+            with pytest.raises(psycopg.Error, match="must not write events") as refused:
+                place(tx, customer, sku)
+            assert refused.value.sqlstate == "CQ003"
+        assert outbox_count(conn) == before
+        assert conn.execute("SELECT count(*) FROM shop.orders").fetchone()[0] == 0
+
+
+def test_only_a_transaction_that_wrote_nothing_is_left_out_of_the_fence(db: Database) -> None:
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        conn.execute("SELECT cqrs._exempt_from_fence('product_sales')")  # inserts its row
+        with psycopg.connect(db.dsn) as tx:  # events first: then it stays in the fence
+            _, token = place(tx, customer, sku)
+            assert tx.execute("SELECT cqrs._exempt_from_fence('product_sales')").fetchone()[0] is False
+            conn.execute("SELECT pg_current_xact_id()")  # a later xid, committed: above it now
+            assert conn.execute("SELECT cqrs._fence() <= %s::text::xid8", (token,)).fetchone()[0]
+            tx.rollback()
+        with psycopg.connect(db.dsn) as tx:  # in a subtransaction the lock names a subxid
+            tx.execute("SAVEPOINT s")
+            assert tx.execute("SELECT cqrs._exempt_from_fence('product_sales')").fetchone()[0] is True
+            top = tx.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
+            conn.execute("SELECT pg_current_xact_id()")  # a later xid, committed: above it now
+            assert conn.execute("SELECT cqrs._fence() <= %s::text::xid8", (top,)).fetchone()[0]
+            tx.rollback()
+        with psycopg.connect(db.dsn) as tx:  # the control: left out
+            assert tx.execute("SELECT cqrs._exempt_from_fence('product_sales')").fetchone()[0] is True
+            top = tx.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
+            conn.execute("SELECT pg_current_xact_id()")  # a later xid, committed: above it now
+            assert conn.execute("SELECT cqrs._fence() > %s::text::xid8", (top,)).fetchone()[0]
+            tx.rollback()
+
+
 def test_events_irrelevant_to_a_view_advance_it_without_refresh(db: Database) -> None:
     with db.connect() as conn:
         seed(conn)

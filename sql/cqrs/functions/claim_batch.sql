@@ -4,7 +4,7 @@
 -- finds it: from_tx/from_position (the checkpoint), to_tx/to_position (the batch end;
 -- NULL when there is nothing to apply, n = 0) and the fence. The daemon then reads the
 -- batch (cqrs.batch_events), lets the handler write, and calls cqrs.complete_batch.
-CREATE FUNCTION cqrs.claim_batch(projection text, max_events integer DEFAULT 10000)
+CREATE OR REPLACE FUNCTION cqrs.claim_batch(projection text, max_events integer DEFAULT 10000)
 RETURNS TABLE (from_tx xid8, from_position bigint, to_tx xid8, to_position bigint, n bigint, fence xid8, busy boolean)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -27,7 +27,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    f := pg_snapshot_xmin(pg_current_snapshot());
+    f := cqrs._fence();
     SELECT * INTO b FROM cqrs._next_batch(p.last_tx, p.last_position, f, max_events);
     IF b.end_tx IS NULL THEN
         -- nothing new below the fence: at most the horizon moves up, as in run_projection

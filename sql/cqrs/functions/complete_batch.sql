@@ -3,7 +3,7 @@
 -- horizon exactly as cqrs.run_projection does for a sql projection, so the handler's
 -- writes and the checkpoint commit together. The arguments are claim_batch's answer; a
 -- batch that does not start at the checkpoint, or a wrong count, is refused.
-CREATE FUNCTION cqrs.complete_batch(
+CREATE OR REPLACE FUNCTION cqrs.complete_batch(
     projection text, to_tx xid8, to_position bigint, n bigint, fence xid8, max_events integer)
 RETURNS void
 LANGUAGE plpgsql
@@ -27,7 +27,7 @@ BEGIN
     IF to_tx IS NULL OR to_position IS NULL OR fence IS NULL
        OR (to_tx, to_position) <= (p.last_tx, p.last_position)
        OR to_tx >= fence
-       OR fence > pg_snapshot_xmin(pg_current_snapshot()) THEN
+       OR fence > cqrs._fence() THEN
         PERFORM cqrs._fail('CQ001', format(
             'batch end (%s, %s) with fence %s is not after the checkpoint (%s, %s) of projection %L and below the fence',
             to_tx, to_position, fence, p.last_tx, p.last_position, projection));

@@ -1,6 +1,7 @@
 -- Open transactions that hold an xid, oldest first, in any database of the cluster:
--- each one holds every projection's fence back until it ends.
-CREATE FUNCTION cqrs.fence_blockers()
+-- each one holds every projection's fence back until it ends (a view's refresh, which the
+-- fence leaves out, is not listed).
+CREATE OR REPLACE FUNCTION cqrs.fence_blockers()
 RETURNS TABLE (
     pid integer,
     database name,
@@ -25,6 +26,8 @@ AS $$
       FROM pg_stat_activity a
      WHERE a.backend_xid IS NOT NULL
        AND a.pid <> pg_backend_pid()
+       -- a view's refresh, left out of the fence (cqrs._fence)
+       AND NOT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax = a.backend_xid)
     UNION ALL
     SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
            x.transaction, x.prepared, NULL,

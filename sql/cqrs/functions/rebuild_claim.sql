@@ -4,7 +4,7 @@
 -- shadow schema that must be the handler's search_path. final: also take the projection's
 -- lock, waiting for a daemon's batch, so the live tables stand still until this
 -- transaction, which catches the shadow up and then calls cqrs.rebuild_finish, commits.
-CREATE FUNCTION cqrs.rebuild_claim(projection text, max_events integer DEFAULT 10000, final boolean DEFAULT false)
+CREATE OR REPLACE FUNCTION cqrs.rebuild_claim(projection text, max_events integer DEFAULT 10000, final boolean DEFAULT false)
 RETURNS TABLE (from_tx xid8, from_position bigint, to_tx xid8, to_position bigint, n bigint, fence xid8,
                shadow_schema name)
 LANGUAGE plpgsql
@@ -31,7 +31,7 @@ BEGIN
     IF final THEN
         PERFORM cqrs._lock_projection(projection, true);
     END IF;
-    f := pg_snapshot_xmin(pg_current_snapshot());
+    f := cqrs._fence();
     SELECT * INTO b FROM cqrs._next_batch(r.last_tx, r.last_position, f, max_events);
     RETURN QUERY SELECT r.last_tx, r.last_position, b.end_tx, b.end_position, b.n, f, r.shadow_schema;
 END

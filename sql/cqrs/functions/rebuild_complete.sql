@@ -2,7 +2,7 @@
 -- (cqrs.rebuild_claim) and let the handler write it to the shadow tables: moves the
 -- rebuild's checkpoint past the batch. The arguments are rebuild_claim's answer; a batch
 -- that is not after the checkpoint and below the fence, or a wrong count, is refused.
-CREATE FUNCTION cqrs.rebuild_complete(projection text, to_tx xid8, to_position bigint, n bigint, fence xid8)
+CREATE OR REPLACE FUNCTION cqrs.rebuild_complete(projection text, to_tx xid8, to_position bigint, n bigint, fence xid8)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -25,7 +25,7 @@ BEGIN
     IF to_tx IS NULL OR to_position IS NULL OR fence IS NULL
        OR (to_tx, to_position) <= (r.last_tx, r.last_position)
        OR to_tx >= fence
-       OR fence > pg_snapshot_xmin(pg_current_snapshot()) THEN
+       OR fence > cqrs._fence() THEN
         PERFORM cqrs._fail('CQ001', format(
             'batch end (%s, %s) with fence %s is not after the checkpoint (%s, %s) of the rebuild of projection %L '
             'and below the fence', to_tx, to_position, fence, r.last_tx, r.last_position, projection));

@@ -31,7 +31,7 @@ BEGIN
     END IF;
     PERFORM cqrs._lock_projection(projection, true);
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    fence := pg_snapshot_xmin(pg_current_snapshot());
+    fence := cqrs._fence();
     LOOP
         EXIT WHEN p.kind <> 'sql';
         SELECT * INTO b FROM cqrs._next_batch(r.last_tx, r.last_position, fence, max_events);

@@ -24,7 +24,7 @@ BEGIN
             '(cqrs.rebuild_claim, cqrs.rebuild_events, cqrs.rebuild_complete)', projection, p.kind));
     END IF;
     SELECT * INTO b
-      FROM cqrs._next_batch(r.last_tx, r.last_position, pg_snapshot_xmin(pg_current_snapshot()), max_events);
+      FROM cqrs._next_batch(r.last_tx, r.last_position, cqrs._fence(), max_events);
     IF b.end_tx IS NULL THEN
         RETURN QUERY SELECT 0::bigint, false;
         RETURN;

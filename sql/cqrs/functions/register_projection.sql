@@ -7,7 +7,7 @@
 -- search_path, seeing only events of event_types (NULL: all), writing the tables listed
 -- in `tables` (what cqrs-pg rebuild rebuilds). A new projection starts
 -- from the first event.
-CREATE FUNCTION cqrs.register_projection(
+CREATE OR REPLACE FUNCTION cqrs.register_projection(
     name text,
     kind text,
     apply_function regproc DEFAULT NULL,
@@ -21,4 +21,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables)
     VALUES (name, kind, apply_function, matview, event_types, search_path, tables);
+    -- a view's row of cqrs.refreshing, there before its first refresh (cqrs._exempt_from_fence)
+    INSERT INTO cqrs.refreshing (projection) SELECT name WHERE kind = 'matview';
 $$;

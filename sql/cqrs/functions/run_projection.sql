@@ -7,8 +7,8 @@
 --   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
 --
 -- Gap-free reading: events are read in (tx_id, position) order and only below the fence
--- pg_snapshot_xmin(pg_current_snapshot()): every transaction below it has ended, so no
--- event can later appear behind the checkpoint. A transaction that commits late is
+-- (cqrs._fence): every transaction below it has ended (or is a view's refresh, which
+-- writes no events), so no event can later appear behind the checkpoint. A transaction that commits late is
 -- delayed, never skipped. See sql/cqrs/DESIGN.md.
 CREATE OR REPLACE FUNCTION cqrs.run_projection(
     projection text,
@@ -44,7 +44,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    fence := pg_snapshot_xmin(pg_current_snapshot());
+    fence := cqrs._fence();
 
     IF p.kind = 'sql' THEN
         SELECT b.end_tx, b.end_position, b.n INTO end_tx, end_pos, n
@@ -82,6 +82,8 @@ BEGIN
                     extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
                 RETURN;
             END IF;
+            -- Out of the other projections' fence while it runs: it writes no events.
+            PERFORM cqrs._exempt_from_fence(projection);
             -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
             -- is replayed on replicas to cancel their queries.
             EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);

@@ -1,0 +1,4 @@
+-- 0003 undone, last: nothing calls these any more.
+DROP FUNCTION cqrs._exempt_from_fence(text);
+DROP FUNCTION cqrs._fence();
+DROP TABLE cqrs.refreshing;

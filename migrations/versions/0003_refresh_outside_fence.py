@@ -1,0 +1,75 @@
+"""A materialized view's refresh no longer holds the other projections back.
+
+cqrs._fence leaves the refresh's transaction out of every projection's fence (it writes no
+events, which the outbox capture now enforces); see sql/cqrs/DESIGN.md.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import op
+
+from cqrs_pg.sqlsource import run_frozen
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+# What this revision runs, in order. Frozen into FROZEN by:
+#   python -m cqrs_pg.sqlsource refreeze migrations/versions/0003_refresh_outside_fence.py
+SOURCES = [
+    "sql/cqrs/tables/refreshing.sql",
+    "sql/cqrs/functions/_fence.sql",
+    "sql/cqrs/functions/_exempt_from_fence.sql",
+    "sql/cqrs/functions/_ring_doorbell.sql",
+    "sql/cqrs/functions/register_projection.sql",
+    "migrations/versions/0003/after_tables.sql",
+    "sql/cqrs/functions/run_projection.sql",
+    "sql/cqrs/functions/claim_batch.sql",
+    "sql/cqrs/functions/complete_batch.sql",
+    "sql/cqrs/functions/rebuild_step.sql",
+    "sql/cqrs/functions/rebuild_claim.sql",
+    "sql/cqrs/functions/rebuild_complete.sql",
+    "sql/cqrs/functions/rebuild_finish.sql",
+    "sql/cqrs/functions/fence_status.sql",
+    "sql/cqrs/functions/fence_blockers.sql",
+    "sql/cqrs/privileges.sql",
+]
+# The cqrs core's version "0003" (cqrs_pg.core): the steps of SOURCES that are core (all
+# of them, here), frozen by `python -m cqrs_pg.core freeze`.
+CORE_SOURCES = SOURCES
+FROZEN = Path(__file__).with_name("0003_refresh_outside_fence.sql")
+FROZEN_SHA256 = "9dd0907ebe24405f99fcc47e73348f5e8b9ba618278b510ae6a595cce1ed1c92"
+
+# Back to 0002: each changed file of sql/ as the revision before froze it.
+DOWNGRADE_SOURCES = [
+    "migrations/versions/0003/downgrade.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/_ring_doorbell.sql",
+    "0001_initial.sql:sql/cqrs/functions/register_projection.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/run_projection.sql",
+    "0001_initial.sql:sql/cqrs/functions/claim_batch.sql",
+    "0001_initial.sql:sql/cqrs/functions/complete_batch.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_step.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_claim.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_complete.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_finish.sql",
+    "0001_initial.sql:sql/cqrs/functions/fence_status.sql",
+    "0001_initial.sql:sql/cqrs/functions/fence_blockers.sql",
+    "migrations/versions/0003/downgrade_after.sql",
+]
+FROZEN_DOWNGRADE = Path(__file__).with_name("0003_refresh_outside_fence.downgrade.sql")
+FROZEN_DOWNGRADE_SHA256 = "5cbcc3e0619715996cc3ab368f9a5e2f637ee41729c0935c202c543fbb31b9f2"
+
+
+def upgrade() -> None:
+    run_frozen(op, FROZEN, FROZEN_SHA256)
+
+
+def downgrade() -> None:
+    run_frozen(op, FROZEN_DOWNGRADE, FROZEN_DOWNGRADE_SHA256)
