@@ -59,11 +59,14 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     for t in report["targets"]:
         assert t["met"] in (True, False), t
     # Progress on stderr while it runs; the tables on stdout.
-    assert "[12/12]" in quick["stderr"] and "[12/12]" not in quick["stdout"]
+    last = f"[{2 * len(VARIANTS)}/{2 * len(VARIANTS)}]"  # part 1: every variant at 1 and 4 clients
+    assert last in quick["stderr"] and last not in quick["stdout"]
     for title in ("part 1: command throughput", "part 2: projection catch-up", "part 3: end-to-end latency",
                   "part 4: materialized view cost", "part 5: growth of the outbox", "== targets =="):
         assert title in quick["stdout"], title
     assert "ratios of medians at 4 clients" in quick["stdout"]
+    for name in ("c/b", "d/g", "e/h"):  # the wake-up's cost, each with its target
+        assert f"part 1: {name} at 4 clients: " in quick["stdout"], name
     # The tables can be printed again from the JSON alone.
     assert "\n".join(render(report)).strip() in quick["stdout"]
 
@@ -72,7 +75,10 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["throughput"]
     assert part["config"]["clients"] == [1, 4]
     keys = [v.key for v in VARIANTS]
+    assert keys == ["a", "b", "c", "d", "e", "f", "g", "h"]  # docs/benchmarks/*.json use these keys
     assert set(part["variants"]) == set(keys)
+    with_daemon = {v.key for v in VARIANTS if v.daemon != "stopped"}
+    assert with_daemon == {"d", "e", "g", "h"}
     assert len(part["runs"]) == len(keys) * 2
     for key in keys:
         for clients in ("1", "4"):
@@ -84,18 +90,18 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
         assert run["failed"] == 0, run
         assert run["transactions"] > 0, run
         assert run["other_cpu"] is not None  # own cluster: foreign CPU use is measured
-        if run["variant"] in ("d", "e"):
+        if run["variant"] in with_daemon:
             assert run["daemon_cpu_seconds"] is not None and run["daemon_cpu_seconds"] >= 0
             assert run["daemon_projected_events"] is not None
         else:
             assert run["daemon_cpu_seconds"] is None
-        if run["variant"] == "d":
+        if run["variant"] in ("d", "g"):
             assert run["daemon_sleeping_at_start"] is True  # idle: asleep when the load started
-        if run["variant"] == "e":
+        if run["variant"] in ("e", "h"):
             assert run["warmup_transactions"] > 0
 
     # Every variant wrote what it says: one order per pgbench transaction, 2 lines each;
-    # the outbox gets 5 events per command in (b)-(f) and none at all in (a).
+    # the outbox gets 5 events per command in (b)-(h) and none at all in (a).
     rows = part["rows"]
     for key in keys:
         r = rows[key]
@@ -109,11 +115,21 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
 
     ratios = part["ratios"]
     assert ratios["clients"] == 4
+    assert set(ratios) == {"clients"} | {f"{num}/{den}" for num, den, _t, _w in RATIOS}
     for num, den, target, _what in RATIOS:
         r = ratios[f"{num}/{den}"]
         assert r["value"] > 0 and r["target"] == target
         assert r["met"] is (None if target is None else r["value"] >= target)
-    assert set(part["daemon_cpu"]) == {"d", "e"}
+    # The wake-up's cost compares variants that differ in the doorbell only; against (b),
+    # with no daemon at all, the daemon's own CPU counts too, so no target there.
+    assert {f"{n}/{d}" for n, d, t, _w in RATIOS if t == 0.95} == {"c/b", "d/g", "e/h"}
+    assert ratios["d/b"]["target"] is None and ratios["e/b"]["target"] is None
+    assert {t["what"].split(" ")[0] for t in quick["report"]["targets"] if t["part"] == 1} >= {"c/b", "d/g", "e/h"}
+    assert set(part["daemon_cpu"]) == with_daemon
+    for key in with_daemon:
+        for clients in ("1", "4"):
+            cell = part["daemon_cpu"][key][clients]
+            assert cell["process_seconds"] is not None and cell["events_written"] > 0, (key, cell)
 
 
 def test_quick_catchup(quick: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """`cqrs-pg bench`: what the design costs, each figure beside a baseline taken in the same run.
 
 1. throughput  command throughput of place_order at 1, 4, 16 clients beside plain SQL,
-               the outbox without wake-up, and the naive NOTIFY-per-command (pgbench)
+               the outbox without wake-up (no daemon, or a daemon that polls), and the
+               naive NOTIFY-per-command (pgbench)
 2. catchup     a backlog of mixed shop events drained by the real `cqrs-pg listen` into
                every read model, beside a raw set-based upsert of the same events
 3. latency     command commit -> effect visible in order_summary on the replica at fixed

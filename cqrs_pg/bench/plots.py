@@ -2,6 +2,7 @@
 `bench` extra: pip install 'cqrs_pg[bench]'):
 
 - throughput.png  part 1: tx/s against clients, one line per variant, min-max as error bars
+                  (dashed: a daemon that finds work by polling, the doorbell emptied)
 - latency.png     part 3: p50/p95/p99 per arrival rate, end to end beside the replication
                   baseline, min-max as error bars
 """
@@ -58,7 +59,9 @@ def _throughput(part: dict[str, Any], path: Path, report: dict[str, Any]) -> Pat
     for key, meta in part["variants"].items():
         cells = [part["medians"].get(key, {}).get(str(c)) for c in clients]
         mid, err = _errors(cells)
-        ax.errorbar(clients, mid, yerr=err, marker="o", capsize=3, label=f"({key}) {meta['label']}")
+        polling = meta.get("capture") == "no_doorbell" and meta.get("daemon", "stopped") != "stopped"
+        ax.errorbar(clients, mid, yerr=err, marker="o", capsize=3, linestyle="--" if polling else "-",
+                    label=f"({key}) {meta['label']}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(clients, [str(c) for c in clients])
     ax.set_xlabel("clients (pgbench -c)")

@@ -10,6 +10,14 @@ a database of its own, cloned from the bench's migrated and seeded template:
     (d) idle       as shipped, the daemon started and asleep when the load starts
     (e) running    as shipped, the daemon started and warmed up under load first
     (f) naive      cqrs._ring_doorbell notifies in every command transaction, no daemon
+    (g) poll idle  as (b), the daemon started and asleep when the load starts
+    (h) poll load  as (b), the daemon started and warmed up under load first
+
+(g) and (h) run the same daemon as (d) and (e) (`cqrs-pg listen` with its defaults), but
+with the doorbell emptied it finds work only by polling (every --poll-interval while
+asleep, every few ms while it lingers awake after a batch). So d/g and e/h are the cost of
+the wake-up mechanism alone, the daemon's own CPU (it competes with the server for the
+cores) being on both sides; d/b and e/b include that CPU, g/b and h/b are that CPU alone.
 
 Variants that need different SQL get it in their own database at run time (another body
 for cqrs._ring_doorbell, or the capture triggers dropped): sql/ and migrations/ stay
@@ -66,18 +74,27 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("d", "outbox + wake-up, daemon idle at start", "command", "as_is", "idle"),
     Variant("e", "outbox + wake-up, daemon under load", "command", "as_is", "running"),
     Variant("f", "naive: NOTIFY in every command", "command", "always_notify", "stopped"),
+    Variant("g", "outbox, no wake-up, daemon idle at start (polling)", "command", "no_doorbell", "idle"),
+    Variant("h", "outbox, no wake-up, daemon under load (polling)", "command", "no_doorbell", "running"),
 )
 BY_KEY = {v.key: v for v in VARIANTS}
 
 # (numerator, denominator, target or None, what it says), compared at the largest client count.
+# The wake-up's cost compares variants that differ in the doorbell only: c/b (no daemon on
+# either side), d/g and e/h (the same daemon on both sides, woken by the doorbell or polling).
+_DAEMON_CPU = "includes the daemon's own CPU"
 RATIOS: tuple[tuple[str, str, float | None, str], ...] = (
-    ("c", "b", 0.95, "wake-up, daemon stopped vs no wake-up"),
-    ("d", "b", 0.95, "wake-up, daemon idle at start vs no wake-up"),
-    ("e", "b", 0.95, "wake-up, daemon under load vs no wake-up"),
-    ("b", "a", None, "outbox (no wake-up) vs plain SQL"),
+    ("c", "b", 0.95, "wake-up vs no wake-up, no daemon on either side"),
+    ("d", "g", 0.95, "wake-up vs polling, the same daemon idle at start"),
+    ("e", "h", 0.95, "wake-up vs polling, the same daemon under load"),
     ("c", "a", 0.80, "command, daemon stopped vs plain SQL"),
-    ("d", "a", 0.80, "command, daemon idle at start vs plain SQL"),
-    ("e", "a", 0.80, "command, daemon under load vs plain SQL"),
+    ("d", "a", 0.80, f"command, daemon idle at start vs plain SQL ({_DAEMON_CPU})"),
+    ("e", "a", 0.80, f"command, daemon under load vs plain SQL ({_DAEMON_CPU})"),
+    ("d", "b", None, f"wake-up + daemon idle at start vs no wake-up, no daemon ({_DAEMON_CPU})"),
+    ("e", "b", None, f"wake-up + daemon under load vs no wake-up, no daemon ({_DAEMON_CPU})"),
+    ("g", "b", None, "polling daemon idle at start vs no daemon: the daemon's own cost"),
+    ("h", "b", None, "polling daemon under load vs no daemon: the daemon's own cost"),
+    ("b", "a", None, "outbox (no wake-up) vs plain SQL"),
     ("f", "b", None, "naive NOTIFY-per-command vs no wake-up"),
 )
 
@@ -246,6 +263,7 @@ class _Throughput:
             f"{cfg.rounds} round(s) of {cfg.seconds}s (about {eta / 60:.1f} min)"
         )
         runs: list[Run] = []
+        width = max(len(v.label) for v in VARIANTS)
         t0 = time.monotonic()
         for i, (rnd, clients, v) in enumerate(plan, 1):
             run = self._one_run(rnd, clients, v, scripts[v.script])
@@ -264,7 +282,7 @@ class _Throughput:
                 extra += f"  [other processes used {run.other_cpu * 100:.0f}% of the CPUs]"
             self.progress(
                 f"[{i:>{len(str(len(plan)))}}/{len(plan)}] round {rnd}/{cfg.rounds}  {clients:>2} client{'s' if clients != 1 else ' '}  "
-                f"({v.key}) {v.label:<40} {run.tps:>9,.0f} tx/s{failed}{extra}  (~{left / 60:.1f} min left)"
+                f"({v.key}) {v.label:<{width}} {run.tps:>9,.0f} tx/s{failed}{extra}  (~{left / 60:.1f} min left)"
             )
         return runs
 
@@ -363,7 +381,8 @@ class _Throughput:
                 "order": f"variants shuffled per round and client count, seed {cfg.seed}",
                 "before_each_run": "VACUUM (ANALYZE) of the variant's database, no autovacuum worker running, "
                 "CHECKPOINT, replica replayed up to the primary",
-                "daemon": "cqrs-pg listen with its defaults (--log-level warning), started for (d) and (e) runs only",
+                "daemon": "cqrs-pg listen with its defaults (--log-level warning), started for "
+                + ", ".join(f"({v.key})" for v in VARIANTS if v.daemon != "stopped") + " runs only",
             },
             "variants": {v.key: {"label": v.label, "capture": v.capture, "daemon": v.daemon, "script": v.script} for v in VARIANTS},
             "scripts": {
@@ -415,9 +434,10 @@ def medians(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def daemon_cpu(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
-    """variant -> str(clients) -> median CPU seconds of the daemon process and its backend per run."""
+    """variant -> str(clients) -> median CPU seconds of the daemon process and its backend per run
+    (the variants that run a daemon, in the order of VARIANTS)."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for key in ("d", "e"):
+    for key in [v.key for v in VARIANTS if v.daemon != "stopped"]:
         for clients in sorted({r.clients for r in runs}):
             mine = [r for r in runs if r.variant == key and r.clients == clients]
             proc = [r.daemon_cpu_seconds for r in mine if r.daemon_cpu_seconds is not None]
@@ -474,11 +494,12 @@ def render(report: dict[str, Any]) -> list[str]:
         f"interleaved round(s) of {cfg['seconds']}s, pgbench -M prepared",
     ]
     width = 22
-    head = f"{'variant':<46}" + "".join(f"{f'{c} client' + ('s' if c != 1 else ''):>{width}}" for c in clients)
+    label_width = max(42, *(len(meta["label"]) for meta in report["variants"].values()))
+    head = f"{'variant':<{label_width + 4}}" + "".join(f"{f'{c} client' + ('s' if c != 1 else ''):>{width}}" for c in clients)
     lines += [head, "-" * len(head)]
     for key, meta in report["variants"].items():
         cells = report["medians"].get(key, {})
-        row = f"({key}) {meta['label']:<42}"
+        row = f"({key}) {meta['label']:<{label_width}}"
         for c in clients:
             cell = cells.get(str(c))
             text = "" if cell is None else f"{cell['median']:,.0f} ({cell['min']:,.0f}-{cell['max']:,.0f})"
@@ -519,20 +540,28 @@ def render(report: dict[str, Any]) -> list[str]:
                 proc = "n/a" if cell["process_seconds"] is None else f"{cell['process_seconds']:.2f}"
                 backend = "n/a" if cell["backend_seconds"] is None else f"{cell['backend_seconds']:.2f}"
                 parts.append(f"{c} cl: {proc} + {backend} s, {cell['projected_events']:,.0f}/{cell['events_written']:,.0f}")
-            lines.append(f"  ({key}) {report['variants'][key]['label']:<40} " + "; ".join(parts))
+            lines.append(f"  ({key}) {report['variants'][key]['label']:<{label_width}} " + "; ".join(parts))
     rat = report["ratios"]
     lines.append("")
     lines.append(f"ratios of medians at {rat['clients']} clients (range of per-round ratios):")
-    for name, r in rat.items():
-        if name == "clients":
+    named = [(name, r) for name, r in rat.items() if name != "clients"]
+    # The ratios with a target first, then those given for reference.
+    groups = (
+        ("with a target:", [(n, r) for n, r in named if r["target"] is not None]),
+        ("for reference (no target):", [(n, r) for n, r in named if r["target"] is None]),
+    )
+    for title, group in groups:
+        if not group:
             continue
-        target = ""
-        if r["target"] is not None:
-            target = f"  target >= {r['target']:.2f}: {'met' if r['met'] else 'NOT MET'}"
-        spread = ""
-        if r["per_round_min"] is not None:
-            spread = f" ({r['per_round_min']:.3f}-{r['per_round_max']:.3f})"
-        lines.append(f"  {name}  {r['value']:.3f}{spread:<16} {r['what']}{target}")
+        lines.append(f"  {title}")
+        for name, r in group:
+            target = ""
+            if r["target"] is not None:
+                target = f"  target >= {r['target']:.2f}: {'met' if r['met'] else 'NOT MET'}"
+            spread = ""
+            if r["per_round_min"] is not None:
+                spread = f" ({r['per_round_min']:.3f}-{r['per_round_max']:.3f})"
+            lines.append(f"    {name}  {r['value']:.3f}{spread:<16} {r['what']}{target}")
     rows = report["rows"]
     lines.append("")
     lines.append(
