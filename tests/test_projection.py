@@ -127,6 +127,33 @@ def test_small_batches_split_transactions_and_still_match(db: Database) -> None:
         assert applied_counts(conn) == dict.fromkeys(NO_MISMATCH, outbox_count(conn))
 
 
+@pytest.mark.parametrize("batch", [1, 2, 1000])
+def test_orders_applied_before_their_customer_are_counted(db: Database, batch: int) -> None:
+    """A transaction that took its xid before the customer's was committed places an order
+    for that customer: its events come first in the outbox order. customer_stats adds
+    deltas only to rows that exist, so the customer's row, created later, must count the
+    orders already seen — in batches of 1 and 2 events (order and customer apart) or one."""
+    with db.connect() as conn:
+        conn.execute("SELECT shop.add_product(gen_random_uuid(), 'EARLY', 'Early product', 300, 100)")
+        db.run_projections()
+        with psycopg.connect(db.dsn) as early:
+            early_xid = early.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
+            customer, token = conn.execute("SELECT aggregate_id, token FROM shop.register_customer("
+                                           "gen_random_uuid(), 'early@example.com', 'Early')").fetchone()
+            assert early_xid < token
+            order, _ = place(early, customer, "EARLY", 3)
+            early.execute("SELECT shop.cancel_order(gen_random_uuid(), %s)", (order,))
+            place(early, customer, "EARLY", 2)
+        place(conn, customer, "EARLY", 1)
+        while conn.execute("SELECT applied FROM cqrs.run_projection('customer_stats', %s, '0 s')", (batch,)).fetchone()[0]:
+            pass
+        row = conn.execute("SELECT orders_placed, orders_cancelled, orders_shipped, lifetime_value_cents"
+                           " FROM shop_read.customer_stats WHERE customer_id = %s", (customer,)).fetchone()
+        assert row == (3, 1, 0, 900)
+        db.run_projections()
+        assert all_mismatches(conn) == NO_MISMATCH
+
+
 def test_sums_over_many_orders_do_not_overflow_the_read_models(db: Database) -> None:
     """Each order's total fits a bigint (place_order refuses one that does not); the sums
     of a customer's or a product's orders need not, and must not stop a projection."""
