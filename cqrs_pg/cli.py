@@ -100,8 +100,9 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
     show_default=True,
     type=click.FloatRange(0),
     metavar="SECONDS",
-    help="While events keep coming, wait this long after a partial batch before the next: "
-    "bigger batches cost the server less; 0 applies each event as soon as it can, at more CPU.",
+    help="While events keep coming, start a round of batches at most once per this many seconds: "
+    "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
+    "0: every event as soon as it can, at more CPU.",
 )
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))

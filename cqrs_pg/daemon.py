@@ -40,6 +40,8 @@ WAIT_SLICE = 0.25
 LAG_INTERVAL = 5.0
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
+# Work for a sql or python projection: committed events below the fence, not yet applied.
+PENDING_SQL = "SELECT cqrs.work_pending(%s)"
 # The transaction at the fence: the open one with the oldest xid.
 BLOCKER_SQL = (
     "SELECT pid, database, application_name, state, seconds, query_start, query, count(*) OVER ()"
@@ -53,13 +55,15 @@ class ListenerConfig:
     batch_size: int = 5000
     # Fallback when no doorbell rings: correctness never depends on NOTIFY.
     poll_interval: float = 1.0
-    # Stay awake (polling every linger_poll) this long after the last event, so a busy
-    # stream of commands never has to ring the doorbell at all.
+    # Stay awake this long after the last event, so a busy stream of commands never has to
+    # ring the doorbell at all; meanwhile look for work every linger_poll with one cheap
+    # query (cqrs.work_pending) and start a round as soon as there is some.
     linger: float = 0.2
-    linger_poll: float = 0.005
-    # While events keep coming, wait this long after a partial batch before the next
-    # poll: batches grow with the load instead of the daemon spinning on tiny ones, whose
-    # fixed cost (round trips, planning, a commit each) would compete with the commands.
+    linger_poll: float = 0.002
+    # While events keep coming, start a round at most once per batch_delay: batches grow
+    # with the load instead of the daemon spinning on tiny ones, whose fixed cost (round
+    # trips, planning, a commit each) would compete with the commands. After a quiet spell
+    # the next event starts a round at once.
     batch_delay: float = 0.01
     refresh_interval: float = 1.0
     # A materialized view's refresh recomputes all of it: keep the share of time spent
@@ -199,6 +203,7 @@ class Listener:
         slept_at = 0.0
         last_event = time.monotonic()
         while not self.stopping:
+            started = time.monotonic()
             progress = self._run_all(conn, names)
             now = time.monotonic()
             self._observe(conn, names, now, applied=progress.applied)
@@ -209,12 +214,17 @@ class Listener:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
                 last_event = now
-                if not progress.more:
-                    self._stop.wait(cfg.batch_delay)
-                continue
+                if progress.more:
+                    continue
+                # the next round no sooner than batch_delay after this one started
+                self._stop.wait(max(0.0, started + cfg.batch_delay - now))
+                now = time.monotonic()
             timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
-            if now - last_event < cfg.linger or progress.pending:  # awake while a refresh runs
-                self._stop.wait(min(timeout, cfg.linger_poll))
+            if progress.pending:  # awake while a refresh runs
+                self._linger(conn, names, now + min(timeout, WAIT_SLICE))
+                continue
+            if now - last_event < cfg.linger:
+                self._linger(conn, names, min(last_event + cfg.linger, now + timeout))
                 continue
             if not sleeping or now - slept_at > self._ttl / 3:
                 # Going to sleep: ask commands to ring, then look once more, because a
@@ -225,6 +235,21 @@ class Listener:
                     continue
             if self._wait(conn, timeout):
                 last_event = time.monotonic()
+
+    def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:
+        """Awake after recent events: look for work every linger_poll with one cheap query
+        (cqrs.work_pending) and return as soon as there is some, a running turn has ended
+        (a refresh, to collect), or at `until`."""
+        probe = [name for name in names if name not in self._matviews]
+        while not self.stopping:
+            if any(f.done() for f in self._running.values()):
+                return
+            if probe and conn.execute(PENDING_SQL, (probe,)).fetchone()[0]:  # type: ignore[index]
+                return
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                return
+            self._stop.wait(min(self.config.linger_poll, remaining))
 
     def _run_all(self, conn: psycopg.Connection, names: list[str], every: bool = False) -> Progress:
         """A turn of every projection, each on its own connection, in parallel. The round

@@ -433,6 +433,29 @@ def sleeping_listeners(db: Database) -> int:
         return conn.execute("SELECT count(*) FROM cqrs.listeners WHERE sleeping").fetchone()[0]
 
 
+def test_work_pending_sees_only_committed_events_below_the_fence(db: Database) -> None:
+    """The daemon's cheap poll while it lingers: true exactly when a sql or python
+    projection has something to apply now; a view's pending refresh does not count."""
+    pending = "SELECT cqrs.work_pending(%s)"
+    everything = ["order_summary", "customer_stats", "product_sales"]
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        assert conn.execute(pending, (everything,)).fetchone()[0] is True
+        db.run_projections()
+        assert conn.execute(pending, (everything,)).fetchone()[0] is False
+        with psycopg.connect(db.dsn) as slow:
+            slow.execute("SELECT pg_current_xact_id()")  # holds the fence
+            place(conn, customer, sku)  # committed, above the fence
+            assert conn.execute(pending, (everything,)).fetchone()[0] is False
+        assert conn.execute(pending, (everything,)).fetchone()[0] is True
+        assert conn.execute(pending, (["product_sales"],)).fetchone()[0] is False
+        conn.execute("SELECT * FROM cqrs.run_projection('order_summary')")
+        assert conn.execute(pending, (["order_summary"],)).fetchone()[0] is False
+        assert conn.execute(pending, (everything,)).fetchone()[0] is True  # customer_stats
+        assert conn.execute("SELECT pg_current_xact_id_if_assigned() IS NULL FROM (SELECT cqrs.work_pending(%s)) x",
+                            (everything,)).fetchone()[0], "the poll took an xid"
+
+
 def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
     """With polling slowed to a minute, only the doorbell can explain a prompt catch-up."""
     with db.connect() as conn:

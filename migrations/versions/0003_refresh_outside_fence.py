@@ -41,6 +41,7 @@ SOURCES = [
     "sql/cqrs/functions/rebuild_finish.sql",
     "sql/cqrs/functions/fence_status.sql",
     "sql/cqrs/functions/fence_blockers.sql",
+    "sql/cqrs/functions/work_pending.sql",
     "sql/cqrs/privileges.sql",
     "sql/shop_proj/functions/apply_customer_stats.sql",
 ]
@@ -48,7 +49,7 @@ SOURCES = [
 # frozen by `python -m cqrs_pg.core freeze`.
 CORE_SOURCES = [s for s in SOURCES if not s.startswith("sql/shop")]
 FROZEN = Path(__file__).with_name("0003_refresh_outside_fence.sql")
-FROZEN_SHA256 = "278f8dcac2802540a86baac96b80ce253b741479e245d2fa18ee5b845766b5a3"
+FROZEN_SHA256 = "84c23678003b427924d11f915646b01290c86344f04dc4bc504c26b72f9a61b1"
 
 # Back to 0002: each changed file of sql/ as the revision before froze it.
 DOWNGRADE_SOURCES = [
@@ -68,7 +69,7 @@ DOWNGRADE_SOURCES = [
     "migrations/versions/0003/downgrade_after.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0003_refresh_outside_fence.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "8f804aa596d4ff41341ab70031549146cf64caa7021e8dce395503eae700c0b1"
+FROZEN_DOWNGRADE_SHA256 = "c7f139cd424c564b97cbc5a8002fe22efe1808cea9bfd4008261c1a493f1d281"
 
 
 def upgrade() -> None:

@@ -27,6 +27,7 @@ GRANT EXECUTE ON FUNCTION
     cqrs.projection_status(),
     cqrs.fence_blockers(),
     cqrs.fence_status(),
+    cqrs.work_pending(text[]),
     cqrs.caught_up(bigint, text),
     cqrs.prune_receipts(interval, integer)
 TO cqrs_listener;
