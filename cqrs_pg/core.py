@@ -42,7 +42,7 @@ from cqrs_pg import sqlsource
 # install; each later one upgrades from the version before it.
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
-    "0003": ("0003_refresh_outside_fence.core.sql", "ed7ec41da96feff74e0c36559b24bc2b8e136e8063cf4b1355c22dbed146326a"),
+    "0003": ("0003_refresh_outside_fence.core.sql", "fc58fc70fa7645980a3e46140804add42b997d2eb6a10f404ce85649fd1c41b9"),
 }
 LATEST = list(VERSIONS)[-1]
 

@@ -119,7 +119,10 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
     for num, den, target, _what in RATIOS:
         r = ratios[f"{num}/{den}"]
         assert r["value"] > 0 and r["target"] == target
-        assert r["met"] is (None if target is None else r["value"] >= target)
+        if target is None:
+            assert r["met"] is None
+        elif abs(r["value"] - target) > 0.0005:  # judged unrounded: 0.9496 prints as 0.950
+            assert r["met"] is (r["value"] >= target)
     # The wake-up's cost compares variants that differ in the doorbell only; against (b),
     # with no daemon at all, the daemon's own CPU counts too, so no target there.
     assert {f"{n}/{d}" for n, d, t, _w in RATIOS if t == 0.95} == {"c/b", "d/g", "e/h"}

@@ -35,6 +35,7 @@ SOURCES = [
     "sql/cqrs/functions/run_projection.sql",
     "sql/cqrs/functions/claim_batch.sql",
     "sql/cqrs/functions/complete_batch.sql",
+    "sql/cqrs/functions/rebuild_begin.sql",
     "sql/cqrs/functions/rebuild_step.sql",
     "sql/cqrs/functions/rebuild_claim.sql",
     "sql/cqrs/functions/rebuild_complete.sql",
@@ -44,12 +45,13 @@ SOURCES = [
     "sql/cqrs/functions/work_pending.sql",
     "sql/cqrs/privileges.sql",
     "sql/shop_proj/functions/apply_customer_stats.sql",
+    "migrations/versions/0003/after.sql",
 ]
 # The cqrs core's version "0003" (cqrs_pg.core): the steps of SOURCES that are core,
 # frozen by `python -m cqrs_pg.core freeze`.
-CORE_SOURCES = [s for s in SOURCES if not s.startswith("sql/shop")]
+CORE_SOURCES = [s for s in SOURCES if s.startswith("sql/cqrs/") or s.endswith("0003/after_tables.sql")]
 FROZEN = Path(__file__).with_name("0003_refresh_outside_fence.sql")
-FROZEN_SHA256 = "84c23678003b427924d11f915646b01290c86344f04dc4bc504c26b72f9a61b1"
+FROZEN_SHA256 = "235c3d62f05bb4402221b451ddaf5b10a8aca50cf5f023fab124e5c4463b096d"
 
 # Back to 0002: each changed file of sql/ as the revision before froze it.
 DOWNGRADE_SOURCES = [
@@ -59,6 +61,7 @@ DOWNGRADE_SOURCES = [
     "0002_engine_and_commands.sql:sql/cqrs/functions/run_projection.sql",
     "0001_initial.sql:sql/cqrs/functions/claim_batch.sql",
     "0001_initial.sql:sql/cqrs/functions/complete_batch.sql",
+    "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_begin.sql",
     "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_step.sql",
     "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_claim.sql",
     "0002_engine_and_commands.sql:sql/cqrs/functions/rebuild_complete.sql",
@@ -69,7 +72,7 @@ DOWNGRADE_SOURCES = [
     "migrations/versions/0003/downgrade_after.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0003_refresh_outside_fence.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "c7f139cd424c564b97cbc5a8002fe22efe1808cea9bfd4008261c1a493f1d281"
+FROZEN_DOWNGRADE_SHA256 = "f68ef6041d2d5a8138abb2ea221843b8e2f8ee1c3c65cc45ac2d2d2a1f5d0166"
 
 
 def upgrade() -> None:

@@ -34,8 +34,11 @@ BEGIN
     EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', shadow);
     EXECUTE format('CREATE SCHEMA %I', shadow);
     FOREACH t IN ARRAY p.tables LOOP
-        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING ALL)',
-                       shadow, (SELECT c.relname FROM pg_class c WHERE c.oid = t), t);
+        -- LIKE copies columns, constraints and indexes, not storage parameters (fillfactor)
+        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING ALL)%s',
+                       shadow, (SELECT c.relname FROM pg_class c WHERE c.oid = t), t,
+                       (SELECT coalesce(' WITH (' || array_to_string(c.reloptions, ', ') || ')', '')
+                          FROM pg_class c WHERE c.oid = t));
     END LOOP;
     DELETE FROM cqrs.rebuilds r WHERE r.projection = rebuild_begin.projection;
     INSERT INTO cqrs.rebuilds (projection, shadow_schema) VALUES (projection, shadow);
