@@ -356,7 +356,8 @@ def bench(ctx: click.Context, quick: bool, json_path: Path | None, plots_dir: Pa
 
     \b
     1. command throughput of place_order at 1, 4, 16 clients (pgbench) beside plain SQL,
-       the outbox without wake-up and the naive NOTIFY-per-command
+       the outbox without wake-up (no daemon, or a daemon that only polls) and the naive
+       NOTIFY-per-command
     2. projection catch-up: a backlog drained by `cqrs-pg listen` into every read model,
        beside a raw set-based upsert of the same events; the daemon's peak memory
     3. end-to-end latency: commit -> row in order_summary on the replica, p50/p95/p99 at
