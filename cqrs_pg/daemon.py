@@ -234,6 +234,10 @@ class Listener:
                 if self._run_all(conn, names, every=True).applied:
                     continue
             if self._wait(conn, timeout):
+                # Awake at once: every command rings until commands read this, and the
+                # first rounds may find nothing yet (events above the fence).
+                self._heartbeat(conn, sleeping=False)
+                sleeping = False
                 last_event = time.monotonic()
 
     def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:

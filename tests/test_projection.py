@@ -467,6 +467,22 @@ def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
         db.wait_caught_up(token, timeout=5.0, replica=False)
 
 
+def test_a_rung_daemon_says_it_is_awake_before_it_finds_work(db: Database) -> None:
+    """The doorbell rang but the event is still above the fence (an older transaction is
+    open): the daemon must say at once that it is awake, or every command keeps ringing
+    (and paying NOTIFY's commit lock) for as long as the fence is held."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+    with running_daemon(db, poll_interval=60.0):
+        wait_until(lambda: sleeping_listeners(db) == 1)
+        with psycopg.connect(db.dsn) as older:
+            older.execute("SELECT pg_current_xact_id()")  # holds the fence
+            with db.connect() as conn:
+                place(conn, customer, sku)  # rings
+            wait_until(lambda: sleeping_listeners(db) == 0, "the daemon awake while the fence holds its work",
+                       timeout=5.0, interval=0.005)
+
+
 def test_polling_catches_up_without_notify(db: Database) -> None:
     """Correctness never depends on NOTIFY: with the doorbell silenced, polling applies."""
     with db.connect() as conn:
