@@ -20,7 +20,8 @@ Each core version is frozen SQL shipped with this package
 migration that froze it, so a migration that installs version "0002" keeps its meaning
 whatever cqrs_pg release runs it. A later version ships the steps from the one before it;
 ``core.upgrade(op, "0002", "0003")`` runs them in a later migration of yours.
-Version "0003" leaves a materialized view's refresh out of the projections' fence.
+Version "0003" leaves a materialized view's refresh out of the projections' fence and adds
+``cqrs.work_pending``, the daemon's cheap poll.
 
 Maintainers: ``python -m cqrs_pg.core freeze`` rewrites the newest version's file — the
 first from ``sql/`` (the manifest's core files, in order), a later one from the
@@ -42,7 +43,7 @@ from cqrs_pg import sqlsource
 # install; each later one upgrades from the version before it.
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
-    "0003": ("0003_refresh_outside_fence.core.sql", "fc58fc70fa7645980a3e46140804add42b997d2eb6a10f404ce85649fd1c41b9"),
+    "0003": ("0003_refresh_outside_fence.core.sql", "58532090fab901046b8365466ea021517cf30ede87b75512e974c0ee4aed196e"),
 }
 LATEST = list(VERSIONS)[-1]
 

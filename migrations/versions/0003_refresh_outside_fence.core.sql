@@ -77,6 +77,12 @@ BEGIN
         PERFORM cqrs._fail('CQ003', 'this transaction refreshes a materialized view projection, outside the fence: '
                                     'it must not write events (cqrs.no_events is on)');
     END IF;
+    -- Asked once per transaction, by its first statement that appends events (a NOTIFY is
+    -- sent at commit whichever statement asks): the later ones skip the table probe.
+    IF current_setting('cqrs.doorbell_asked', true) = 'on' THEN
+        RETURN;
+    END IF;
+    PERFORM set_config('cqrs.doorbell_asked', 'on', true);
     IF EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.sleeping AND l.expires_at > now()) THEN
         PERFORM pg_notify('cqrs_outbox', '');
     END IF;

@@ -51,7 +51,7 @@ SOURCES = [
 # frozen by `python -m cqrs_pg.core freeze`.
 CORE_SOURCES = [s for s in SOURCES if s.startswith("sql/cqrs/") or s.endswith("0003/after_tables.sql")]
 FROZEN = Path(__file__).with_name("0003_refresh_outside_fence.sql")
-FROZEN_SHA256 = "235c3d62f05bb4402221b451ddaf5b10a8aca50cf5f023fab124e5c4463b096d"
+FROZEN_SHA256 = "53904135d81be3dcf5a55f71db2adecf5d28e0ef8c1a946046aeeb3c9cfcbfec"
 
 # Back to 0002: each changed file of sql/ as the revision before froze it.
 DOWNGRADE_SOURCES = [
