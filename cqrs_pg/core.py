@@ -135,14 +135,8 @@ def uninstall(target: Any) -> None:
 
 def _upgrade_steps(version: str) -> str:
     """A later version's steps: the CORE_SOURCES of the cqrs_pg migration of that number."""
-    import importlib.util
-
     (path,) = _versions_dir().glob(f"{version}_*.py")
-    spec = importlib.util.spec_from_file_location(f"_migration_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return sqlsource.concatenate(module.CORE_SOURCES)
+    return sqlsource.concatenate(sqlsource.load_migration(path).CORE_SOURCES)
 
 
 def freeze() -> str:

@@ -76,13 +76,19 @@ def _set_constant(source: str, name: str, value: str, where: Path) -> str:
     return updated
 
 
-def refreeze(migration: Path) -> list[str]:
-    """Write ``migration``'s frozen SQL (FROZEN from SOURCES, and FROZEN_DOWNGRADE from
-    DOWNGRADE_SOURCES if it has them) and record their hashes in it."""
+def load_migration(migration: Path) -> Any:
+    """A migration file as a module (its SOURCES, CORE_SOURCES, ... lists)."""
     spec = importlib.util.spec_from_file_location(f"_migration_{migration.stem}", migration)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def refreeze(migration: Path) -> list[str]:
+    """Write ``migration``'s frozen SQL (FROZEN from SOURCES, and FROZEN_DOWNGRADE from
+    DOWNGRADE_SOURCES if it has them) and record their hashes in it."""
+    module = load_migration(migration)
     source = migration.read_text()
     digests = []
     for sources, frozen, constant in (
