@@ -43,7 +43,7 @@ from cqrs_pg import sqlsource
 # install; each later one upgrades from the version before it.
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
-    "0003": ("0003_refresh_outside_fence.core.sql", "58532090fab901046b8365466ea021517cf30ede87b75512e974c0ee4aed196e"),
+    "0003": ("0003_refresh_outside_fence.core.sql", "227e555631d6afe9db52c77cf07b059b1fa56c4fc4ce7be81821aa1a0d7dff35"),
 }
 LATEST = list(VERSIONS)[-1]
 

@@ -1,8 +1,3 @@
--- migrations/versions/0003/downgrade.sql
--- 0003 undone, first: the functions that call cqrs._fence are restored below (as 0002 or
--- 0001 froze them), then 0003's own objects go (downgrade_after.sql).
-SELECT 1;
-
 -- 0002_engine_and_commands.sql:sql/cqrs/functions/_ring_doorbell.sql
 -- The doorbell, rung by the outbox capture after each statement that appended events:
 -- NOTIFY, but only while a daemon has said it is asleep (cqrs.listeners). A NOTIFY
@@ -667,6 +662,7 @@ $$;
 DROP FUNCTION cqrs.work_pending(text[]);
 DROP FUNCTION cqrs._exempt_from_fence(text);
 DROP FUNCTION cqrs._fence();
+DROP FUNCTION cqrs._left_out_of_fence(xid);
 DROP TABLE cqrs.refreshing;
 ALTER TABLE shop_read.customer_stats RESET (fillfactor);
 ALTER TABLE shop_read.order_summary RESET (fillfactor);

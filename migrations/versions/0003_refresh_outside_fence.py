@@ -27,6 +27,7 @@ depends_on = None
 #   python -m cqrs_pg.sqlsource refreeze migrations/versions/0003_refresh_outside_fence.py
 SOURCES = [
     "sql/cqrs/tables/refreshing.sql",
+    "sql/cqrs/functions/_left_out_of_fence.sql",
     "sql/cqrs/functions/_fence.sql",
     "sql/cqrs/functions/_exempt_from_fence.sql",
     "sql/cqrs/functions/_ring_doorbell.sql",
@@ -51,11 +52,11 @@ SOURCES = [
 # frozen by `python -m cqrs_pg.core freeze`.
 CORE_SOURCES = [s for s in SOURCES if s.startswith("sql/cqrs/") or s.endswith("0003/after_tables.sql")]
 FROZEN = Path(__file__).with_name("0003_refresh_outside_fence.sql")
-FROZEN_SHA256 = "53904135d81be3dcf5a55f71db2adecf5d28e0ef8c1a946046aeeb3c9cfcbfec"
+FROZEN_SHA256 = "a75c34eb5ad56f7bb23e14ab7f5c9b25fdb9db1d896556c1545dc946d49fb1b9"
 
-# Back to 0002: each changed file of sql/ as the revision before froze it.
+# Back to 0002: each changed file of sql/ as the revision before froze it (no longer
+# calling cqrs._fence), then this revision's own objects go.
 DOWNGRADE_SOURCES = [
-    "migrations/versions/0003/downgrade.sql",
     "0002_engine_and_commands.sql:sql/cqrs/functions/_ring_doorbell.sql",
     "0001_initial.sql:sql/cqrs/functions/register_projection.sql",
     "0002_engine_and_commands.sql:sql/cqrs/functions/run_projection.sql",
@@ -72,7 +73,7 @@ DOWNGRADE_SOURCES = [
     "migrations/versions/0003/downgrade_after.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0003_refresh_outside_fence.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "f68ef6041d2d5a8138abb2ea221843b8e2f8ee1c3c65cc45ac2d2d2a1f5d0166"
+FROZEN_DOWNGRADE_SHA256 = "60f6b0dba1f98662d1a0ea1c0d66be1924e4dc28bf60cafc8bf9162e81f6925d"
 
 
 def upgrade() -> None:

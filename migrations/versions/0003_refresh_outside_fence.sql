@@ -9,6 +9,20 @@ CREATE TABLE cqrs.refreshing (
     projection text PRIMARY KEY REFERENCES cqrs.projections (name) ON DELETE CASCADE
 );
 
+-- sql/cqrs/functions/_left_out_of_fence.sql
+-- Whether xid x is a materialized view's refresh that the fence leaves out: the xmax of a
+-- locked cqrs.refreshing row (cqrs._exempt_from_fence). The one home of that rule, for
+-- cqrs._fence and cqrs.fence_blockers; only meaningful for an xid still in progress.
+-- No SET clause, so the planner inlines it into its callers (which pin search_path); the
+-- operator is qualified all the same.
+CREATE FUNCTION cqrs._left_out_of_fence(x xid)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax OPERATOR(pg_catalog.=) x);
+$$;
+
 -- sql/cqrs/functions/_fence.sql
 -- The fence: every transaction with a lower xid has ended, or is a materialized view's
 -- refresh that can write no events (cqrs._exempt_from_fence). Events below it can no
@@ -27,7 +41,7 @@ AS $$
     SELECT coalesce(
                (SELECT min(x.x)
                   FROM pg_snapshot_xip(s.snap) AS x(x)
-                 WHERE NOT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax = x.x::xid)),
+                 WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
                pg_snapshot_xmax(s.snap))
       FROM (SELECT pg_current_snapshot() AS snap) s;
 $$;
@@ -38,8 +52,8 @@ $$;
 -- which the outbox capture refuses (cqrs._ring_doorbell), and only a transaction that has
 -- written nothing yet (no xid) is left out. Then it locks the projection's row of
 -- cqrs.refreshing: the lock, held to the end of the transaction, names its xid to _fence.
--- Returns whether it is left out (not when the view's row is missing: it inserts it, but
--- other transactions see the row only after commit).
+-- Returns whether it is left out (not if the view has no row: cqrs.register_projection
+-- inserts one for every view).
 CREATE FUNCTION cqrs._exempt_from_fence(projection text)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -51,11 +65,7 @@ BEGIN
     END IF;
     PERFORM set_config('cqrs.no_events', 'on', true);
     PERFORM 1 FROM cqrs.refreshing r WHERE r.projection = _exempt_from_fence.projection FOR UPDATE;
-    IF FOUND THEN
-        RETURN true;
-    END IF;
-    INSERT INTO cqrs.refreshing (projection) VALUES (_exempt_from_fence.projection) ON CONFLICT DO NOTHING;
-    RETURN false;
+    RETURN FOUND;
 END
 $$;
 
@@ -634,8 +644,7 @@ AS $$
       FROM pg_stat_activity a
      WHERE a.backend_xid IS NOT NULL
        AND a.pid <> pg_backend_pid()
-       -- a view's refresh, left out of the fence (cqrs._fence)
-       AND NOT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax = a.backend_xid)
+       AND NOT cqrs._left_out_of_fence(a.backend_xid)
     UNION ALL
     SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
            x.transaction, x.prepared, NULL,

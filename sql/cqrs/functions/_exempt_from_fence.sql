@@ -3,8 +3,8 @@
 -- which the outbox capture refuses (cqrs._ring_doorbell), and only a transaction that has
 -- written nothing yet (no xid) is left out. Then it locks the projection's row of
 -- cqrs.refreshing: the lock, held to the end of the transaction, names its xid to _fence.
--- Returns whether it is left out (not when the view's row is missing: it inserts it, but
--- other transactions see the row only after commit).
+-- Returns whether it is left out (not if the view has no row: cqrs.register_projection
+-- inserts one for every view).
 CREATE FUNCTION cqrs._exempt_from_fence(projection text)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -16,10 +16,6 @@ BEGIN
     END IF;
     PERFORM set_config('cqrs.no_events', 'on', true);
     PERFORM 1 FROM cqrs.refreshing r WHERE r.projection = _exempt_from_fence.projection FOR UPDATE;
-    IF FOUND THEN
-        RETURN true;
-    END IF;
-    INSERT INTO cqrs.refreshing (projection) VALUES (_exempt_from_fence.projection) ON CONFLICT DO NOTHING;
-    RETURN false;
+    RETURN FOUND;
 END
 $$;

@@ -15,7 +15,7 @@ AS $$
     SELECT coalesce(
                (SELECT min(x.x)
                   FROM pg_snapshot_xip(s.snap) AS x(x)
-                 WHERE NOT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax = x.x::xid)),
+                 WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
                pg_snapshot_xmax(s.snap))
       FROM (SELECT pg_current_snapshot() AS snap) s;
 $$;

@@ -26,8 +26,7 @@ AS $$
       FROM pg_stat_activity a
      WHERE a.backend_xid IS NOT NULL
        AND a.pid <> pg_backend_pid()
-       -- a view's refresh, left out of the fence (cqrs._fence)
-       AND NOT EXISTS (SELECT 1 FROM cqrs.refreshing r WHERE r.xmax = a.backend_xid)
+       AND NOT cqrs._left_out_of_fence(a.backend_xid)
     UNION ALL
     SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
            x.transaction, x.prepared, NULL,
