@@ -104,6 +104,16 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
     "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
     "0: every event as soon as it can, at more CPU.",
 )
+@click.option(
+    "--apply-budget",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
+    help="While events keep coming, rounds of batches take at most this share of the time: after a round "
+    "that took t seconds the next starts t/FRACTION after it (at most --poll-interval). On a loaded server "
+    "batches grow and the daemon leaves the commands more CPU; latency under load grows instead. 1: off.",
+)
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
@@ -125,6 +135,7 @@ def listen(
     refresh_interval: float,
     refresh_budget: float,
     batch_delay: float,
+    apply_budget: float,
     projections: tuple[str, ...],
     log_level: str,
     log_format: str,
@@ -153,6 +164,7 @@ def listen(
             refresh_interval=refresh_interval,
             refresh_budget=refresh_budget,
             batch_delay=batch_delay,
+            apply_budget=apply_budget,
             projections=list(projections) or None,
             stall_warning=stall_warning,
             metrics_port=metrics_port,
@@ -338,6 +350,7 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 @click.option("--backlog", type=click.IntRange(1), metavar="N", help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
 @click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
 @click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS", help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
+@click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION", help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
 @click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...", help="Part 3: arrival rates, commands/s [default: 500,2000].")
 @click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
 @click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")

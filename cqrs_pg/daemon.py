@@ -38,6 +38,8 @@ CHANNEL = "cqrs_outbox"
 WAIT_SLICE = 0.25
 # Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
 LAG_INTERVAL = 5.0
+# One batch of a sql projection, or a materialized view's refresh.
+RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # Work for a sql or python projection: committed events below the fence, not yet applied.
@@ -65,6 +67,13 @@ class ListenerConfig:
     # trips, planning, a commit each) would compete with the commands. After a quiet spell
     # the next event starts a round at once.
     batch_delay: float = 0.01
+    # ... and no sooner than w / apply_budget after it started, w being the longest time a
+    # projection of the round worked on its batches before committing (the commit waits
+    # for the disk, not the CPU). On a loaded server that work waits for the CPU too:
+    # rounds come less often, their batches grow and the per-batch fixed cost falls, so
+    # the daemon leaves the commands their CPU; latency under load grows instead (never
+    # past poll_interval).
+    apply_budget: float = 0.25
     refresh_interval: float = 1.0
     # A materialized view's refresh recomputes all of it: keep the share of time spent
     # refreshing it at most this, by waiting longer between refreshes than
@@ -90,6 +99,9 @@ class Progress:
     more: bool = False
     # turns still running (a long refresh, a big batch): collected by a later round
     pending: int = 0
+    # seconds the longest turn of a sql or python projection worked, commits left out
+    # (turns run in parallel)
+    work: float = 0.0
 
     def add(self, applied: int, retry_after: float | None, more: bool = False) -> None:
         self.applied += applied
@@ -99,6 +111,7 @@ class Progress:
 
     def merge(self, other: Progress) -> None:
         self.add(other.applied, other.retry_after, other.more)
+        self.work = max(self.work, other.work)
 
 
 @dataclass
@@ -216,9 +229,10 @@ class Listener:
                 last_event = now
                 if progress.more:
                     continue
-                # the next round no sooner than batch_delay after this one started
-                self._stop.wait(max(0.0, started + cfg.batch_delay - now))
-                now = time.monotonic()
+                spacing = min(max(cfg.batch_delay, progress.work / cfg.apply_budget), cfg.poll_interval)
+                self._stop.wait(max(0.0, started + spacing - now))
+                # linger counts from here: a long spacing is no quiet spell
+                now = last_event = time.monotonic()
             timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
             if progress.pending:  # awake while a refresh runs
                 self._linger(conn, names, now + min(timeout, WAIT_SLICE))
@@ -303,7 +317,7 @@ class Listener:
             for _ in range(cfg.batches_per_turn):
                 if self.stopping:
                     break
-                started = time.monotonic()
+                started, worked = time.monotonic(), progress.work
                 if name in self._python:
                     handler = handler_for(name)
                     if handler is None:
@@ -311,11 +325,15 @@ class Listener:
                         break
                     batch = run_batch(conn, name, handler, cfg.batch_size, self._python[name])
                     applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
+                    progress.work += batch.work_seconds
                 else:
-                    row = conn.execute(
-                        "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))",
-                        (name, cfg.batch_size, self._refresh_interval(name)),
-                    ).fetchone()
+                    params = (name, cfg.batch_size, self._refresh_interval(name))
+                    if name in self._matviews:  # a refresh keeps to its own budget
+                        row = conn.execute(RUN_SQL, params).fetchone()
+                    else:
+                        with conn.transaction():  # to time the work apart from the commit
+                            row = conn.execute(RUN_SQL, params).fetchone()
+                            progress.work += time.monotonic() - started
                     assert row is not None
                     applied, more, busy, retry_after = row
                 progress.add(applied, retry_after, bool(more) and not busy)
@@ -328,7 +346,10 @@ class Listener:
                     self.metrics.batch(name, applied, seconds)
                     logger.debug(
                         "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
-                        extra={"projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3)},
+                        extra={
+                            "projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3),
+                            "work_ms": round((progress.work - worked) * 1000, 3),  # commit left out
+                        },
                     )
                 if not more or busy:
                     break

@@ -19,6 +19,7 @@ that raises rolls the whole batch back. See docs/adding-a-projection.md.
 from __future__ import annotations
 
 import importlib
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -87,6 +88,8 @@ class BatchResult:
     applied: int
     more: bool
     busy: bool
+    # seconds from the start to the commit (which waits for the disk, not for the CPU)
+    work_seconds: float = 0.0
 
 
 CLAIM_SQL = (
@@ -105,12 +108,13 @@ def run_batch(
 ) -> BatchResult:
     """Apply the next batch of python projection `name` with `handler`, checkpoint
     included, in one transaction on `conn` (which must not be inside one already)."""
+    started = time.monotonic()
     with conn.transaction():
         row = conn.execute(CLAIM_SQL, (name, max_events)).fetchone()
         assert row is not None
         from_tx, from_position, to_tx, to_position, n, fence, busy = row
         if busy or to_tx is None:
-            return BatchResult(0, False, bool(busy))
+            return BatchResult(0, False, bool(busy), time.monotonic() - started)
         # local to this transaction, like the SET clause of a sql projection's apply call
         conn.execute("SELECT set_config('search_path', %s, true)", (f"pg_catalog, {search_path}, pg_temp",))
         with conn.cursor(row_factory=class_row(Event)) as cur:
@@ -118,7 +122,8 @@ def run_batch(
         if events:
             handler(conn, events)
         conn.execute(COMPLETE_SQL, (name, to_tx, to_position, n, fence, max_events))
-    return BatchResult(int(n), n >= max_events, False)
+        work = time.monotonic() - started
+    return BatchResult(int(n), n >= max_events, False, work)
 
 
 def _qualname(handler: Handler) -> str:

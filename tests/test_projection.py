@@ -14,6 +14,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.daemon import Listener, ListenerConfig
+from cqrs_pg.projections import register, unregister
 from cqrs_pg.verify import all_mismatches
 from cqrs_pg.workload import ShopWorkload
 from tests.conftest import Database, outbox_count, wait_until
@@ -257,6 +258,33 @@ def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
     assert len(gaps) >= 2, times
     # 0.3 s / 0.5: at least 0.6 s apart (without the budget: the refresh plus 0.05 s)
     assert min(gaps) >= 0.6, gaps
+
+
+def test_under_load_rounds_keep_to_the_apply_budget(db: Database) -> None:
+    """After a round that took t seconds the next starts no sooner than t / apply_budget
+    after it, however often events arrive: on a loaded server batches grow instead of
+    the daemon's rounds taking all the CPU."""
+    starts: list[float] = []
+
+    def slow(_conn: psycopg.Connection, _events: object) -> None:
+        starts.append(time.monotonic())
+        time.sleep(0.1)
+
+    register("slow_handler")(slow)
+    try:
+        with db.connect() as conn:
+            customer, sku = seed(conn)
+            conn.execute("SELECT cqrs.register_projection('slow_handler', 'python', search_path => 'shop_read')")
+            with running_daemon(db, projections=["slow_handler"], apply_budget=0.25, batch_delay=0.01):
+                for _ in range(40):  # an order every 0.05 s for 2 s
+                    place(conn, customer, sku)
+                    time.sleep(0.05)
+    finally:
+        unregister("slow_handler")
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(gaps) >= 2, starts
+    # 0.1 s / 0.25: at least 0.4 s apart (without the budget: 0.1 s plus batch_delay)
+    assert min(gaps) >= 0.39, gaps
 
 
 GATE = 4242  # an advisory lock key: the test holds it to keep a view's refresh running

@@ -66,6 +66,7 @@ class BenchConfig:
     backlog: int = 1_000_000
     batch_size: int = 5000  # the daemon's --batch-size (its default)
     batch_delay: float | None = None  # the daemon's --batch-delay in every part (None: its default)
+    apply_budget: float | None = None  # the daemon's --apply-budget in every part (None: its default)
     # part 3: end-to-end latency
     rates: tuple[int, ...] = (500, 2000)  # commands per second, open loop
     latency_seconds: float = 10.0  # measured, per run
@@ -394,6 +395,8 @@ class Session:
             conn.execute("DELETE FROM cqrs.listeners")
         if self.cfg.batch_delay is not None:
             args = (*args, "--batch-delay", str(self.cfg.batch_delay))
+        if self.cfg.apply_budget is not None:
+            args = (*args, "--apply-budget", str(self.cfg.apply_budget))
         daemon = Daemon(self.dsn(dbname), self.workdir / log_name, *args)
         daemon.dbname = dbname
         self.daemons.append(daemon)
