@@ -99,6 +99,15 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
             assert run["daemon_sleeping_at_start"] is True  # idle: asleep when the load started
         if run["variant"] in ("e", "h"):
             assert run["warmup_transactions"] > 0
+        # The doorbell's notifications, counted on the channel: none without a doorbell or
+        # with no daemon listening, every transaction for the naive variant, and at least the
+        # first command's for a daemon asleep at the start.
+        if run["variant"] in ("b", "c", "g", "h"):
+            assert run["notifications"] == 0, run
+        elif run["variant"] == "f":
+            assert run["notifications"] == run["transactions"], run
+        elif run["variant"] == "d":
+            assert run["notifications"] >= 1, run
 
     # Every variant wrote what it says: one order per pgbench transaction, 2 lines each;
     # the outbox gets 5 events per command in (b)-(h) and none at all in (a).

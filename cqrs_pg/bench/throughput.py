@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -54,6 +55,7 @@ from cqrs_pg.bench._common import (
     other_fraction,
     parse_pgbench,
 )
+from cqrs_pg.daemon import CHANNEL
 
 __all__ = ["VARIANTS", "RATIOS", "COMMAND_SCRIPT", "PLAIN_SCRIPT", "doorbell_variant", "run", "render", "parse_pgbench"]
 
@@ -211,6 +213,9 @@ class Run:
     # Share of all CPUs used by processes that are not the bench's (its servers, pgbench,
     # the daemon, itself) during the measured run: another workload disturbing the figures.
     other_cpu: float | None = None
+    # Doorbell notifications sent by the measured run's commands: how many of its
+    # transactions took NOTIFY's commit lock (counted by a connection listening on the channel).
+    notifications: int | None = None
 
 
 # -- the part ------------------------------------------------------------------------------
@@ -313,9 +318,10 @@ class _Throughput:
                 daemon_cpu = DaemonCpu(self.s, conn, daemon) if daemon is not None else None
                 before = _positions(conn)
             started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            busy0, ours0 = machine_cpu(), self.s.own_cpu()
-            result = self.s.pgbench(dsn, script, clients, cfg.seconds)
-            busy1, ours1 = machine_cpu(), self.s.own_cpu()
+            with NotifyCounter(self.s.connect(dbname)) as counter:
+                busy0, ours0 = machine_cpu(), self.s.own_cpu()
+                result = self.s.pgbench(dsn, script, clients, cfg.seconds)
+                busy1, ours1 = machine_cpu(), self.s.own_cpu()
             proc_cpu, backend_cpu = daemon_cpu.result() if daemon_cpu is not None else (None, None)
             with self.s.connect(dbname) as conn:
                 after = _positions(conn)
@@ -344,6 +350,7 @@ class _Throughput:
             daemon_sleeping_at_start=sleeping_at_start,
             machine_cpu_busy=busy_fraction(busy0, busy1),
             other_cpu=other_fraction(busy0, busy1, ours0, ours1, 0.0 if proc_cpu is not None else None, proc_cpu),
+            notifications=counter.count,
         )
 
     def _count_rows(self, runs: list[Run]) -> dict[str, dict[str, int]]:
@@ -398,6 +405,37 @@ class _Throughput:
         }
 
 
+class NotifyCounter:
+    """Counts the notifications on the doorbell's channel while in use: one per notifying
+    transaction (PostgreSQL folds a transaction's identical notifications into one). The
+    count is final on exit, once the channel has been quiet for QUIET seconds."""
+
+    QUIET = 0.5
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self.count = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="notify-counter", daemon=True)
+
+    def __enter__(self) -> NotifyCounter:
+        self.conn.execute(f"LISTEN {CHANNEL}")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.conn.close()
+
+    def _listen(self) -> None:
+        while True:
+            got = sum(1 for _ in self.conn.notifies(timeout=self.QUIET if self._stop.is_set() else 0.1))
+            self.count += got
+            if self._stop.is_set() and not got:
+                return
+
+
 def _positions(conn: psycopg.Connection) -> tuple[int, dict[str, int]]:
     """The outbox's last position, and applied_events per projection."""
     row = conn.execute("SELECT coalesce(max(position), 0) FROM cqrs.outbox").fetchone()
@@ -413,8 +451,13 @@ def medians(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
     """variant -> str(clients) -> {median, min, max, runs}: tps over rounds."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
-        cell = out.setdefault(r.variant, {}).setdefault(str(r.clients), {"tps": [], "busy": [], "latency": []})
+        cell = out.setdefault(r.variant, {}).setdefault(
+            str(r.clients), {"tps": [], "busy": [], "latency": [], "notifications": [], "transactions": []}
+        )
         cell["tps"].append(r.tps)
+        if r.notifications is not None:
+            cell["notifications"].append(r.notifications)
+            cell["transactions"].append(r.transactions)
         if r.machine_cpu_busy is not None:
             cell["busy"].append(r.machine_cpu_busy)
         if r.latency_ms is not None:
@@ -429,6 +472,9 @@ def medians(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 "runs": len(values),
                 "latency_ms_median": round(statistics.median(cell["latency"]), 3) if cell["latency"] else None,
                 "machine_cpu_busy_median": round(statistics.median(cell["busy"]), 3) if cell["busy"] else None,
+                # notifying transactions / all transactions of the measured runs, summed over rounds
+                "notifications": sum(cell["notifications"]) if cell["notifications"] else None,
+                "notifications_of": sum(cell["transactions"]) if cell["notifications"] else None,
             }
     return out
 
@@ -514,6 +560,16 @@ def render(report: dict[str, Any]) -> list[str]:
         )
         for key in report["variants"]
     ) + f"  (at {'/'.join(map(str, clients))} clients)")
+    lines.append(
+        "doorbell notifications (transactions that took NOTIFY's commit lock) / transactions, all rounds: " + "; ".join(
+            f"({key}) " + "/".join(
+                "n/a" if (cell := report["medians"].get(key, {}).get(str(c))) is None or cell.get("notifications") is None
+                else f"{cell['notifications']:,} of {cell['notifications_of']:,}"
+                for c in clients
+            )
+            for key in report["variants"]
+        ) + f"  (at {'/'.join(map(str, clients))} clients)"
+    )
     others = [r["other_cpu"] for r in report["runs"] if r.get("other_cpu") is not None]
     if others:
         worst = max(report["runs"], key=lambda r: r.get("other_cpu") or 0.0)
