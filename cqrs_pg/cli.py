@@ -323,6 +323,17 @@ def _client_counts(_ctx: click.Context, _param: click.Parameter, value: str | No
     return tuple(dict.fromkeys(counts))
 
 
+def _variant_keys(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    from cqrs_pg.bench.throughput import BY_KEY
+
+    keys = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    if not keys or any(k not in BY_KEY for k in keys):
+        raise click.BadParameter(f"{value!r}: give part 1 variants from {', '.join(BY_KEY)}, comma-separated, e.g. b,c")
+    return keys
+
+
 def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, click.Parameter, str | None], tuple[int, ...] | None]:
     """A click callback: comma-separated integers from low to high (None stays None)."""
 
@@ -346,6 +357,7 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 @click.option("--rounds", type=click.IntRange(1), help="Interleaved repetitions of every measurement [default: 3].")
 @click.option("--seconds", type=click.IntRange(1), help="Part 1: length of each measured pgbench run [default: 10].")
 @click.option("--clients", callback=_client_counts, metavar="N,N,...", help="Part 1: client counts (pgbench -c N -j 2) [default: 1,4,16].")
+@click.option("--variants", callback=_variant_keys, metavar="X,Y,...", help="Part 1: run only these variants, e.g. b,c for more rounds of one ratio [default: all, a-h; see docs/benchmarks.md].")
 @click.option("--warmup", type=click.IntRange(1), help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
 @click.option("--backlog", type=click.IntRange(1), metavar="N", help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
 @click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")

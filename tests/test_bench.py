@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,7 +243,7 @@ def test_statistics() -> None:
 def test_bench_options_are_checked() -> None:
     runner = CliRunner()
     for args, bad in ((["--parts", "1,7"], "'1,7'"), (["--rates", "0"], "'0'"), (["--history", "5"], "'5'"),
-                      (["--clients", "1,x"], "'1,x'")):
+                      (["--clients", "1,x"], "'1,x'"), (["--variants", "b,z"], "'b,z'")):
         result = runner.invoke(main, ["bench", *args])
         assert result.exit_code == 2, (args, result.output)
         assert bad in result.output, (args, result.output)
@@ -250,6 +251,20 @@ def test_bench_options_are_checked() -> None:
     assert result.exit_code == 2 and "--replica-dsn goes with --dsn" in result.output, result.output
     result = runner.invoke(main, ["bench", "--quick", "--json", "/nonexistent-dir/bench.json"])
     assert result.exit_code == 1 and "/nonexistent-dir does not exist" in result.output, result.output
+
+
+def test_part_one_runs_the_variants_asked_for(db: Database, tmp_path: Path) -> None:
+    """--variants: only those variants run, and only the ratios between them are given."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(main, [
+        "bench", "--quick", "--parts", "1", "--variants", "c,b", "--clients", "1", "--dsn", db.dsn, "--json", str(out),
+    ])
+    assert result.exit_code == 0, result.output
+    part = json.loads(out.read_text())["parts"]["throughput"]
+    assert list(part["variants"]) == ["b", "c"]
+    assert sorted(r["variant"] for r in part["runs"]) == ["b", "c"]
+    assert set(part["ratios"]) == {"clients", "c/b"}
+    assert "(c) outbox + wake-up, daemon stopped" in result.output and "(a) plain SQL" not in result.output
 
 
 def test_bench_on_a_server_needs_a_superuser(db: Database) -> None:

@@ -62,6 +62,7 @@ class BenchConfig:
     seconds: int = 10  # per measured pgbench run (pgbench -T takes whole seconds)
     clients: tuple[int, ...] = (1, 4, 16)
     warmup: int = 3  # seconds of load before the measured run of (e) and (h), the daemons under load
+    variants: tuple[str, ...] | None = None  # part 1: run only these (keys of throughput.VARIANTS); None: all
     # part 2: projection catch-up; backlogs of backlog // 10 and backlog events
     backlog: int = 1_000_000
     batch_size: int = 5000  # the daemon's --batch-size (its default)

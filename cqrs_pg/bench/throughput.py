@@ -231,10 +231,15 @@ class _Throughput:
         self.cfg = session.cfg
         self.progress = session.progress
         self.names: dict[str, str] = {}  # variant key -> database
+        wanted = self.cfg.variants
+        self.variants = [v for v in VARIANTS if wanted is None or v.key in wanted]
+        unknown = sorted(set(wanted or ()) - set(BY_KEY))
+        if unknown:
+            raise BenchError(f"unknown part 1 variant(s) {', '.join(unknown)}: the variants are {', '.join(BY_KEY)}")
 
     def run(self) -> dict[str, Any]:
         started = time.monotonic()
-        for v in VARIANTS:
+        for v in self.variants:
             self.names[v.key] = self.s.clone(f"tp_{v.key}")
             with self.s.connect(self.names[v.key]) as conn:
                 shape_variant(conn, v)
@@ -257,18 +262,18 @@ class _Throughput:
         plan = []
         for r in range(cfg.rounds):
             for clients in cfg.clients:
-                order = list(VARIANTS)
+                order = list(self.variants)
                 rng.shuffle(order)
                 for v in order:
                     plan.append((r + 1, clients, v))
         per_run = cfg.seconds + 3
         eta = len(plan) * per_run + cfg.rounds * len(cfg.clients) * cfg.warmup
         self.progress(
-            f"{len(plan)} runs: {len(VARIANTS)} variants x clients {','.join(map(str, cfg.clients))} x "
+            f"{len(plan)} runs: {len(self.variants)} variants x clients {','.join(map(str, cfg.clients))} x "
             f"{cfg.rounds} round(s) of {cfg.seconds}s (about {eta / 60:.1f} min)"
         )
         runs: list[Run] = []
-        width = max(len(v.label) for v in VARIANTS)
+        width = max(len(v.label) for v in self.variants)
         t0 = time.monotonic()
         for i, (rnd, clients, v) in enumerate(plan, 1):
             run = self._one_run(rnd, clients, v, scripts[v.script])
@@ -355,7 +360,7 @@ class _Throughput:
 
     def _count_rows(self, runs: list[Run]) -> dict[str, dict[str, int]]:
         rows: dict[str, dict[str, int]] = {}
-        for v in VARIANTS:
+        for v in self.variants:
             with self.s.connect(self.names[v.key]) as conn:
                 r = conn.execute(
                     "SELECT (SELECT count(*) FROM shop.orders), (SELECT count(*) FROM shop.order_lines),"
@@ -389,9 +394,9 @@ class _Throughput:
                 "before_each_run": "VACUUM (ANALYZE) of the variant's database, no autovacuum worker running, "
                 "CHECKPOINT, replica replayed up to the primary",
                 "daemon": "cqrs-pg listen with its defaults (--log-level warning), started for "
-                + ", ".join(f"({v.key})" for v in VARIANTS if v.daemon != "stopped") + " runs only",
+                + ", ".join(f"({v.key})" for v in self.variants if v.daemon != "stopped") + " runs only",
             },
-            "variants": {v.key: {"label": v.label, "capture": v.capture, "daemon": v.daemon, "script": v.script} for v in VARIANTS},
+            "variants": {v.key: {"label": v.label, "capture": v.capture, "daemon": v.daemon, "script": v.script} for v in self.variants},
             "scripts": {
                 "command": COMMAND_SCRIPT.format(customers=cfg.customers, products=cfg.products),
                 "plain": PLAIN_SCRIPT.format(customers=cfg.customers, products=cfg.products),
