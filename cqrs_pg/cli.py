@@ -111,8 +111,9 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str) -> None:
     type=click.FloatRange(0, 1, min_open=True),
     metavar="FRACTION",
     help="While events keep coming, rounds of batches take at most this share of the time: after a round "
-    "that took t seconds the next starts t/FRACTION after it (at most --poll-interval). On a loaded server "
-    "batches grow and the daemon leaves the commands more CPU; latency under load grows instead. 1: off.",
+    "whose batches took t seconds of work (commits left out) the next starts t/FRACTION after it (at most "
+    "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
+    "under load grows instead. 1: off.",
 )
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
