@@ -73,6 +73,11 @@ def run_bench(
     unknown = [p for p in config.parts if p not in PART_NAMES]
     if unknown:
         raise BenchError(f"unknown part(s) {unknown}: the parts are 1-5")
+    unknown_variants = sorted(set(config.variants or ()) - {v.key for v in VARIANTS})
+    if unknown_variants:
+        raise BenchError(
+            f"unknown part 1 variant(s) {', '.join(unknown_variants)}: the variants are {', '.join(v.key for v in VARIANTS)}"
+        )
     session = Session(config, progress)
     ok = False
     started = time.monotonic()
