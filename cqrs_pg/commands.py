@@ -122,8 +122,10 @@ def execute(conn: psycopg.Connection, function: str, *args: Any, command_id: uui
 def _retryable(exc: psycopg.Error, conn: psycopg.Connection | None) -> bool:
     if exc.sqlstate in RETRYABLE or (exc.sqlstate or "").startswith("08"):
         return True
-    # No SQLSTATE: the connection failed (could not connect, or closed under us).
-    return exc.sqlstate is None and isinstance(exc, psycopg.OperationalError) and (conn is None or conn.closed)
+    # No SQLSTATE: the connection failed (could not connect, or closed under us: psycopg
+    # marks a connection whose socket closed mid-query broken, not closed).
+    return exc.sqlstate is None and isinstance(exc, psycopg.OperationalError) and (
+        conn is None or conn.closed or conn.broken)
 
 
 class CommandClient:

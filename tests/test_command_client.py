@@ -155,6 +155,10 @@ class LosesFirstReply:
     def closed(self) -> bool:
         return self.conn.closed
 
+    @property
+    def broken(self) -> bool:
+        return self.conn.broken
+
     def close(self) -> None:
         self.conn.close()
 
