@@ -46,7 +46,9 @@ def build(root: Path = SQL_ROOT, include: Callable[[str], bool] = lambda _path: 
 
 def frozen_section(frozen: Path, name: str) -> str:
     """The text of file ``name`` (e.g. ``sql/cqrs/functions/x.sql``) as frozen in ``frozen``."""
-    parts = re.split(r"^-- (sql/\S+)$", frozen.read_text(), flags=re.M)
+    # every entry is headed by its name (concatenate): a section ends at the next one,
+    # whether a file of sql/ or a migration's own step
+    parts = re.split(r"^-- ((?:sql|migrations)/\S+|\d{4}_\S+\.sql:\S+)$", frozen.read_text(), flags=re.M)
     sections = dict(zip(parts[1::2], parts[2::2]))
     if name not in sections:
         raise RuntimeError(f"{frozen.name} holds no {name}")
