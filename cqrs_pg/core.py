@@ -10,7 +10,7 @@ shop; your project installs only the core, from its own migration::
     from cqrs_pg import core
 
     def upgrade():
-        core.install(op, "0003")
+        core.install(op, "0004")
 
     def downgrade():
         core.uninstall(op)
@@ -19,9 +19,12 @@ Each core version is frozen SQL shipped with this package
 (``migrations/versions/NNNN_*.core.sql``, checked by SHA-256), named after the cqrs_pg
 migration that froze it, so a migration that installs version "0002" keeps its meaning
 whatever cqrs_pg release runs it. A later version ships the steps from the one before it;
-``core.upgrade(op, "0002", "0003")`` runs them in a later migration of yours.
+``core.upgrade(op, "0003", "0004")`` runs them in a later migration of yours.
 Version "0003" leaves a materialized view's refresh out of the projections' fence and adds
-``cqrs.work_pending``, the daemon's cheap poll.
+``cqrs.work_pending``, the daemon's cheap poll. Version "0004" hands every reader the events
+of one aggregate in the order of its versions: readers read in position order, up to the
+final position; apply functions take ``(from_position bigint, to_position bigint)`` (one
+written for ``(from_tx, from_position, to_tx, to_position)`` still runs).
 
 Maintainers: ``python -m cqrs_pg.core freeze`` rewrites the newest version's file — the
 first from ``sql/`` (the manifest's core files, in order), a later one from the
@@ -44,6 +47,7 @@ from cqrs_pg import sqlsource
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
     "0003": ("0003_refresh_outside_fence.core.sql", "227e555631d6afe9db52c77cf07b059b1fa56c4fc4ce7be81821aa1a0d7dff35"),
+    "0004": ("0004_position_order.core.sql", "6ac4ad43ec2427ffc6da7b4bc886439452bc9a60a557cbb95f38e265642e5a12"),
 }
 LATEST = list(VERSIONS)[-1]
 

@@ -10,7 +10,7 @@ registered here under the projection's name.
 
 The daemon (`cqrs-pg listen --import MODULE`, which imports the modules that register
 handlers) runs each batch in ONE transaction: cqrs.claim_batch (the projection's lock and
-the next batch below the fence), cqrs.batch_events, handler(conn, events),
+the next batch, up to what may be read), cqrs.batch_events, handler(conn, events),
 cqrs.complete_batch (the checkpoint). The handler's writes and the checkpoint commit
 together, so a daemon killed at any moment neither loses nor repeats an event; a handler
 that raises rolls the whole batch back. See docs/adding-a-projection.md.
@@ -92,15 +92,12 @@ class BatchResult:
     work_seconds: float = 0.0
 
 
-CLAIM_SQL = (
-    "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, busy"
-    " FROM cqrs.claim_batch(%s, %s)"
-)
+CLAIM_SQL = "SELECT from_position, to_position, n, busy FROM cqrs.claim_batch(%s, %s)"
 EVENTS_SQL = (
     "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
-    " payload, metadata, occurred_at FROM cqrs.batch_events(%s, %s::xid8, %s, %s::xid8, %s)"
+    " payload, metadata, occurred_at FROM cqrs.batch_events(%s, %s, %s)"
 )
-COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s::xid8, %s, %s, %s::xid8, %s)"
+COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s, %s, %s)"
 
 
 def run_batch(
@@ -112,16 +109,16 @@ def run_batch(
     with conn.transaction():
         row = conn.execute(CLAIM_SQL, (name, max_events)).fetchone()
         assert row is not None
-        from_tx, from_position, to_tx, to_position, n, fence, busy = row
-        if busy or to_tx is None:
+        from_position, to_position, n, busy = row
+        if busy or to_position is None:
             return BatchResult(0, False, bool(busy), time.monotonic() - started)
         # local to this transaction, like the SET clause of a sql projection's apply call
         conn.execute("SELECT set_config('search_path', %s, true)", (f"pg_catalog, {search_path}, pg_temp",))
         with conn.cursor(row_factory=class_row(Event)) as cur:
-            events = cur.execute(EVENTS_SQL, (name, from_tx, from_position, to_tx, to_position)).fetchall()
+            events = cur.execute(EVENTS_SQL, (name, from_position, to_position)).fetchall()
         if events:
             handler(conn, events)
-        conn.execute(COMPLETE_SQL, (name, to_tx, to_position, n, fence, max_events))
+        conn.execute(COMPLETE_SQL, (name, to_position, n, max_events))
         work = time.monotonic() - started
     return BatchResult(int(n), n >= max_events, False, work)
 

@@ -24,15 +24,12 @@ from cqrs_pg.db import connect, require_migrated
 from cqrs_pg.errors import CqrsPgError
 from cqrs_pg.projections import Event, Handler, handler_for
 
-CLAIM_SQL = (
-    "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, shadow_schema"
-    " FROM cqrs.rebuild_claim(%s, %s, %s)"
-)
+CLAIM_SQL = "SELECT from_position, to_position, n, shadow_schema FROM cqrs.rebuild_claim(%s, %s, %s)"
 EVENTS_SQL = (
     "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
-    " payload, metadata, occurred_at FROM cqrs.rebuild_events(%s, %s::xid8, %s, %s::xid8, %s)"
+    " payload, metadata, occurred_at FROM cqrs.rebuild_events(%s, %s, %s)"
 )
-COMPLETE_SQL = "SELECT cqrs.rebuild_complete(%s, %s::xid8, %s, %s, %s::xid8)"
+COMPLETE_SQL = "SELECT cqrs.rebuild_complete(%s, %s, %s)"
 
 
 def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], None]) -> int:
@@ -71,17 +68,17 @@ def apply_rebuild_batch(
     transaction. Returns (applied, more)."""
     row = conn.execute(CLAIM_SQL, (projection, max_events, final)).fetchone()
     assert row is not None
-    from_tx, from_position, to_tx, to_position, n, fence, shadow = row
-    if to_tx is None:
+    from_position, to_position, n, shadow = row
+    if to_position is None:
         return 0, False
     # local to this transaction: unqualified table names are the shadow's, never the live ones
     path = sql.SQL("pg_catalog, {}, pg_temp").format(sql.Identifier(shadow)).as_string(conn)
     conn.execute("SELECT set_config('search_path', %s, true)", (path,))
     with conn.cursor(row_factory=class_row(Event)) as cur:
-        events = cur.execute(EVENTS_SQL, (projection, from_tx, from_position, to_tx, to_position)).fetchall()
+        events = cur.execute(EVENTS_SQL, (projection, from_position, to_position)).fetchall()
     if events:
         handler(conn, events)
-    conn.execute(COMPLETE_SQL, (projection, to_tx, to_position, n, fence))
+    conn.execute(COMPLETE_SQL, (projection, to_position, n))
     return int(n), n >= max_events
 
 

@@ -148,11 +148,11 @@ def _lag(name: str, r: dict[str, Any], t: Thresholds) -> list[str]:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = ["projection       kind     applied    behind  seconds behind  checkpoint (tx, position)"]
+    lines = ["projection       kind     applied    behind  seconds behind  checkpoint (position)"]
     for p in status["projections"]:
         lines.append(
             f"{p['name']:<16} {p['kind']:<8} {p['applied_events']:>8} {p['events_behind']:>9}"
-            f" {p['seconds_behind']:>15.3f}  ({p['last_tx']}, {p['last_position']})"
+            f" {p['seconds_behind']:>15.3f}  {p['last_position']}"
         )
     lines.append("")
     for r in status["replicas"]:

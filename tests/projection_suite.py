@@ -119,22 +119,25 @@ class Subject:
 
     def checkpoint(self, conn: psycopg.Connection) -> tuple:  # type: ignore[type-arg]
         return conn.execute(
-            "SELECT last_tx::text, last_position, applied_events, horizon::text FROM cqrs.projections WHERE name = %s",
+            "SELECT last_position, ahead, applied_events, horizon::text FROM cqrs.projections WHERE name = %s",
             (self.name,),
         ).fetchone()
 
     def events_to_checkpoint(self, conn: psycopg.Connection) -> int:
         return conn.execute(
             "SELECT count(*) FROM cqrs.outbox o, cqrs.projections p"
-            " WHERE p.name = %s AND (o.tx_id, o.position) <= (p.last_tx, p.last_position)",
+            " WHERE p.name = %s AND (o.position <= p.last_position OR o.position = ANY (p.ahead))",
             (self.name,),
         ).fetchone()[0]
 
     def cut_inside_a_transaction(self, conn: psycopg.Connection) -> bool:
-        """Whether the checkpoint stands inside a transaction: some of its events after it."""
+        """Whether the checkpoint stands inside a transaction: the last event applied has a
+        later one of its transaction after it."""
         return conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM cqrs.outbox o, cqrs.projections p"
-            " WHERE p.name = %s AND o.tx_id = p.last_tx AND o.position > p.last_position)",
+            "SELECT EXISTS (SELECT 1 FROM cqrs.outbox o, cqrs.outbox l, cqrs.projections p"
+            " WHERE p.name = %s AND l.position = (SELECT max(x.position) FROM cqrs.outbox x"
+            "                                      WHERE x.position <= p.last_position)"
+            " AND o.tx_id = l.tx_id AND o.position > p.last_position)",
             (self.name,),
         ).fetchone()[0]
 
@@ -146,7 +149,7 @@ class Subject:
         """Back to no events applied: empty tables, checkpoint at the start."""
         conn.execute(f"TRUNCATE {', '.join(TABLES)}")
         conn.execute(
-            "UPDATE cqrs.projections SET last_tx = '0', last_position = 0, applied_events = 0, horizon = '0'"
+            "UPDATE cqrs.projections SET last_position = 0, ahead = '{}', applied_events = 0, horizon = '0'"
             " WHERE name = %s",
             (self.name,),
         )

@@ -162,6 +162,24 @@ def test_shipped_core_equals_sql_source(cluster: DevCluster, empty_db: Database)
         next(other, None)
 
 
+def test_core_upgraded_version_by_version_equals_a_fresh_install(cluster: DevCluster, empty_db: Database) -> None:
+    """A project that installed the first core version and upgraded it step by step has
+    the schema of one that installed the newest."""
+    other = new_database(cluster, None)
+    built = next(other)
+    try:
+        first, *later = core.VERSIONS
+        with empty_db.connect() as conn:
+            core.install(conn, first)
+            for before, after in zip(core.VERSIONS, later):
+                core.upgrade(conn, before, after)
+        with built.connect() as conn:
+            core.install(conn, core.LATEST)
+        assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, built.name)
+    finally:
+        next(other, None)
+
+
 def test_core_versions_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown cqrs core version '9999'"):
         core.install(None, "9999")

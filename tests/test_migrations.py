@@ -12,6 +12,7 @@ import pytest
 from cqrs_pg import sqlsource
 from cqrs_pg.devcluster import DevCluster, find_bindir
 from cqrs_pg.migrate import current_revision, head_revision, migrate
+from cqrs_pg.verify import all_mismatches
 from tests.conftest import REPO, Database, new_database
 
 OUR_SCHEMAS = ("cqrs", "shop", "shop_read", "shop_proj")
@@ -150,3 +151,84 @@ def test_group_roles_exist_and_cannot_log_in(db: Database) -> None:
             ).fetchall()
         )
     assert roles == {"cqrs_writer": False, "cqrs_reader": False, "cqrs_listener": False}
+
+
+# A recording sql projection, written for 0003's apply protocol
+# f(from_tx, from_position, to_tx, to_position): the upgrade keeps it running.
+RECORDER_0003 = """
+CREATE TABLE public.seen (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, position bigint NOT NULL);
+CREATE FUNCTION public.record(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO seen (position) SELECT b.position FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b;
+END
+$$;
+SELECT cqrs.register_projection('seen', 'sql', 'public.record', search_path => 'public',
+                                tables => ARRAY['public.seen']::regclass[]);
+"""
+
+
+def add_product(conn: psycopg.Connection, sku: str) -> None:
+    conn.execute("SELECT shop.add_product(gen_random_uuid(), %s, 'p', 10, 10)", (sku,))
+
+
+def test_upgrade_carries_checkpoints_over_exactly(empty_db: Database) -> None:
+    """Checkpoints of the (tx_id, position) order become positions without applying an
+    event twice or skipping one: events were applied in xid order (B's later position
+    first), so the checkpoint lies before B's earlier event in position order and keeps
+    A's later one as applied ahead of it. An apply function of 0003's protocol keeps
+    running, and the read models come out equal to their definitions."""
+    assert migrate(empty_db.dsn, "0003") == (None, "0003")
+    with empty_db.connect() as conn:
+        conn.execute(RECORDER_0003)
+        add_product(conn, "UP-0")
+        with psycopg.connect(empty_db.dsn) as a, psycopg.connect(empty_db.dsn) as b:
+            a.execute("SELECT pg_current_xact_id()")  # A's id is the lower
+            add_product(b, "UP-B")  # B: the earlier position, the higher id
+            b.commit()
+            add_product(a, "UP-A")
+            a.commit()
+        for name in ("seen", "order_summary", "customer_stats"):  # A's event, not B's
+            while conn.execute("SELECT applied_events FROM cqrs.projections WHERE name = %s", (name,)).fetchone()[0] < 2:
+                conn.execute("SELECT cqrs.run_projection(%s, 1, '0 s')", (name,))
+        assert [r[0] for r in conn.execute("SELECT position FROM public.seen ORDER BY seq")] == [1, 3]
+
+    assert migrate(empty_db.dsn) == ("0003", head_revision())
+    with empty_db.connect() as conn:
+        checkpoints = conn.execute(
+            "SELECT name, last_position, ahead, applied_events FROM cqrs.projections WHERE kind = 'sql' ORDER BY name"
+        ).fetchall()
+        assert checkpoints == [(n, 1, [3], 2) for n in ("customer_stats", "order_summary", "seen")]
+        add_product(conn, "UP-C")
+        Database(empty_db.name, empty_db.dsn, empty_db.replica_dsn).run_projections()
+        assert [r[0] for r in conn.execute("SELECT position FROM public.seen ORDER BY seq")] == [1, 3, 2, 4]
+        assert conn.execute("SELECT DISTINCT applied_events FROM cqrs.projections").fetchall() == [(4,)]
+        assert conn.execute("SELECT DISTINCT ahead FROM cqrs.projections").fetchall() == [([],)]
+        assert all_mismatches(conn) == {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
+
+
+def test_downgrade_is_refused_while_a_checkpoint_has_no_earlier_form(empty_db: Database) -> None:
+    """A reader that applied B's event (the earlier position, the higher id) but not yet
+    A's: in (tx_id, position) order A's comes first, so 0003's checkpoint could not say
+    what was applied. The downgrade is refused with one line and changes nothing; once
+    every event is applied it goes through."""
+    migrate(empty_db.dsn)
+    with empty_db.connect() as conn:
+        with psycopg.connect(empty_db.dsn) as a, psycopg.connect(empty_db.dsn) as b:
+            a.execute("SELECT pg_current_xact_id()")
+            add_product(b, "DOWN-B")
+            b.commit()
+            add_product(a, "DOWN-A")
+            a.commit()
+        conn.execute("SELECT cqrs.run_projection('order_summary', 1)")
+        assert conn.execute("SELECT last_position FROM cqrs.projections WHERE name = 'order_summary'").fetchone() == (1,)
+    with pytest.raises(Exception, match="cannot downgrade below 0004 now: projection 'order_summary'"):
+        migrate(empty_db.dsn, "0003")
+    assert current_revision(empty_db.dsn) == head_revision()
+    Database(empty_db.name, empty_db.dsn, empty_db.replica_dsn).run_projections()
+    assert migrate(empty_db.dsn, "0003") == (head_revision(), "0003")
+    with empty_db.connect() as conn:
+        assert conn.execute(
+            "SELECT DISTINCT (p.last_tx, p.last_position) = (SELECT o.tx_id, o.position FROM cqrs.outbox o"
+            "                                                ORDER BY o.tx_id DESC, o.position DESC LIMIT 1)"
+            " FROM cqrs.projections p WHERE p.kind = 'sql'").fetchall() == [(True,)]

@@ -60,28 +60,27 @@ def test_python_batch_api_refuses_misuse(db: Database) -> None:
         assert sqlstate_of(conn, "SELECT * FROM cqrs.claim_batch('order_summary', 10)") == "CQ001"
         assert sqlstate_of(conn, "SELECT * FROM cqrs.claim_batch('nope', 10)") == "CQ002"
         assert sqlstate_of(conn, "SELECT * FROM cqrs.claim_batch('py', 0)") == "CQ001"
-        assert sqlstate_of(conn, "SELECT cqrs.complete_batch('py', '999', 1, 1, '1000', 10)") == "CQ003"
-        assert sqlstate_of(conn, "SELECT * FROM cqrs.batch_events('py', '0', 0, '999', 1)") == "CQ003"
+        assert sqlstate_of(conn, "SELECT cqrs.complete_batch('py', 999, 1, 10)") == "CQ003"
+        assert sqlstate_of(conn, "SELECT * FROM cqrs.batch_events('py', 0, 999)") == "CQ003"
         assert sqlstate_of(conn, "SELECT cqrs.rebuild_begin('py')") == "CQ001"  # names no tables
         with pytest.raises(CqrsPgError, match="'py' is a python projection and no handler is registered"):
             rebuild(db.dsn, "py", 100, lambda _: None)
         with conn.transaction():
-            from_tx, from_pos, to_tx, to_pos, n, fence, busy = conn.execute(
-                "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, busy"
-                " FROM cqrs.claim_batch('py', 10)"
+            from_pos, to_pos, n, busy = conn.execute(
+                "SELECT from_position, to_position, n, busy FROM cqrs.claim_batch('py', 10)"
             ).fetchone()
-            assert (from_tx, from_pos, n, busy) == ("0", 0, 1, False)
+            assert (from_pos, n, busy) == (0, 1, False)
             events = conn.execute(
-                "SELECT event_type FROM cqrs.batch_events('py', %s, %s, %s, %s)", (from_tx, from_pos, to_tx, to_pos)
+                "SELECT event_type FROM cqrs.batch_events('py', %s, %s)", (from_pos, to_pos)
             ).fetchall()
             assert events == [("product.created",)]
             with pytest.raises(psycopg.Error) as err, conn.transaction():  # a wrong count
-                conn.execute("SELECT cqrs.complete_batch('py', %s, %s, 2, %s, 10)", (to_tx, to_pos, fence))
+                conn.execute("SELECT cqrs.complete_batch('py', %s, 2, 10)", (to_pos,))
             assert err.value.sqlstate == "CQ001"
-            with pytest.raises(psycopg.Error) as err, conn.transaction():  # a fence from the future
-                conn.execute("SELECT cqrs.complete_batch('py', %s, %s, 1, '999999999', 10)", (to_tx, to_pos))
+            with pytest.raises(psycopg.Error) as err, conn.transaction():  # beyond what may be read
+                conn.execute("SELECT cqrs.complete_batch('py', %s, 1, 10)", (to_pos + 1000,))
             assert err.value.sqlstate == "CQ001"
-            conn.execute("SELECT cqrs.complete_batch('py', %s, %s, 1, %s, 10)", (to_tx, to_pos, fence))
+            conn.execute("SELECT cqrs.complete_batch('py', %s, 1, 10)", (to_pos,))
         assert conn.execute("SELECT applied_events FROM cqrs.projections WHERE name = 'py'").fetchone()[0] == 1
 
 

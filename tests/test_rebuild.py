@@ -299,7 +299,7 @@ def test_rebuild_api_refuses_misuse(db: Database) -> None:
         assert err.value.sqlstate == "CQ001"
 
         for call in ("SELECT * FROM cqrs.rebuild_claim(%s)", "SELECT cqrs.rebuild_finish(%s)",
-                     "SELECT cqrs.rebuild_complete(%s, '1', 1, 1, '2')"):
+                     "SELECT cqrs.rebuild_complete(%s, 1, 1)"):
             assert sqlstate_of(conn, call, (NAME,)) == "CQ002"  # no rebuild in progress
         assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_step('order_summary')") == "CQ002"
         conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
@@ -307,19 +307,18 @@ def test_rebuild_api_refuses_misuse(db: Database) -> None:
         assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim('order_summary')") == "CQ001"
         assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim(%s, 0)", (NAME,)) == "CQ001"
         with conn.transaction():
-            _, _, to_tx, to_pos, n, fence, shadow = conn.execute(
-                "SELECT from_tx::text, from_position, to_tx::text, to_position, n, fence::text, shadow_schema"
-                " FROM cqrs.rebuild_claim(%s, 100)", (NAME,)
+            from_pos, to_pos, n, shadow = conn.execute(
+                "SELECT from_position, to_position, n, shadow_schema FROM cqrs.rebuild_claim(%s, 100)", (NAME,)
             ).fetchone()
-            assert shadow == f"cqrs_rebuild_{NAME}" and n > 1
+            assert shadow == f"cqrs_rebuild_{NAME}" and from_pos == 0 and n > 1
             for name, args in (
-                (NAME, (to_tx, to_pos, n + 1, fence)),  # a wrong count
-                (NAME, (to_tx, to_pos, n, "999999999")),  # a fence from the future
-                (NAME, ("0", 0, 0, fence)),  # not after the checkpoint
-                ("order_summary", (to_tx, to_pos, n, fence)),  # not a python projection
+                (NAME, (to_pos, n + 1)),  # a wrong count
+                (NAME, (to_pos + 1000, n)),  # beyond what may be read
+                (NAME, (0, 0)),  # not after the checkpoint
+                ("order_summary", (to_pos, n)),  # not a python projection
             ):
                 with pytest.raises(psycopg.Error) as err, conn.transaction():
-                    conn.execute("SELECT cqrs.rebuild_complete(%s, %s::xid8, %s, %s, %s::xid8)", (name, *args))
+                    conn.execute("SELECT cqrs.rebuild_complete(%s, %s, %s)", (name, *args))
                 assert err.value.sqlstate == "CQ001", (name, args)
         # the live model has applied events the shadow has not: the swap would take them back
         Subject(db, "python").drain(conn)

@@ -53,7 +53,7 @@ def test_tutorial_sql_steps(db: Database) -> None:
     with db.connect() as conn:
         assert conn.execute("SELECT kind FROM cqrs.projections WHERE name = %s", (NAME,)).fetchone()[0] == "sql"
         assert not conn.execute(
-            "SELECT has_function_privilege('public', 'shop_proj.apply_customer_orders_by_status(xid8, bigint, xid8, bigint)', 'EXECUTE')"
+            "SELECT has_function_privilege('public', 'shop_proj.apply_customer_orders_by_status(bigint, bigint)', 'EXECUTE')"
         ).fetchone()[0]
 
 

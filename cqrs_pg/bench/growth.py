@@ -9,7 +9,9 @@ round and in a shuffled order of databases, timed `samples` times each:
 
 - batch end:  cqrs._next_batch from the checkpoint (a full batch: its batch_size-th event)
 - batch read: the batch's events through cqrs.batch(...), payloads included
-- idle poll:  cqrs._next_batch from the last event (nothing new), what an idle daemon asks
+  (both up to the last position: every event is final here)
+- idle poll:  what an idle projection's round asks: how far it may read
+  (cqrs._read_limit) and the next batch from the last event (none)
 - apply:      cqrs.run_projection('order_summary', batch_size) in a rolled-back transaction
 - command:    place_order latency, pgbench at 1 client for `growth_seconds`
 
@@ -52,11 +54,9 @@ SELECT (ARRAY['order.created', 'order_line.created', 'order_line.created', 'prod
        md5('history-' || i / 5)::uuid, 1 + i %% 5 / 4, %(payload)s::jsonb, '{"command": "history"}'::jsonb
   FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) i"""
 
-NEXT_BATCH_SQL = (
-    "SELECT b.end_tx::text, b.end_position, b.n"
-    " FROM cqrs._next_batch(%s::xid8, %s, pg_snapshot_xmin(pg_current_snapshot()), %s) b"
-)
-BATCH_READ_SQL = "SELECT count(*), sum(pg_column_size(e.payload)) FROM cqrs.batch(%s::xid8, %s, %s::xid8, %s) e"
+NEXT_BATCH_SQL = "SELECT b.end_position, b.n FROM cqrs._next_batch(%s, '{}', %s, %s) b"
+IDLE_POLL_SQL = "SELECT b.n FROM cqrs._read_limit() l, cqrs._next_batch(%s, '{}', l.final_position, %s) b"
+BATCH_READ_SQL = "SELECT count(*), sum(pg_column_size(e.payload)) FROM cqrs.batch(%s, %s) e"
 APPLY_SQL = "SELECT applied FROM cqrs.run_projection('order_summary', %s, '0 s')"
 AUTO_EXPLAIN = (
     "LOAD 'auto_explain'",
@@ -77,7 +77,9 @@ class Outbox:
     dbname: str
     rows: int = 0
     fill_seconds: float = 0.0
-    checkpoint: tuple[str, int] = ("0", 0)
+    checkpoint: int = 0
+    # the last position: everything up to it is final (no writer runs meanwhile)
+    final: int = 0
     new_events: int = 0
     size_mb: float = 0.0
     index_mb: dict[str, float] = field(default_factory=dict)
@@ -147,8 +149,9 @@ class _Growth:
             # Already projected: every checkpoint at the end of the history.
             o.checkpoint = _end(conn)
             conn.execute(
-                "UPDATE cqrs.projections SET last_tx = %s::xid8, last_position = %s, horizon = %s::xid8",
-                (o.checkpoint[0], o.checkpoint[1], o.checkpoint[0]),
+                "UPDATE cqrs.projections SET last_position = %s, ahead = '{}',"
+                " horizon = (SELECT coalesce(max(o.tx_id), '0') FROM cqrs.outbox o)",
+                (o.checkpoint,),
             )
             # Then real events, a little more than one full batch.
             generate.install(conn)
@@ -157,8 +160,9 @@ class _Growth:
             self.progress("   VACUUM (ANALYZE) ...")
             conn.execute("VACUUM (ANALYZE)")
             o.rows = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+            o.final = _end(conn)
             o.new_events = conn.execute(
-                "SELECT count(*) FROM cqrs.outbox WHERE (tx_id, position) > (%s::xid8, %s)", o.checkpoint
+                "SELECT count(*) FROM cqrs.outbox WHERE position > %s", (o.checkpoint,)
             ).fetchone()[0]  # type: ignore[index]
             if o.new_events < cfg.batch_size:
                 raise BenchError(f"only {o.new_events} events after the history, fewer than a batch of {cfg.batch_size}")
@@ -180,7 +184,7 @@ class _Growth:
     def _plans(self, conn: psycopg.Connection, o: Outbox) -> dict[str, Any]:
         cfg = self.cfg
         plans: dict[str, Any] = {}
-        end_tx, end_pos, _n = conn.execute(NEXT_BATCH_SQL, (*o.checkpoint, cfg.batch_size)).fetchone()  # type: ignore[misc]
+        end_pos, _n = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()  # type: ignore[misc]
         last = _end(conn)
         notices: list[str] = []
         try:
@@ -190,14 +194,15 @@ class _Growth:
             plans["auto_explain"] = f"unavailable: {str(exc).strip().splitlines()[0]}"
         else:
             conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-            for what, args in (("batch_end", (*o.checkpoint, cfg.batch_size)), ("idle_poll", (*last, cfg.batch_size))):
+            for what, query, args in (("batch_end", NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)),
+                                      ("idle_poll", IDLE_POLL_SQL, (last, cfg.batch_size))):
                 notices.clear()
-                conn.execute(NEXT_BATCH_SQL, args)
+                conn.execute(query, args)
                 outbox_plans = [n for n in notices if _query_text(n) and "outbox" in _query_text(n)]
                 plans[what] = [_summary(n) for n in outbox_plans]
             conn.execute("SET auto_explain.log_min_duration = -1")
         text = "\n".join(
-            r[0] for r in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, TIMING off) {BATCH_READ_SQL}", (*o.checkpoint, end_tx, end_pos))
+            r[0] for r in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS, TIMING off) {BATCH_READ_SQL}", (o.checkpoint, end_pos))
         )
         plans["batch_read"] = [_summary(text)]
         return plans
@@ -208,7 +213,7 @@ class _Growth:
         cfg = self.cfg
         out: list[Run] = []
         with self.s.connect(o.dbname) as conn:
-            end_tx, end_pos, n = conn.execute(NEXT_BATCH_SQL, (*o.checkpoint, cfg.batch_size)).fetchone()  # type: ignore[misc]
+            end_pos, n = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()  # type: ignore[misc]
             if n != cfg.batch_size:
                 raise BenchError(f"cqrs._next_batch found a batch of {n} events, not {cfg.batch_size}")
             last = _end(conn)
@@ -220,9 +225,9 @@ class _Growth:
                         raise BenchError(f"cqrs.run_projection applied {row and row[0]} events, not {cfg.batch_size}")
 
             work = {
-                "batch_end": lambda: conn.execute(NEXT_BATCH_SQL, (*o.checkpoint, cfg.batch_size)).fetchone(),
-                "batch_read": lambda: conn.execute(BATCH_READ_SQL, (*o.checkpoint, end_tx, end_pos)).fetchone(),
-                "idle_poll": lambda: conn.execute(NEXT_BATCH_SQL, (*last, cfg.batch_size)).fetchone(),
+                "batch_end": lambda: conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone(),
+                "batch_read": lambda: conn.execute(BATCH_READ_SQL, (o.checkpoint, end_pos)).fetchone(),
+                "idle_poll": lambda: conn.execute(IDLE_POLL_SQL, (last, cfg.batch_size)).fetchone(),
                 "apply": apply,
             }
             order = list(QUERIES)
@@ -269,7 +274,7 @@ class _Growth:
                 "samples": cfg.growth_samples,
                 "batch_size": cfg.batch_size,
                 "command": f"pgbench -c 1 -T {cfg.growth_seconds} (place_order, 2 lines), average latency",
-                "queries": {"batch_end": NEXT_BATCH_SQL, "batch_read": BATCH_READ_SQL, "idle_poll": NEXT_BATCH_SQL,
+                "queries": {"batch_end": NEXT_BATCH_SQL, "batch_read": BATCH_READ_SQL, "idle_poll": IDLE_POLL_SQL,
                             "apply": APPLY_SQL + " (rolled back)"},
                 "flat_means": f"large/small <= {FLAT}",
                 "before_each_round": "VACUUM (ANALYZE), no autovacuum worker running, CHECKPOINT, replica replayed",
@@ -282,12 +287,9 @@ class _Growth:
         }
 
 
-def _end(conn: psycopg.Connection) -> tuple[str, int]:
-    # o.tx_id qualified: a bare tx_id in ORDER BY would sort by the output column, the text.
-    row = conn.execute(
-        "SELECT o.tx_id::text, o.position FROM cqrs.outbox o ORDER BY o.tx_id DESC, o.position DESC LIMIT 1"
-    ).fetchone()
-    return ("0", 0) if row is None else (row[0], int(row[1]))
+def _end(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT coalesce(max(o.position), 0) FROM cqrs.outbox o").fetchone()
+    return int(row[0]) if row else 0
 
 
 def _query_text(notice: str) -> str:

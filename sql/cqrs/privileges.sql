@@ -20,8 +20,8 @@ GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
     cqrs.claim_batch(text, integer),
-    cqrs.batch_events(text, xid8, bigint, xid8, bigint),
-    cqrs.complete_batch(text, xid8, bigint, bigint, xid8, integer),
+    cqrs.batch_events(text, bigint, bigint),
+    cqrs.complete_batch(text, bigint, bigint, integer),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.projection_status(),

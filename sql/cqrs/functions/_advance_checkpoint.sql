@@ -1,35 +1,56 @@
--- Moves a projection's checkpoint past a batch it has applied, in the caller's
--- transaction (the one that applied the batch): last_tx/last_position to the batch end,
--- applied_events by its size n, and the horizon (see cqrs.caught_up) to the fence, or only
--- to the batch's last tx_id when a full batch (full_batch) may have stopped inside that
--- transaction. refreshed: a matview refresh covered it. With to_tx NULL (nothing new below
--- the fence) only the horizon moves up, and only when the last batch may have ended inside
--- a transaction, so an idle daemon writes nothing (and takes no xid).
--- Shared by cqrs.run_projection (sql, matview) and cqrs.complete_batch (python).
+-- Moves a reader's checkpoint, in the caller's transaction (the one that applied the
+-- batch): a projection's row, or with rebuild its rebuild's. to_position and ahead: the
+-- new checkpoint; n: the events applied; refreshed: a matview refresh covered it. A
+-- projection's horizon (see cqrs.caught_up) moves up to what cqrs._horizon finds (read
+-- thoroughly when no events were applied: a projection with nothing to apply that
+-- could not find it after its last batch, cqrs.run_projection). It also
+-- keeps what cqrs._read_limit found: the final position, and mark_position (NULL: none)
+-- as this transaction's mark, with this transaction's xid, in place of the stored one
+-- when that may be replaced (cqrs._mark_replaceable).
+-- Shared by cqrs.run_projection, cqrs.claim_batch and cqrs.complete_batch (python) and the
+-- rebuild functions.
 CREATE FUNCTION cqrs._advance_checkpoint(
-    projection text, to_tx xid8, to_position bigint, n bigint, fence xid8,
-    full_batch boolean, refreshed boolean)
+    projection text, rebuild boolean, to_position bigint, ahead bigint[], n bigint, refreshed boolean,
+    final_position bigint, fence xid8, mark_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    p cqrs.projections;
+    now_xmax xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    new_horizon xid8;
 BEGIN
-    IF to_tx IS NULL THEN
-        SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-        IF p.horizon <= p.last_tx AND p.horizon < fence THEN
-            UPDATE cqrs.projections c SET horizon = fence, updated_at = now() WHERE c.name = projection;
-        END IF;
+    IF rebuild THEN
+        UPDATE cqrs.rebuilds r
+           SET last_position = to_position,
+               ahead = _advance_checkpoint.ahead,
+               applied_events = r.applied_events + n,
+               final_position = greatest(r.final_position, _advance_checkpoint.final_position),
+               mark_xmax = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
+                                     AND cqrs._mark_replaceable(r.mark_xmax, fence, now_xmax)
+                                THEN pg_current_xact_id() ELSE r.mark_xmax END,
+               mark_position = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
+                                         AND cqrs._mark_replaceable(r.mark_xmax, fence, now_xmax)
+                                    THEN _advance_checkpoint.mark_position ELSE r.mark_position END
+         WHERE r.projection = _advance_checkpoint.projection;
         RETURN;
     END IF;
+    new_horizon := cqrs._horizon(to_position, fence, n = 0);
     UPDATE cqrs.projections c
-       SET last_tx = to_tx,
-           last_position = to_position,
+       SET last_position = to_position,
+           ahead = _advance_checkpoint.ahead,
            applied_events = c.applied_events + n,
-           horizon = greatest(c.horizon, CASE WHEN full_batch THEN to_tx ELSE fence END),
+           horizon = greatest(c.horizon, new_horizon),
+           horizon_position = CASE WHEN new_horizon IS NULL THEN c.horizon_position ELSE to_position END,
            refreshed_at = CASE WHEN refreshed THEN now() ELSE c.refreshed_at END,
-           updated_at = now()
+           updated_at = now(),
+           final_position = greatest(c.final_position, _advance_checkpoint.final_position),
+           mark_xmax = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
+                                 AND cqrs._mark_replaceable(c.mark_xmax, fence, now_xmax)
+                            THEN pg_current_xact_id() ELSE c.mark_xmax END,
+           mark_position = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
+                                     AND cqrs._mark_replaceable(c.mark_xmax, fence, now_xmax)
+                                THEN _advance_checkpoint.mark_position ELSE c.mark_position END
      WHERE c.name = projection;
 END
 $$;

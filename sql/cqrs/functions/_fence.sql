@@ -1,12 +1,11 @@
--- The fence: every transaction with a lower xid has ended, or is a materialized view's
--- refresh that can write no events (cqrs._exempt_from_fence). Events below it can no
--- longer appear, so a projection may read up to it and never skip one (DESIGN.md).
--- Without refreshes running it is pg_snapshot_xmin(pg_current_snapshot()): the lowest
--- in-progress xid, or xmax when none is. pg_snapshot_xip lists top-level xids only, so a
--- refresh run inside a subtransaction (whose lock holds the subxid) is never left out.
+-- The fence of a snapshot: every transaction with a lower xid has ended, or is a
+-- materialized view's refresh that can write no events (cqrs._exempt_from_fence).
+-- Without refreshes running it is pg_snapshot_xmin(snap): the lowest in-progress xid, or
+-- xmax when none is. pg_snapshot_xip lists top-level xids only, so a refresh run inside
+-- a subtransaction (whose lock holds the subxid) is never left out.
 -- The xid-to-xid8 match by the low 32 bits is exact: in-progress xids are less than 2^31
 -- apart, and VACUUM's freezing clears a lock's xmax long before its xid could recur.
-CREATE FUNCTION cqrs._fence()
+CREATE FUNCTION cqrs._fence(snap pg_snapshot)
 RETURNS xid8
 LANGUAGE sql
 STABLE
@@ -14,8 +13,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT coalesce(
                (SELECT min(x.x)
-                  FROM pg_snapshot_xip(s.snap) AS x(x)
+                  FROM pg_snapshot_xip(snap) AS x(x)
                  WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
-               pg_snapshot_xmax(s.snap))
-      FROM (SELECT pg_current_snapshot() AS snap) s;
+               pg_snapshot_xmax(snap));
 $$;

@@ -1,9 +1,8 @@
 -- A python projection's daemon, step 2 of 3: the events of the batch it claimed with
--- cqrs.claim_batch in this transaction, in (tx_id, position) order, only those of the
+-- cqrs.claim_batch in this transaction, in position order, only those of the
 -- projection's event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no
 -- access to cqrs.outbox itself.
-CREATE FUNCTION cqrs.batch_events(
-    projection text, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+CREATE OR REPLACE FUNCTION cqrs.batch_events(projection text, from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE plpgsql
 STABLE
@@ -20,8 +19,8 @@ BEGIN
     END IF;
     RETURN QUERY
         SELECT b.*
-          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b
+          FROM cqrs.batch(from_position, to_position) b
          WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types)
-         ORDER BY b.tx_id, b.position;
+         ORDER BY b.position;
 END
 $$;

@@ -2,9 +2,9 @@
 -- (cqrs.claim_batch) and ran the handler: advances the checkpoint, applied_events and
 -- horizon exactly as cqrs.run_projection does for a sql projection, so the handler's
 -- writes and the checkpoint commit together. The arguments are claim_batch's answer; a
--- batch that does not start at the checkpoint, or a wrong count, is refused.
-CREATE OR REPLACE FUNCTION cqrs.complete_batch(
-    projection text, to_tx xid8, to_position bigint, n bigint, fence xid8, max_events integer)
+-- batch that does not start at the checkpoint, ends beyond what may be read, or holds
+-- another number of events is refused.
+CREATE OR REPLACE FUNCTION cqrs.complete_batch(projection text, to_position bigint, n bigint, max_events integer)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -24,22 +24,20 @@ BEGIN
         PERFORM cqrs._fail('CQ003', format(
             'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
     END IF;
-    IF to_tx IS NULL OR to_position IS NULL OR fence IS NULL
-       OR (to_tx, to_position) <= (p.last_tx, p.last_position)
-       OR to_tx >= fence
-       OR fence > cqrs._fence() THEN
+    IF to_position IS NULL OR to_position <= p.last_position OR to_position > p.final_position
+       OR to_position >= p.ahead[1] THEN
         PERFORM cqrs._fail('CQ001', format(
-            'batch end (%s, %s) with fence %s is not after the checkpoint (%s, %s) of projection %L and below the fence',
-            to_tx, to_position, fence, p.last_tx, p.last_position, projection));
+            'batch end %s of projection %L is not after its checkpoint %s and at most %s, as far as it may read: '
+            'complete the batch cqrs.claim_batch returned',
+            coalesce(to_position::text, 'NULL'), projection, p.last_position, least(p.final_position, p.ahead[1] - 1)));
     END IF;
     SELECT count(*) INTO counted
       FROM cqrs.outbox o
-     WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-       AND (o.tx_id, o.position) <= (to_tx, to_position);
+     WHERE o.position > p.last_position AND o.position <= to_position;
     IF counted IS DISTINCT FROM n THEN
         PERFORM cqrs._fail('CQ001', format('batch of projection %L holds %s events, not %s', projection, counted, n));
     END IF;
-    -- a full batch may have stopped inside transaction to_tx
-    PERFORM cqrs._advance_checkpoint(projection, to_tx, to_position, n, fence, n >= max_events, false);
+    PERFORM cqrs._advance_checkpoint(projection, false, to_position, p.ahead, n, false,
+                                     p.final_position, cqrs._fence(pg_current_snapshot()), NULL);
 END
 $$;

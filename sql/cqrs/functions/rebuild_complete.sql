@@ -1,8 +1,9 @@
 -- A python projection's rebuild, step 3 of 3, in the transaction that claimed the batch
 -- (cqrs.rebuild_claim) and let the handler write it to the shadow tables: moves the
 -- rebuild's checkpoint past the batch. The arguments are rebuild_claim's answer; a batch
--- that is not after the checkpoint and below the fence, or a wrong count, is refused.
-CREATE OR REPLACE FUNCTION cqrs.rebuild_complete(projection text, to_tx xid8, to_position bigint, n bigint, fence xid8)
+-- that is not after the checkpoint and within what may be read, or a wrong count, is
+-- refused.
+CREATE OR REPLACE FUNCTION cqrs.rebuild_complete(projection text, to_position bigint, n bigint)
 RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -22,24 +23,21 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
     END IF;
-    IF to_tx IS NULL OR to_position IS NULL OR fence IS NULL
-       OR (to_tx, to_position) <= (r.last_tx, r.last_position)
-       OR to_tx >= fence
-       OR fence > cqrs._fence() THEN
+    IF to_position IS NULL OR to_position <= r.last_position OR to_position > r.final_position
+       OR to_position >= r.ahead[1] THEN
         PERFORM cqrs._fail('CQ001', format(
-            'batch end (%s, %s) with fence %s is not after the checkpoint (%s, %s) of the rebuild of projection %L '
-            'and below the fence', to_tx, to_position, fence, r.last_tx, r.last_position, projection));
+            'batch end %s of the rebuild of projection %L is not after its checkpoint %s and at most %s, '
+            'as far as it may read: complete the batch cqrs.rebuild_claim returned',
+            coalesce(to_position::text, 'NULL'), projection, r.last_position, least(r.final_position, r.ahead[1] - 1)));
     END IF;
     SELECT count(*) INTO counted
       FROM cqrs.outbox o
-     WHERE (o.tx_id, o.position) > (r.last_tx, r.last_position)
-       AND (o.tx_id, o.position) <= (to_tx, to_position);
+     WHERE o.position > r.last_position AND o.position <= to_position;
     IF counted IS DISTINCT FROM n THEN
         PERFORM cqrs._fail('CQ001', format('batch of the rebuild of projection %L holds %s events, not %s',
                                            projection, counted, n));
     END IF;
-    UPDATE cqrs.rebuilds x
-       SET last_tx = to_tx, last_position = to_position, applied_events = x.applied_events + n
-     WHERE x.projection = rebuild_complete.projection;
+    PERFORM cqrs._advance_checkpoint(projection, true, to_position, r.ahead, n, false,
+                                     r.final_position, NULL, NULL);
 END
 $$;

@@ -1,8 +1,7 @@
 -- A python projection's rebuild, step 2 of 3: the events of the batch cqrs.rebuild_claim
--- returned, in (tx_id, position) order, only those of the projection's event_types (NULL:
--- all), as cqrs.batch_events gives the daemon.
-CREATE FUNCTION cqrs.rebuild_events(
-    projection text, from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+-- returned, in position order, only those of the projection's event_types (NULL: all),
+-- as cqrs.batch_events gives the daemon.
+CREATE OR REPLACE FUNCTION cqrs.rebuild_events(projection text, from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE plpgsql
 STABLE
@@ -15,8 +14,8 @@ BEGIN
     p := cqrs._projection(projection);
     RETURN QUERY
         SELECT b.*
-          FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b
+          FROM cqrs.batch(from_position, to_position) b
          WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types)
-         ORDER BY b.tx_id, b.position;
+         ORDER BY b.position;
 END
 $$;

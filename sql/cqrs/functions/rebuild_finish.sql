@@ -1,10 +1,10 @@
 -- Finishes a rebuild in one transaction: with the projection's lock held (no daemon
--- applies it meanwhile), catches the shadow up with every event below the fence (a sql
--- projection, in batches of max_events; a python one's handler has done so earlier in
--- this transaction: cqrs.rebuild_claim with final), then replaces each live table by its
--- shadow copy, grants included. Readers see the old tables until commit and the new ones
--- after: never an empty, half-built or older read model. Returns the number of events the
--- new tables were built from.
+-- applies it meanwhile), catches the shadow up with every event up to the final position
+-- (a sql projection, in batches of max_events; a python one's handler has done so earlier
+-- in this transaction: cqrs.rebuild_claim with final), then replaces each live table by
+-- its shadow copy, grants included. Readers see the old tables until commit and the new
+-- ones after: never an empty, half-built or older read model. Returns the number of
+-- events the new tables were built from.
 CREATE OR REPLACE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -14,8 +14,7 @@ AS $$
 DECLARE
     r cqrs.rebuilds;
     p cqrs.projections;
-    fence xid8;
-    new_horizon xid8;
+    lim record;
     b record;
     t regclass;
     fresh regclass;
@@ -25,36 +24,30 @@ DECLARE
     swapped regclass[] := '{}'::regclass[];
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
+    SELECT * INTO lim FROM cqrs._read_limit();
     SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
     END IF;
     PERFORM cqrs._lock_projection(projection, true);
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    fence := cqrs._fence();
     LOOP
         EXIT WHEN p.kind <> 'sql';
-        SELECT * INTO b FROM cqrs._next_batch(r.last_tx, r.last_position, fence, max_events);
-        EXIT WHEN b.end_tx IS NULL;
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
-                                  r.last_tx, r.last_position, b.end_tx, b.end_position);
-        r.last_tx := b.end_tx;
-        r.last_position := b.end_position;
+        SELECT * INTO b FROM cqrs._next_batch(r.last_position, r.ahead, lim.final_position, max_events);
+        r.last_position := coalesce(b.end_position, b.start_position);
+        r.ahead := b.ahead_left;
+        EXIT WHEN b.n = 0;
+        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), b.start_position, b.end_position);
         r.applied_events := r.applied_events + b.n;
     END LOOP;
     -- Swapped in, the shadow must hold every event the live tables hold, and perhaps more.
-    IF (r.last_tx, r.last_position) < (p.last_tx, p.last_position) THEN
+    IF r.last_position < p.last_position
+       OR NOT ARRAY(SELECT a FROM unnest(p.ahead) a WHERE a > r.last_position) <@ r.ahead THEN
         PERFORM cqrs._fail('CQ003', format(
-            'the rebuild of projection %L has applied the log up to (%s, %s), the live tables up to (%s, %s): '
+            'the rebuild of projection %L has applied the log up to position %s, the live tables up to %s: '
             'catch it up in this transaction first (cqrs.rebuild_claim with final => true)',
-            projection, r.last_tx, r.last_position, p.last_tx, p.last_position));
+            projection, r.last_position, p.last_position));
     END IF;
-    -- Every transaction below the new horizon must be wholly in the shadow: the fence,
-    -- unless a transaction below it has events after the shadow's checkpoint (one that
-    -- ended after a python catch-up's last look; the daemon applies it after the swap).
-    new_horizon := least(fence, (SELECT o.tx_id FROM cqrs.outbox o
-                              WHERE (o.tx_id, o.position) > (r.last_tx, r.last_position) AND o.tx_id < fence
-                              ORDER BY o.tx_id, o.position LIMIT 1));
 
     FOREACH t IN ARRAY p.tables LOOP
         SELECT c.relname, n.nspname, c.relacl, c.relowner INTO tbl
@@ -87,11 +80,13 @@ BEGIN
     END LOOP;
     EXECUTE format('DROP SCHEMA %I', r.shadow_schema);
 
+    -- Every transaction below the new horizon is wholly in the shadow (cqrs._horizon).
     UPDATE cqrs.projections c
-       SET last_tx = r.last_tx,
-           last_position = r.last_position,
+       SET last_position = r.last_position,
+           ahead = r.ahead,
            applied_events = r.applied_events,
-           horizon = greatest(c.horizon, new_horizon),
+           horizon = greatest(c.horizon, cqrs._horizon(r.last_position, lim.fence)),
+           final_position = greatest(c.final_position, r.final_position, lim.final_position),
            tables = swapped,
            updated_at = now()
      WHERE c.name = projection;

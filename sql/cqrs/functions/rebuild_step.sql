@@ -1,6 +1,6 @@
 -- Applies the next batch of the event log to a sql projection's rebuild's shadow tables,
--- below the fence, and advances the rebuild's own checkpoint. `more`: a full batch, call
--- again. (A python projection's handler applies its batches: cqrs.rebuild_claim.)
+-- up to the final position, and advances the rebuild's own checkpoint. `more`: a full
+-- batch, call again. (A python projection's handler applies its batches: cqrs.rebuild_claim.)
 CREATE OR REPLACE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
 RETURNS TABLE (applied bigint, more boolean)
 LANGUAGE plpgsql
@@ -10,9 +10,12 @@ AS $$
 DECLARE
     r cqrs.rebuilds;
     p cqrs.projections;
+    lim record;
     b record;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
+    -- before the lock below gives this transaction an xid: its position read can be a mark
+    SELECT * INTO lim FROM cqrs._read_limit();
     SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_step.projection FOR UPDATE;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
@@ -23,17 +26,13 @@ BEGIN
             'projection %L is a %s projection: its handler applies the batches of its rebuild '
             '(cqrs.rebuild_claim, cqrs.rebuild_events, cqrs.rebuild_complete)', projection, p.kind));
     END IF;
-    SELECT * INTO b
-      FROM cqrs._next_batch(r.last_tx, r.last_position, cqrs._fence(), max_events);
-    IF b.end_tx IS NULL THEN
-        RETURN QUERY SELECT 0::bigint, false;
-        RETURN;
+    SELECT * INTO b FROM cqrs._next_batch(r.last_position, r.ahead, lim.final_position, max_events);
+    IF b.n > 0 THEN
+        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), b.start_position, b.end_position);
     END IF;
-    PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema),
-                              r.last_tx, r.last_position, b.end_tx, b.end_position);
-    UPDATE cqrs.rebuilds x
-       SET last_tx = b.end_tx, last_position = b.end_position, applied_events = x.applied_events + b.n
-     WHERE x.projection = rebuild_step.projection;
+    -- the rebuild's row is locked (this transaction writes) already: the mark costs nothing more
+    PERFORM cqrs._advance_checkpoint(projection, true, coalesce(b.end_position, b.start_position), b.ahead_left,
+                                     b.n, false, lim.final_position, lim.fence, lim.mark_position);
     RETURN QUERY SELECT b.n, b.n >= max_events;
 END
 $$;

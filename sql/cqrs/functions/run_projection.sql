@@ -6,10 +6,10 @@
 --   busy         another daemon is running this projection right now
 --   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
 --
--- Gap-free reading: events are read in (tx_id, position) order and only below the fence
--- (cqrs._fence): every transaction below it has ended (or is a view's refresh, which
--- writes no events), so no event can later appear behind the checkpoint. A transaction that commits late is
--- delayed, never skipped. See sql/cqrs/DESIGN.md.
+-- Events are read in position order, which is each aggregate's version order, and only up
+-- to the final position (cqrs._read_limit): no transaction can add an event there any
+-- more, so none can appear behind the checkpoint. A transaction that commits late is
+-- delayed, never skipped, and writers take no lock for it. See sql/cqrs/DESIGN.md.
 CREATE OR REPLACE FUNCTION cqrs.run_projection(
     projection text,
     max_events integer DEFAULT 10000,
@@ -21,11 +21,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     p cqrs.projections;
-    fence xid8;
-    n bigint := 0::bigint;
-    end_tx xid8;
-    end_pos bigint;
-    relevant boolean;
+    lim record;
+    b record;
+    relevant boolean := false;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
     p := cqrs._projection(projection);
@@ -37,43 +35,42 @@ BEGIN
 
     -- One runner per projection at a time, across daemons. An advisory lock rather than a
     -- row lock: checking an idle projection must not take an xid (that would hold back
-    -- every fence) or write WAL. The lock is released only after our commit is visible,
+    -- every reader) or write WAL. The lock is released only after our commit is visible,
     -- so the next holder reads the checkpoint we wrote.
     IF NOT cqrs._lock_projection(projection, false) THEN
         RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    fence := cqrs._fence();
+    SELECT * INTO lim FROM cqrs._read_limit();
+    -- a view's refresh covers every event up to the final position
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, p.ahead, lim.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
 
-    IF p.kind = 'sql' THEN
-        SELECT b.end_tx, b.end_position, b.n INTO end_tx, end_pos, n
-          FROM cqrs._next_batch(p.last_tx, p.last_position, fence, max_events) b;
-    ELSE
-        SELECT o.tx_id, o.position
-          INTO end_tx, end_pos
-          FROM cqrs.outbox o
-         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-           AND o.tx_id < fence
-         ORDER BY o.tx_id DESC, o.position DESC
-         LIMIT 1;
-    END IF;
-
-    IF end_tx IS NULL THEN
-        -- Nothing new below the fence: at most the horizon moves up.
-        PERFORM cqrs._advance_checkpoint(projection, NULL, NULL, 0, fence, false, false);
+    IF b.n = 0 THEN
+        -- Nothing to apply: write only to step over events applied ahead, to leave a mark
+        -- that lets the events committed meanwhile be read soon, or for a horizon that the
+        -- last batch put off (idle: nothing).
+        IF b.start_position > p.last_position
+           OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
+                               lim.pending_position)
+           OR (p.horizon_position < p.last_position
+               AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+            PERFORM cqrs._advance_checkpoint(projection, false, b.start_position, b.ahead_left, 0, false,
+                                             lim.final_position, lim.fence, lim.mark_position);
+        END IF;
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
         RETURN;
     END IF;
 
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_tx, p.last_position, end_tx, end_pos);
+        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, b.start_position, b.end_position);
     ELSE
         SELECT EXISTS (
             SELECT 1
               FROM cqrs.outbox o
-             WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-               AND (o.tx_id, o.position) <= (end_tx, end_pos)
+             WHERE o.position > b.start_position
+               AND o.position <= b.end_position
                AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
           INTO relevant;
         IF relevant THEN
@@ -82,22 +79,16 @@ BEGIN
                     extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
                 RETURN;
             END IF;
-            -- Out of the other projections' fence while it runs: it writes no events.
+            -- Out of every reader's fence while it runs: it writes no events.
             PERFORM cqrs._exempt_from_fence(projection);
             -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
             -- is replayed on replicas to cancel their queries.
             EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
         END IF;
-        -- the events of cqrs.batch(), counted from the index alone
-        SELECT count(*) INTO n
-          FROM cqrs.outbox o
-         WHERE (o.tx_id, o.position) > (p.last_tx, p.last_position)
-           AND (o.tx_id, o.position) <= (end_tx, end_pos);
     END IF;
 
-    -- a full sql batch may have stopped inside transaction end_tx
-    PERFORM cqrs._advance_checkpoint(projection, end_tx, end_pos, n, fence,
-                                     p.kind = 'sql' AND n >= max_events, coalesce(relevant, false));
-    RETURN QUERY SELECT n, p.kind = 'sql' AND n >= max_events, false, NULL::double precision;
+    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.ahead_left, b.n, relevant,
+                                     lim.final_position, lim.fence, lim.mark_position);
+    RETURN QUERY SELECT b.n, p.kind = 'sql' AND b.n >= max_events, false, NULL::double precision;
 END
 $$;

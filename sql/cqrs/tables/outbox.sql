@@ -1,6 +1,9 @@
 -- The append-only event log, written only by the capture triggers (cqrs.capture_changes) in the command's transaction.
--- position is taken at insert, not at commit, so readers never follow position alone:
--- they read in (tx_id, position) order below the xmin fence (see cqrs.run_projection).
+-- position is taken at insert, under the row locks of the writing transaction: it follows
+-- version order within an aggregate, and every reader reads in position order, but only
+-- up to the final position (cqrs._read_limit): an event is appended before its
+-- transaction commits, so a later position can be visible while an earlier one is not yet.
+-- tx_id is the writing transaction (a command's receipt token) for cqrs.caught_up.
 CREATE TABLE cqrs.outbox (
     position          bigint GENERATED ALWAYS AS IDENTITY,
     tx_id             xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
@@ -13,5 +16,3 @@ CREATE TABLE cqrs.outbox (
     occurred_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CONSTRAINT outbox_pkey PRIMARY KEY (position)
 );
-
-CREATE INDEX outbox_tx_id_position ON cqrs.outbox (tx_id, position);

@@ -1,9 +1,13 @@
--- A rebuild in progress: the shadow schema its new tables grow in, and its own checkpoint.
+-- A rebuild in progress: the shadow schema its new tables grow in, and its own checkpoint
+-- (the columns of cqrs.projections of the same names mean the same).
 CREATE TABLE cqrs.rebuilds (
     projection     text PRIMARY KEY REFERENCES cqrs.projections (name) ON DELETE CASCADE,
     shadow_schema  name NOT NULL,
-    last_tx        xid8 NOT NULL DEFAULT '0',
     last_position  bigint NOT NULL DEFAULT 0,
     applied_events bigint NOT NULL DEFAULT 0,
-    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    ahead          bigint[] NOT NULL DEFAULT '{}',
+    final_position bigint NOT NULL DEFAULT 0,
+    mark_xmax      xid8,
+    mark_position  bigint
 );

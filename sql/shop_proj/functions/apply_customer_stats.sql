@@ -8,8 +8,9 @@
 --    shipped, and value of orders not cancelled. It also returns the customers whose name
 --    or email it stored, and whether each was new.
 -- 2. The deltas are added to the rows of customer_stats that exist: a customer's row is
---    created with their customer.created event, so orders seen before it (another
---    transaction may commit the order first, with a lower xid) change no row yet.
+--    created with their customer.created event. (Readers get events in position order,
+--    which puts a customer's creation before any order of theirs; the apply function does
+--    not rely on it.)
 -- 3. A customer new in this batch is counted in full from the private order state (their
 --    orders so far, this batch's included); a renamed one gets the new name and email.
 -- No statement joins two batch-derived sets to each other: their row estimates are
@@ -18,7 +19,7 @@
 -- generic plan cannot estimate the batch from them.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
-CREATE OR REPLACE FUNCTION shop_proj.apply_customer_stats(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+CREATE OR REPLACE FUNCTION shop_proj.apply_customer_stats(from_position bigint, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -34,7 +35,7 @@ DECLARE
 BEGIN
     WITH e AS MATERIALIZED (
         SELECT e.event_type, e.aggregate_id, e.aggregate_version, e.payload
-          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_position, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
                                 'order_line.created')),
     cu AS (

@@ -11,7 +11,7 @@
 -- are parameters, and a generic plan cannot estimate the batch from them.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
-CREATE OR REPLACE FUNCTION shop_proj.apply_order_summary(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint)
+CREATE OR REPLACE FUNCTION shop_proj.apply_order_summary(from_position bigint, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
 SET plan_cache_mode = force_custom_plan
@@ -25,7 +25,7 @@ BEGIN
         SELECT DISTINCT ON (e.aggregate_id)
                e.aggregate_id AS customer_id, e.payload ->> 'name' AS name, e.payload ->> 'email' AS email,
                e.aggregate_version AS version
-          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_position, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated')
          ORDER BY e.aggregate_id, e.aggregate_version DESC),
     cu AS (
@@ -58,7 +58,7 @@ BEGIN
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS item_count,
                coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
-          FROM cqrs.batch_unordered(from_tx, from_position, to_tx, to_position) e
+          FROM cqrs.batch_unordered(from_position, to_position) e
          WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
          GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).
