@@ -5,13 +5,14 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
+import psycopg
 from alembic import command
-from alembic.util import CommandError
 from alembic.config import Config
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 
 from cqrs_pg.db import connect
-from cqrs_pg.errors import ConfigError
+from cqrs_pg.errors import ConfigError, CqrsPgError
 
 
 def migrations_dir() -> Path:
@@ -58,10 +59,16 @@ def migrate(dsn: str, to: str = "head") -> tuple[str | None, str | None]:
     else:
         below_current = {rev.revision for rev in script.iterate_revisions(before, "base")}
         downgrade = target.revision in below_current and target.revision != before
-    if downgrade:
-        command.downgrade(cfg, to)
-    else:
-        command.upgrade(cfg, to)
+    try:
+        if downgrade:
+            command.downgrade(cfg, to)
+        else:
+            command.upgrade(cfg, to)
+    except psycopg.Error as exc:
+        # a migration that refuses (its own SQLSTATE, CQxxx) says why in one line
+        if exc.sqlstate and exc.sqlstate.startswith("CQ"):
+            raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
+        raise
     return before, current_revision(dsn)
 
 
