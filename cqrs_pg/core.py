@@ -47,7 +47,7 @@ from cqrs_pg import sqlsource
 VERSIONS: dict[str, tuple[str, str]] = {
     "0002": ("0002_engine_and_commands.core.sql", "1389205dd0734cdecccd45eb0773e73dae88581d5cfffc26e69770097b94f31a"),
     "0003": ("0003_refresh_outside_fence.core.sql", "227e555631d6afe9db52c77cf07b059b1fa56c4fc4ce7be81821aa1a0d7dff35"),
-    "0004": ("0004_position_order.core.sql", "6ac4ad43ec2427ffc6da7b4bc886439452bc9a60a557cbb95f38e265642e5a12"),
+    "0004": ("0004_position_order.core.sql", "f0b03f521cfcda0da5d1bd818e76e96cf2dfdae0c9e6df27c03e6a0ec43b0bef"),
 }
 LATEST = list(VERSIONS)[-1]
 

@@ -42,8 +42,12 @@ LAG_INTERVAL = 5.0
 RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
-# Work for a sql or python projection: committed events below the fence, not yet applied.
+# Work for a sql or python projection: events it may read now and has not applied.
 PENDING_SQL = "SELECT cqrs.work_pending(%s)"
+# A mark read now (True: one was stored), and waiting until the transactions running then
+# have ended (True: they have).
+MARK_SQL = "SELECT cqrs.take_mark(%s)"
+MARK_USABLE_SQL = "SELECT cqrs.mark_usable(%s, make_interval(secs => %s))"
 # The transaction at the fence: the open one with the oldest xid.
 BLOCKER_SQL = (
     "SELECT pid, database, application_name, state, seconds, query_start, query, count(*) OVER ()"
@@ -74,6 +78,12 @@ class ListenerConfig:
     # the daemon leaves the commands their CPU; latency under load grows instead (never
     # past poll_interval).
     apply_budget: float = 0.25
+    # Before a round, take a mark (cqrs.take_mark) and wait up to this long for the
+    # transactions running then to end: the round then reads everything committed up to
+    # its start, not only what earlier marks cover (sql/cqrs/DESIGN.md). A mark is also
+    # taken as each wait between rounds begins: usable by the time the next round starts,
+    # whatever this wait finds.
+    mark_wait: float = 0.01
     refresh_interval: float = 1.0
     # A materialized view's refresh recomputes all of it: keep the share of time spent
     # refreshing it at most this, by waiting longer between refreshes than
@@ -141,6 +151,8 @@ class Listener:
         self._workers: dict[str, psycopg.Connection] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._count_lock = threading.Lock()
+        # the last round stopped at a full batch: the next needs no fresh mark
+        self._catching_up = False
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -230,7 +242,8 @@ class Listener:
                 if progress.more:
                     continue
                 spacing = min(max(cfg.batch_delay, progress.work / cfg.apply_budget), cfg.poll_interval)
-                self._stop.wait(max(0.0, started + spacing - now))
+                self._mark(conn)  # usable by the next round: whatever commits meanwhile waits less
+                self._stop.wait(max(0.0, started + spacing - time.monotonic()))
                 # linger counts from here: a long spacing is no quiet spell
                 now = last_event = time.monotonic()
             timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
@@ -269,15 +282,28 @@ class Listener:
                 return
             self._stop.wait(min(self.config.linger_poll, remaining))
 
+    def _mark(self, conn: psycopg.Connection, wait: float = 0.0) -> None:
+        """A mark read now (cqrs.take_mark), and with wait, up to that long (on the server)
+        for the transactions running now to end: a round that follows then reads what
+        committed up to here. Nothing to wait for when nothing runs, or when no mark was
+        needed."""
+        stored = conn.execute(MARK_SQL, (self.config.listener_id,)).fetchone()[0]  # type: ignore[index]
+        if stored and wait > 0:
+            conn.execute(MARK_USABLE_SQL, (self.config.listener_id, wait))
+
     def _run_all(self, conn: psycopg.Connection, names: list[str], every: bool = False) -> Progress:
         """A turn of every projection, each on its own connection, in parallel. The round
         waits for the sql and python projections, not for a materialized view's refresh
         (a whole recompute, which may take seconds): that one runs on and is collected by
         a later round, so it never delays the next batch of the others. With every, the
-        round waits for all."""
+        round waits for all. A round that follows a full batch (a catch-up) takes no mark:
+        there is work enough up to the last one."""
+        if not self._catching_up:
+            self._mark(conn, self.config.mark_wait)
         progress = Progress()
         if len(names) == 1:
             progress.merge(self._turn(names[0]))
+            self._catching_up = progress.more
             return progress
         assert self._pool is not None, "run() starts the pool"
         for name in names:
@@ -300,6 +326,7 @@ class Listener:
                 failure = failure or exc
         if failure is not None:
             raise failure
+        self._catching_up = progress.more
         return progress
 
     def _finish_turns(self) -> None:

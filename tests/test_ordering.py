@@ -233,3 +233,31 @@ def test_an_apply_function_of_another_shape_is_refused(db: Database) -> None:
                          " tables => '{}')")
         assert err.value.sqlstate == "CQ001"
         assert "public.wrong" in str(err.value)
+
+
+def test_a_daemons_mark_lets_its_round_read_what_committed_before_it(db: Database) -> None:
+    """cqrs.take_mark stores a mark only when one is needed; once the transactions that
+    ran when it was taken have ended, everything committed before it may be read, even
+    while a transaction that began after it still runs."""
+    take, usable = "SELECT cqrs.take_mark('marker')", "SELECT cqrs.mark_usable('marker')"
+    final = "SELECT final_position FROM cqrs._read_limit()"
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.listener_heartbeat('marker', false, '1 minute')")
+        assert conn.execute(take).fetchone()[0] is False  # nothing runs: nothing to wait for
+        with psycopg.connect(db.dsn) as running, psycopg.connect(db.dsn) as later:
+            running.execute("SELECT pg_current_xact_id()")
+            conn.execute("SELECT shop.add_product(gen_random_uuid(), 'MARK-1', 'm', 1, 1)")
+            position = conn.execute("SELECT max(position) FROM cqrs.outbox").fetchone()[0]
+            assert conn.execute(final).fetchone()[0] < position
+            assert conn.execute(take).fetchone()[0] is True
+            assert conn.execute(usable).fetchone()[0] is False  # `running` began before it
+            assert conn.execute(take).fetchone()[0] is False  # that one still waits
+            later.execute("SELECT pg_current_xact_id()")
+            assert conn.execute("SELECT cqrs.mark_usable('marker', '0.05 s')").fetchone()[0] is False
+            ends = threading.Timer(0.2, running.commit)
+            ends.start()
+            # waits on the server until `running` ends
+            assert conn.execute("SELECT cqrs.mark_usable('marker', '30 s')").fetchone()[0] is True
+            ends.join()
+            assert conn.execute(final).fetchone()[0] >= position  # `later` still runs
+            later.rollback()

@@ -14,6 +14,10 @@ ALTER TABLE cqrs.projections
     ADD COLUMN mark_xmax xid8,
     ADD COLUMN mark_position bigint,
     ADD COLUMN horizon_position bigint NOT NULL DEFAULT 0;
+ALTER TABLE cqrs.listeners
+    ADD COLUMN final_position bigint NOT NULL DEFAULT 0,
+    ADD COLUMN mark_xmax xid8,
+    ADD COLUMN mark_position bigint;
 ALTER TABLE cqrs.rebuilds
     ADD COLUMN ahead bigint[] NOT NULL DEFAULT '{}',
     ADD COLUMN final_position bigint NOT NULL DEFAULT 0,
@@ -101,10 +105,11 @@ $$;
 --
 -- A transaction takes positions only after its xid (a capture trigger runs after its
 -- statement's writes). A mark is a position read from the outbox's sequence by a
--- transaction that had no xid yet, stored with the xid it then took (the reader's own,
--- when it commits a batch; cqrs._advance_checkpoint): every transaction that took a
--- position up to mark_position had its xid before that one, so once no transaction below
--- mark_xmax runs (mark_xmax <= the fence), every position up to mark_position is final.
+-- transaction that had no xid yet, stored with the xid it then took (a reader's, when it
+-- commits a batch, cqrs._advance_checkpoint; a daemon's before a round, cqrs.take_mark;
+-- each in its own row): every transaction that took a position up to mark_position had
+-- its xid before that one, so once no transaction below mark_xmax runs (mark_xmax <= the
+-- fence), every position up to mark_position is final.
 -- The position read now is final at once when no transaction runs at all: none in the
 -- snapshot, and no xid handed out at or above its xmax. See sql/cqrs/DESIGN.md.
 CREATE FUNCTION cqrs._read_limit(
@@ -138,7 +143,9 @@ BEGIN
       INTO final_position, pending_position
       FROM (SELECT p.final_position, p.mark_xmax, p.mark_position FROM cqrs.projections p
             UNION ALL
-            SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b) r;
+            SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b
+            UNION ALL
+            SELECT l.final_position, l.mark_xmax, l.mark_position FROM cqrs.listeners l) r;
     final_position := greatest(final_position, now_final, 0);
 END
 $$;
@@ -971,6 +978,76 @@ AS $$
       FROM (SELECT cqrs._fence(pg_current_snapshot()) AS fence) f;
 $$;
 
+-- sql/cqrs/functions/take_mark.sql
+-- A daemon's mark for its next round (see cqrs._read_limit): the last position handed out,
+-- read before this transaction takes its xid, stored in the daemon's row of
+-- cqrs.listeners with that xid. Once the transactions running now have ended
+-- (cqrs.mark_usable), a round reads everything committed up to here, instead of what the
+-- marks of the round before cover: under steady writes that is one round fresher. When
+-- nothing runs now, that position is final at once: stored as the row's final position,
+-- so that the round's projections read up to it whatever they find running then (each
+-- other's batches).
+-- Returns whether it stored a mark to wait for: not when nothing beyond the final
+-- position needs one, or when the daemon's mark still waits (cqrs._needs_mark). Call it
+-- in a transaction of its own, READ COMMITTED.
+CREATE FUNCTION cqrs.take_mark(listener_id text)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lim record;
+    l cqrs.listeners;
+    marking boolean;
+BEGIN
+    SELECT * INTO lim FROM cqrs._read_limit();
+    SELECT * INTO l FROM cqrs.listeners x WHERE x.listener_id = take_mark.listener_id;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    marking := cqrs._needs_mark(l.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
+    IF NOT marking AND lim.final_position <= l.final_position THEN
+        RETURN false;  -- nothing new: no write
+    END IF;
+    -- a mark lost in a crash costs nothing but its use: no need to wait for the disk
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE cqrs.listeners x
+       SET final_position = greatest(x.final_position, lim.final_position),
+           mark_xmax = CASE WHEN marking THEN pg_current_xact_id() ELSE x.mark_xmax END,
+           mark_position = CASE WHEN marking THEN lim.mark_position ELSE x.mark_position END
+     WHERE x.listener_id = take_mark.listener_id;
+    RETURN marking;
+END
+$$;
+
+-- sql/cqrs/functions/mark_usable.sql
+-- Whether a daemon's mark (cqrs.take_mark) is usable: every transaction that ran when it
+-- was taken has ended. True when the daemon has none. Waits up to `wait` for it, looking
+-- every half millisecond, so that the daemon need not ask again and again; it reads only,
+-- and holds no xid meanwhile.
+CREATE FUNCTION cqrs.mark_usable(listener_id text, wait interval DEFAULT '0 s')
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    deadline timestamptz := clock_timestamp() + wait;
+    mark xid8;
+BEGIN
+    SELECT l.mark_xmax INTO mark FROM cqrs.listeners l WHERE l.listener_id = mark_usable.listener_id;
+    -- each time a statement of its own: a new snapshot
+    WHILE mark IS NOT NULL AND mark > cqrs._fence(pg_current_snapshot()) LOOP
+        IF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.0005);
+    END LOOP;
+    RETURN true;
+END
+$$;
+
 -- migrations/versions/0004/after_core.sql
 -- 0004, the core's last step: the functions of the (tx_id, position) order, which nothing
 -- calls any more.
@@ -1010,6 +1087,8 @@ GRANT EXECUTE ON FUNCTION
     cqrs.complete_batch(text, bigint, bigint, integer),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
+    cqrs.take_mark(text),
+    cqrs.mark_usable(text, interval),
     cqrs.projection_status(),
     cqrs.fence_blockers(),
     cqrs.fence_status(),

@@ -1163,6 +1163,9 @@ GRANT SELECT ON ALL TABLES IN SCHEMA shop_read TO cqrs_reader;
 -- 0004 added goes.
 UPDATE cqrs.projections SET apply_function = 'shop_proj.apply_order_summary'::regproc WHERE name = 'order_summary';
 UPDATE cqrs.projections SET apply_function = 'shop_proj.apply_customer_stats'::regproc WHERE name = 'customer_stats';
+DROP FUNCTION cqrs.take_mark(text);
+DROP FUNCTION cqrs.mark_usable(text, interval);
+ALTER TABLE cqrs.listeners DROP COLUMN final_position, DROP COLUMN mark_xmax, DROP COLUMN mark_position;
 DROP FUNCTION cqrs._advance_checkpoint(text, boolean, bigint, bigint[], bigint, boolean, bigint, xid8, bigint);
 DROP FUNCTION cqrs._apply_batch(regproc, text, bigint, bigint);
 DROP FUNCTION cqrs.batch(bigint, bigint);

@@ -53,6 +53,8 @@ SOURCES = [
     "sql/cqrs/functions/work_pending.sql",
     "sql/cqrs/functions/projection_status.sql",
     "sql/cqrs/functions/fence_status.sql",
+    "sql/cqrs/functions/take_mark.sql",
+    "sql/cqrs/functions/mark_usable.sql",
     "migrations/versions/0004/after_core.sql",
     "sql/cqrs/privileges.sql",
     "migrations/versions/0004/before_shop.sql",
@@ -68,7 +70,7 @@ CORE_SOURCES = [
     if s.startswith("sql/cqrs/") or s.endswith(("0004/before.sql", "0004/after_core.sql"))
 ]
 FROZEN = Path(__file__).with_name("0004_position_order.sql")
-FROZEN_SHA256 = "6b2eb3288da029eeffbb7a4ad78f78c9a551336559e3ac10e71798fc8ea7f5be"
+FROZEN_SHA256 = "cd823b33e5723c948d5a9cf255490ddfcb89bc766cabbf6b3d65f52944a6a332"
 
 # Back to 0003: the tables in their earlier shape, each changed file of sql/ as the
 # revision before froze it, then this revision's own objects go.
@@ -101,7 +103,7 @@ DOWNGRADE_SOURCES = [
     "migrations/versions/0004/downgrade_after.sql",
 ]
 FROZEN_DOWNGRADE = Path(__file__).with_name("0004_position_order.downgrade.sql")
-FROZEN_DOWNGRADE_SHA256 = "8e8f99d70ab66ea1ef2c0907d2375f1bac43814a41926686ddef42f6f2064cef"
+FROZEN_DOWNGRADE_SHA256 = "9c2d731a3274a0fe38b58c2fd67822bea171338c88d4d80ddb158fc7e93dcf83"
 
 
 def upgrade() -> None:

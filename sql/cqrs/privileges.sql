@@ -24,6 +24,8 @@ GRANT EXECUTE ON FUNCTION
     cqrs.complete_batch(text, bigint, bigint, integer),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
+    cqrs.take_mark(text),
+    cqrs.mark_usable(text, interval),
     cqrs.projection_status(),
     cqrs.fence_blockers(),
     cqrs.fence_status(),

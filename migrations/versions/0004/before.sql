@@ -13,6 +13,10 @@ ALTER TABLE cqrs.projections
     ADD COLUMN mark_xmax xid8,
     ADD COLUMN mark_position bigint,
     ADD COLUMN horizon_position bigint NOT NULL DEFAULT 0;
+ALTER TABLE cqrs.listeners
+    ADD COLUMN final_position bigint NOT NULL DEFAULT 0,
+    ADD COLUMN mark_xmax xid8,
+    ADD COLUMN mark_position bigint;
 ALTER TABLE cqrs.rebuilds
     ADD COLUMN ahead bigint[] NOT NULL DEFAULT '{}',
     ADD COLUMN final_position bigint NOT NULL DEFAULT 0,

@@ -6,10 +6,11 @@
 --
 -- A transaction takes positions only after its xid (a capture trigger runs after its
 -- statement's writes). A mark is a position read from the outbox's sequence by a
--- transaction that had no xid yet, stored with the xid it then took (the reader's own,
--- when it commits a batch; cqrs._advance_checkpoint): every transaction that took a
--- position up to mark_position had its xid before that one, so once no transaction below
--- mark_xmax runs (mark_xmax <= the fence), every position up to mark_position is final.
+-- transaction that had no xid yet, stored with the xid it then took (a reader's, when it
+-- commits a batch, cqrs._advance_checkpoint; a daemon's before a round, cqrs.take_mark;
+-- each in its own row): every transaction that took a position up to mark_position had
+-- its xid before that one, so once no transaction below mark_xmax runs (mark_xmax <= the
+-- fence), every position up to mark_position is final.
 -- The position read now is final at once when no transaction runs at all: none in the
 -- snapshot, and no xid handed out at or above its xmax. See sql/cqrs/DESIGN.md.
 CREATE FUNCTION cqrs._read_limit(
@@ -43,7 +44,9 @@ BEGIN
       INTO final_position, pending_position
       FROM (SELECT p.final_position, p.mark_xmax, p.mark_position FROM cqrs.projections p
             UNION ALL
-            SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b) r;
+            SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b
+            UNION ALL
+            SELECT l.final_position, l.mark_xmax, l.mark_position FROM cqrs.listeners l) r;
     final_position := greatest(final_position, now_final, 0);
 END
 $$;
