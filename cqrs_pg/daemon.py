@@ -350,7 +350,7 @@ class Listener:
                     if handler is None:
                         self._no_handler(name)
                         break
-                    batch = run_batch(conn, name, handler, cfg.batch_size, self._python[name])
+                    batch = run_batch(conn, name, handler, cfg.batch_size)
                     applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
                     progress.work += batch.work_seconds
                 else:

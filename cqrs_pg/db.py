@@ -48,4 +48,4 @@ def require_migrated(conn: psycopg.Connection) -> None:
     row = conn.execute("SELECT to_regclass('cqrs.projections') IS NOT NULL").fetchone()
     if not row or not row[0]:
         db = conn.info.dbname
-        raise NotMigrated(f"database {db!r} has no cqrs_pg schema: run `cqrs-pg migrate` (or `alembic upgrade head`) first")
+        raise NotMigrated(f"database {db!r} has no cqrs_pg schema: run `cqrs-pg migrate` (or `alembic upgrade cqrs@head`) first")

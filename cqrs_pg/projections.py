@@ -92,24 +92,29 @@ class BatchResult:
     work_seconds: float = 0.0
 
 
-CLAIM_SQL = "SELECT from_position, to_position, n, busy FROM cqrs.claim_batch(%s, %s)"
+CLAIM_SQL = "SELECT from_position, to_position, n, busy, search_path FROM cqrs.claim_batch(%s, %s, %s, %s)"
 EVENTS_SQL = (
     "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
     " payload, metadata, occurred_at FROM cqrs.batch_events(%s, %s, %s)"
 )
-COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s, %s, %s)"
+COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s, %s, %s, %s)"
 
 
 def run_batch(
-    conn: psycopg.Connection, name: str, handler: Handler, max_events: int, search_path: str
+    conn: psycopg.Connection, name: str, handler: Handler, max_events: int, *, rebuild: bool = False,
+    final: bool = False,
 ) -> BatchResult:
     """Apply the next batch of python projection `name` with `handler`, checkpoint
-    included, in one transaction on `conn` (which must not be inside one already)."""
+    included, in one transaction on `conn` (a savepoint when `conn` is in one already):
+    the daemon's batch, or with rebuild a batch of the projection's rebuild into its shadow
+    tables (final: with the projection's lock held, for cqrs.rebuild_finish to follow in
+    the caller's transaction). The handler's unqualified table names resolve in the
+    search_path the claim names: the projection's schemas, or only the shadow schema."""
     started = time.monotonic()
     with conn.transaction():
-        row = conn.execute(CLAIM_SQL, (name, max_events)).fetchone()
+        row = conn.execute(CLAIM_SQL, (name, max_events, rebuild, final)).fetchone()
         assert row is not None
-        from_position, to_position, n, busy = row
+        from_position, to_position, n, busy, search_path = row
         if busy or to_position is None:
             return BatchResult(0, False, bool(busy), time.monotonic() - started)
         # local to this transaction, like the SET clause of a sql projection's apply call
@@ -118,7 +123,7 @@ def run_batch(
             events = cur.execute(EVENTS_SQL, (name, from_position, to_position)).fetchall()
         if events:
             handler(conn, events)
-        conn.execute(COMPLETE_SQL, (name, to_position, n, max_events))
+        conn.execute(COMPLETE_SQL, (name, to_position, n, max_events, rebuild))
         work = time.monotonic() - started
     return BatchResult(int(n), n >= max_events, False, work)
 

@@ -4,11 +4,10 @@ in atomically while readers keep reading the old one and the daemon keeps runnin
 A sql or python projection is rebuilt in a shadow schema (cqrs.rebuild_begin), filled
 batch by batch in short transactions, then caught up and swapped in one transaction
 (cqrs.rebuild_finish). A sql projection's batches are applied by its apply function
-(cqrs.rebuild_step); a python projection's by its registered handler, as the daemon runs
-it but with search_path naming only the shadow schema (cqrs.rebuild_claim,
-cqrs.rebuild_events, handler, cqrs.rebuild_complete); in the final transaction the
-handler catches the shadow up under the projection's lock before the swap. A
-materialized view is rebuilt by a refresh.
+(cqrs.rebuild_step); a python projection's by its registered handler, through the
+daemon's own loop (cqrs_pg.projections.run_batch with rebuild: search_path names only the
+shadow schema); in the final transaction the handler catches the shadow up under the
+projection's lock before the swap. A materialized view is rebuilt by a refresh.
 """
 
 from __future__ import annotations
@@ -18,19 +17,10 @@ from collections.abc import Callable
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import class_row
 
 from cqrs_pg.db import connect, require_migrated
 from cqrs_pg.errors import CqrsPgError
-from cqrs_pg.projections import Event, Handler, handler_for
-
-CLAIM_SQL = "SELECT from_position, to_position, n, shadow_schema FROM cqrs.rebuild_claim(%s, %s, %s)"
-EVENTS_SQL = (
-    "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
-    " payload, metadata, occurred_at FROM cqrs.rebuild_events(%s, %s, %s)"
-)
-COMPLETE_SQL = "SELECT cqrs.rebuild_complete(%s, %s, %s)"
-
+from cqrs_pg.projections import Handler, handler_for, run_batch
 
 def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], None]) -> int:
     """Rebuild one projection; returns the number of events it was built from. A python
@@ -58,30 +48,6 @@ def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], No
             raise
 
 
-def apply_rebuild_batch(
-    conn: psycopg.Connection, projection: str, handler: Handler, max_events: int, *, final: bool = False
-) -> tuple[int, bool]:
-    """One batch of a python projection's rebuild, in the caller's transaction: the next
-    events after the rebuild's checkpoint, applied by `handler` to the shadow tables (its
-    search_path names only the shadow schema), and the rebuild's checkpoint moved past
-    them. final: take the projection's lock first; cqrs.rebuild_finish follows in this
-    transaction. Returns (applied, more)."""
-    row = conn.execute(CLAIM_SQL, (projection, max_events, final)).fetchone()
-    assert row is not None
-    from_position, to_position, n, shadow = row
-    if to_position is None:
-        return 0, False
-    # local to this transaction: unqualified table names are the shadow's, never the live ones
-    path = sql.SQL("pg_catalog, {}, pg_temp").format(sql.Identifier(shadow)).as_string(conn)
-    conn.execute("SELECT set_config('search_path', %s, true)", (path,))
-    with conn.cursor(row_factory=class_row(Event)) as cur:
-        events = cur.execute(EVENTS_SQL, (projection, from_position, to_position)).fetchall()
-    if events:
-        handler(conn, events)
-    conn.execute(COMPLETE_SQL, (projection, to_position, n))
-    return int(n), n >= max_events
-
-
 def _rebuild_from_log(
     conn: psycopg.Connection, projection: str, handler: Handler | None, batch_size: int, echo: Callable[[str], None]
 ) -> int:
@@ -96,8 +62,8 @@ def _rebuild_from_log(
                 "SELECT applied, more FROM cqrs.rebuild_step(%s, %s)", (projection, batch_size)
             ).fetchone()  # type: ignore[misc]
         else:
-            with conn.transaction():
-                applied, more = apply_rebuild_batch(conn, projection, handler, batch_size)
+            batch = run_batch(conn, projection, handler, batch_size, rebuild=True)
+            applied, more = batch.applied, batch.more
         done += applied
         if time.monotonic() >= next_report:
             echo(f"  {done} events applied ({done / (time.monotonic() - started):,.0f}/s)")
@@ -115,7 +81,7 @@ def _finish(conn: psycopg.Connection, projection: str, handler: Handler | None, 
         if handler is not None:
             # under the projection's lock (the first claim takes it): the live tables stand
             # still while the handler catches the shadow up
-            while apply_rebuild_batch(conn, projection, handler, batch_size, final=True)[0]:
+            while run_batch(conn, projection, handler, batch_size, rebuild=True, final=True).applied:
                 pass
         row = conn.execute("SELECT cqrs.rebuild_finish(%s, %s)", (projection, batch_size)).fetchone()
     assert row is not None

@@ -19,9 +19,9 @@ GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
-    cqrs.claim_batch(text, integer),
+    cqrs.claim_batch(text, integer, boolean, boolean),
     cqrs.batch_events(text, bigint, bigint),
-    cqrs.complete_batch(text, bigint, bigint, integer),
+    cqrs.complete_batch(text, bigint, bigint, integer, boolean),
     cqrs.listener_heartbeat(text, boolean, interval),
     cqrs.listener_exit(text),
     cqrs.take_mark(text),

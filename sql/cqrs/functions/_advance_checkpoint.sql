@@ -1,16 +1,14 @@
 -- Moves a reader's checkpoint, in the caller's transaction (the one that applied the
--- batch): a projection's row, or with rebuild its rebuild's. to_position and ahead: the
--- new checkpoint; n: the events applied; refreshed: a matview refresh covered it. A
+-- batch): a projection's row, or with rebuild its rebuild's. to_position: the new
+-- checkpoint; n: the events applied; refreshed: a matview refresh covered them. A
 -- projection's horizon (see cqrs.caught_up) moves up to what cqrs._horizon finds (read
--- thoroughly when no events were applied: a projection with nothing to apply that
--- could not find it after its last batch, cqrs.run_projection). It also
--- keeps what cqrs._read_limit found: the final position, and mark_position (NULL: none)
--- as this transaction's mark, with this transaction's xid, in place of the stored one
--- when that may be replaced (cqrs._mark_replaceable).
--- Shared by cqrs.run_projection, cqrs.claim_batch and cqrs.complete_batch (python) and the
--- rebuild functions.
-CREATE FUNCTION cqrs._advance_checkpoint(
-    projection text, rebuild boolean, to_position bigint, ahead bigint[], n bigint, refreshed boolean,
+-- thoroughly when no events were applied: a projection with nothing to apply that could
+-- not find it after its last batch, cqrs.run_projection). It also keeps what
+-- cqrs._read_limit found: the final position, and mark_position (NULL: none) as this
+-- transaction's mark, with this transaction's xid, in place of the stored one when that
+-- may be replaced (cqrs._mark_replaceable). Shared by every reader of the batch protocol.
+CREATE OR REPLACE FUNCTION cqrs._advance_checkpoint(
+    projection text, rebuild boolean, to_position bigint, n bigint, refreshed boolean,
     final_position bigint, fence xid8, mark_position bigint)
 RETURNS void
 LANGUAGE plpgsql
@@ -23,7 +21,6 @@ BEGIN
     IF rebuild THEN
         UPDATE cqrs.rebuilds r
            SET last_position = to_position,
-               ahead = _advance_checkpoint.ahead,
                applied_events = r.applied_events + n,
                final_position = greatest(r.final_position, _advance_checkpoint.final_position),
                mark_xmax = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
@@ -38,7 +35,6 @@ BEGIN
     new_horizon := cqrs._horizon(to_position, fence, n = 0);
     UPDATE cqrs.projections c
        SET last_position = to_position,
-           ahead = _advance_checkpoint.ahead,
            applied_events = c.applied_events + n,
            horizon = greatest(c.horizon, new_horizon),
            horizon_position = CASE WHEN new_horizon IS NULL THEN c.horizon_position ELSE to_position END,

@@ -5,7 +5,7 @@
 -- cqrs.refreshing: the lock, held to the end of the transaction, names its xid to _fence.
 -- Returns whether it is left out (not if the view has no row: cqrs.register_projection
 -- inserts one for every view).
-CREATE FUNCTION cqrs._exempt_from_fence(projection text)
+CREATE OR REPLACE FUNCTION cqrs._exempt_from_fence(projection text)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

@@ -5,7 +5,7 @@
 -- a subtransaction (whose lock holds the subxid) is never left out.
 -- The xid-to-xid8 match by the low 32 bits is exact: in-progress xids are less than 2^31
 -- apart, and VACUUM's freezing clears a lock's xmax long before its xid could recur.
-CREATE FUNCTION cqrs._fence(snap pg_snapshot)
+CREATE OR REPLACE FUNCTION cqrs._fence(snap pg_snapshot)
 RETURNS xid8
 LANGUAGE sql
 STABLE

@@ -5,7 +5,7 @@
 -- default: more than 5,000 positions handed out after it are taken for that many events;
 -- with thorough, the events themselves are counted (positions of rolled-back
 -- transactions take no event).
-CREATE FUNCTION cqrs._horizon(after_position bigint, fence xid8, thorough boolean DEFAULT false)
+CREATE OR REPLACE FUNCTION cqrs._horizon(after_position bigint, fence xid8, thorough boolean DEFAULT false)
 RETURNS xid8
 LANGUAGE sql
 STABLE

@@ -3,7 +3,7 @@
 -- cqrs._fence and cqrs.fence_blockers; only meaningful for an xid still in progress.
 -- No SET clause, so the planner inlines it into its callers (which pin search_path); the
 -- operator is qualified all the same.
-CREATE FUNCTION cqrs._left_out_of_fence(x xid)
+CREATE OR REPLACE FUNCTION cqrs._left_out_of_fence(x xid)
 RETURNS boolean
 LANGUAGE sql
 STABLE

@@ -2,7 +2,7 @@
 -- were taken beyond the final position and beyond every mark still waiting to become
 -- usable, and its own stored mark may be replaced. Without one, events committed while
 -- other transactions run would wait for a moment when none does.
-CREATE FUNCTION cqrs._needs_mark(stored_xmax xid8, final_position bigint, fence xid8, mark_position bigint,
+CREATE OR REPLACE FUNCTION cqrs._needs_mark(stored_xmax xid8, final_position bigint, fence xid8, mark_position bigint,
                                  pending_position bigint)
 RETURNS boolean
 LANGUAGE sql

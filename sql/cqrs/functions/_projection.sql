@@ -1,5 +1,5 @@
 -- A projection's row; CQ002 naming it when there is none.
-CREATE FUNCTION cqrs._projection(projection text)
+CREATE OR REPLACE FUNCTION cqrs._projection(projection text)
 RETURNS cqrs.projections
 LANGUAGE plpgsql
 STABLE

@@ -13,7 +13,7 @@
 -- fence), every position up to mark_position is final.
 -- The position read now is final at once when no transaction runs at all: none in the
 -- snapshot, and no xid handed out at or above its xmax. See sql/cqrs/DESIGN.md.
-CREATE FUNCTION cqrs._read_limit(
+CREATE OR REPLACE FUNCTION cqrs._read_limit(
     OUT final_position bigint, OUT fence xid8, OUT mark_position bigint, OUT pending_position bigint)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

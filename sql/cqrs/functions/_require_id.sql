@@ -1,5 +1,5 @@
 -- CQ001 when an id argument is null; returns it.
-CREATE FUNCTION cqrs._require_id(argument text, value uuid)
+CREATE OR REPLACE FUNCTION cqrs._require_id(argument text, value uuid)
 RETURNS uuid
 LANGUAGE plpgsql
 IMMUTABLE
@@ -7,7 +7,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF value IS NULL THEN
-        PERFORM cqrs._fail('CQ001', format('%s must not be null', argument));
+        RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = cqrs._id_problem(argument, value);
     END IF;
     RETURN value;
 END

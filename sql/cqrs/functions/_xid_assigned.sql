@@ -2,7 +2,7 @@
 -- (an error) for an id at or above the next one to be assigned; a snapshot's xmax is only
 -- one more than the latest completed id, and transactions running with ids at or above it
 -- are not in its list.
-CREATE FUNCTION cqrs._xid_assigned(x xid8)
+CREATE OR REPLACE FUNCTION cqrs._xid_assigned(x xid8)
 RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

@@ -1,7 +1,7 @@
--- A python projection's daemon, step 2 of 3: the events of the batch it claimed with
--- cqrs.claim_batch in this transaction, in position order, only those of the
--- projection's event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no
--- access to cqrs.outbox itself.
+-- A python projection's batch, step 2 of 3: the events of the batch this transaction
+-- claimed with cqrs.claim_batch, in position order, only those of the projection's
+-- event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no access to
+-- cqrs.outbox itself.
 CREATE OR REPLACE FUNCTION cqrs.batch_events(projection text, from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE plpgsql
@@ -13,14 +13,13 @@ DECLARE
     p cqrs.projections;
 BEGIN
     p := cqrs._projection(projection);
-    IF NOT cqrs._holds_projection_lock(projection) THEN
+    IF NOT (cqrs._holds_lock('projection', projection) OR cqrs._holds_lock('rebuild', projection)) THEN
         PERFORM cqrs._fail('CQ003', format(
             'projection %L is not claimed by this transaction: call cqrs.claim_batch first', projection));
     END IF;
     RETURN QUERY
         SELECT b.*
           FROM cqrs.batch(from_position, to_position) b
-         WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types)
-         ORDER BY b.position;
+         WHERE p.event_types IS NULL OR b.event_type = ANY (p.event_types);
 END
 $$;

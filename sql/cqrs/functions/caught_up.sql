@@ -1,7 +1,7 @@
 -- True once the projection (NULL: every projection) has applied every event of the
 -- transaction that returned token. Reads only cqrs.projections, which replicates with
 -- the read tables, so it answers correctly on a streaming replica.
-CREATE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
+CREATE OR REPLACE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql
 STABLE

@@ -1,5 +1,5 @@
 -- A daemon that stops cleanly removes its row, so commands stop ringing for it at once.
-CREATE FUNCTION cqrs.listener_exit(listener_id text)
+CREATE OR REPLACE FUNCTION cqrs.listener_exit(listener_id text)
 RETURNS void
 LANGUAGE sql
 SECURITY DEFINER

@@ -1,6 +1,6 @@
 -- A daemon says it is alive until now() + ttl, and whether it is about to sleep (then
 -- commands ring the doorbell for it). Also forgets daemons that died long ago.
-CREATE FUNCTION cqrs.listener_heartbeat(listener_id text, sleeping boolean, ttl interval)
+CREATE OR REPLACE FUNCTION cqrs.listener_heartbeat(listener_id text, sleeping boolean, ttl interval)
 RETURNS void
 LANGUAGE sql
 SECURITY DEFINER

@@ -2,7 +2,7 @@
 -- was taken has ended. True when the daemon has none. Waits up to `wait` for it, looking
 -- every half millisecond, so that the daemon need not ask again and again; it reads only,
 -- and holds no xid meanwhile.
-CREATE FUNCTION cqrs.mark_usable(listener_id text, wait interval DEFAULT '0 s')
+CREATE OR REPLACE FUNCTION cqrs.mark_usable(listener_id text, wait interval DEFAULT '0 s')
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -30,7 +30,6 @@ AS $$
      CROSS JOIN LATERAL (
            SELECT count(*) AS n, min(o.occurred_at) AS oldest
              FROM cqrs.outbox o
-            WHERE o.position > p.last_position
-              AND o.position <> ALL (p.ahead)) behind
+            WHERE o.position > p.last_position) behind
      ORDER BY p.name;
 $$;

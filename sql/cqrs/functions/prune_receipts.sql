@@ -3,7 +3,7 @@
 -- again, so keep receipts longer than any client retries. Call it until it returns 0, each
 -- call in its own transaction: one huge DELETE would hold an xid, and with it every
 -- projection (the xmin fence), for its whole duration.
-CREATE FUNCTION cqrs.prune_receipts(older_than interval, max_rows integer DEFAULT 10000)
+CREATE OR REPLACE FUNCTION cqrs.prune_receipts(older_than interval, max_rows integer DEFAULT 10000)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -1,6 +1,6 @@
 -- Starts (or starts over) a rebuild of a sql or python projection: empty copies of its
 -- tables in a shadow schema, which its apply function (cqrs.rebuild_step) or its handler
--- (cqrs.rebuild_claim, cqrs.rebuild_events, cqrs.rebuild_complete) fills from the whole
+-- (cqrs.claim_batch, cqrs.batch_events, cqrs.complete_batch with rebuild) fills from the whole
 -- event log while the daemon keeps the live tables current and readers keep reading them.
 CREATE OR REPLACE FUNCTION cqrs.rebuild_begin(projection text)
 RETURNS void

@@ -1,7 +1,7 @@
 -- Finishes a rebuild in one transaction: with the projection's lock held (no daemon
 -- applies it meanwhile), catches the shadow up with every event up to the final position
 -- (a sql projection, in batches of max_events; a python one's handler has done so earlier
--- in this transaction: cqrs.rebuild_claim with final), then replaces each live table by
+-- in this transaction: cqrs.claim_batch with rebuild and final), then replaces each live table by
 -- its shadow copy, grants included. Readers see the old tables until commit and the new
 -- ones after: never an empty, half-built or older read model. Returns the number of
 -- events the new tables were built from.
@@ -29,23 +29,22 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
     END IF;
-    PERFORM cqrs._lock_projection(projection, true);
+    PERFORM cqrs._lock('rebuild', projection, true);
+    PERFORM cqrs._lock('projection', projection, true);
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     LOOP
         EXIT WHEN p.kind <> 'sql';
-        SELECT * INTO b FROM cqrs._next_batch(r.last_position, r.ahead, lim.final_position, max_events);
-        r.last_position := coalesce(b.end_position, b.start_position);
-        r.ahead := b.ahead_left;
+        SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
         EXIT WHEN b.n = 0;
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), b.start_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), r.last_position, b.end_position);
+        r.last_position := b.end_position;
         r.applied_events := r.applied_events + b.n;
     END LOOP;
     -- Swapped in, the shadow must hold every event the live tables hold, and perhaps more.
-    IF r.last_position < p.last_position
-       OR NOT ARRAY(SELECT a FROM unnest(p.ahead) a WHERE a > r.last_position) <@ r.ahead THEN
+    IF r.last_position < p.last_position THEN
         PERFORM cqrs._fail('CQ003', format(
             'the rebuild of projection %L has applied the log up to position %s, the live tables up to %s: '
-            'catch it up in this transaction first (cqrs.rebuild_claim with final => true)',
+            'catch it up in this transaction first (cqrs.claim_batch with rebuild and final)',
             projection, r.last_position, p.last_position));
     END IF;
 
@@ -83,7 +82,6 @@ BEGIN
     -- Every transaction below the new horizon is wholly in the shadow (cqrs._horizon).
     UPDATE cqrs.projections c
        SET last_position = r.last_position,
-           ahead = r.ahead,
            applied_events = r.applied_events,
            horizon = greatest(c.horizon, cqrs._horizon(r.last_position, lim.fence)),
            final_position = greatest(c.final_position, r.final_position, lim.final_position),

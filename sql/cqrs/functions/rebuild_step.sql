@@ -1,6 +1,7 @@
 -- Applies the next batch of the event log to a sql projection's rebuild's shadow tables,
 -- up to the final position, and advances the rebuild's own checkpoint. `more`: a full
--- batch, call again. (A python projection's handler applies its batches: cqrs.rebuild_claim.)
+-- batch, call again. (A python projection's handler applies its batches: cqrs.claim_batch
+-- with rebuild.)
 CREATE OR REPLACE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
 RETURNS TABLE (applied bigint, more boolean)
 LANGUAGE plpgsql
@@ -24,15 +25,16 @@ BEGIN
     IF p.kind <> 'sql' THEN
         PERFORM cqrs._fail('CQ001', format(
             'projection %L is a %s projection: its handler applies the batches of its rebuild '
-            '(cqrs.rebuild_claim, cqrs.rebuild_events, cqrs.rebuild_complete)', projection, p.kind));
+            '(cqrs.claim_batch, cqrs.batch_events, cqrs.complete_batch with rebuild)', projection, p.kind));
     END IF;
-    SELECT * INTO b FROM cqrs._next_batch(r.last_position, r.ahead, lim.final_position, max_events);
+    PERFORM cqrs._lock('rebuild', projection, true);
+    SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
     IF b.n > 0 THEN
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), b.start_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), r.last_position, b.end_position);
     END IF;
     -- the rebuild's row is locked (this transaction writes) already: the mark costs nothing more
-    PERFORM cqrs._advance_checkpoint(projection, true, coalesce(b.end_position, b.start_position), b.ahead_left,
-                                     b.n, false, lim.final_position, lim.fence, lim.mark_position);
+    PERFORM cqrs._advance_checkpoint(projection, true, coalesce(b.end_position, r.last_position), b.n, false,
+                                     lim.final_position, lim.fence, lim.mark_position);
     RETURN QUERY SELECT b.n, b.n >= max_events;
 END
 $$;

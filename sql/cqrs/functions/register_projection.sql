@@ -20,12 +20,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    -- (from_position, to_position); (from_tx, from_position, to_tx, to_position) is the
-    -- earlier protocol, still run (cqrs._apply_batch)
     IF apply_function IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM pg_proc f
          WHERE f.oid = apply_function
-           AND pg_catalog.oidvectortypes(f.proargtypes) IN ('bigint, bigint', 'xid8, bigint, xid8, bigint')) THEN
+           AND pg_catalog.oidvectortypes(f.proargtypes) = 'bigint, bigint') THEN
         PERFORM cqrs._fail('CQ001', format(
             'apply function %s must take (from_position bigint, to_position bigint)', apply_function));
     END IF;

@@ -37,26 +37,25 @@ BEGIN
     -- row lock: checking an idle projection must not take an xid (that would hold back
     -- every reader) or write WAL. The lock is released only after our commit is visible,
     -- so the next holder reads the checkpoint we wrote.
-    IF NOT cqrs._lock_projection(projection, false) THEN
+    IF NOT cqrs._lock('projection', projection, false) THEN
         RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     SELECT * INTO lim FROM cqrs._read_limit();
     -- a view's refresh covers every event up to the final position
-    SELECT * INTO b FROM cqrs._next_batch(p.last_position, p.ahead, lim.final_position,
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
 
     IF b.n = 0 THEN
-        -- Nothing to apply: write only to step over events applied ahead, to leave a mark
-        -- that lets the events committed meanwhile be read soon, or for a horizon that the
-        -- last batch put off (idle: nothing).
-        IF b.start_position > p.last_position
-           OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
+        -- Nothing to apply: write only to leave a mark that lets the events committed
+        -- meanwhile be read soon, or for a horizon that the last batch put off (idle:
+        -- nothing).
+        IF cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
                                lim.pending_position)
            OR (p.horizon_position < p.last_position
                AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
-            PERFORM cqrs._advance_checkpoint(projection, false, b.start_position, b.ahead_left, 0, false,
+            PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
                                              lim.final_position, lim.fence, lim.mark_position);
         END IF;
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
@@ -64,12 +63,12 @@ BEGIN
     END IF;
 
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, b.start_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_position, b.end_position);
     ELSE
         SELECT EXISTS (
             SELECT 1
               FROM cqrs.outbox o
-             WHERE o.position > b.start_position
+             WHERE o.position > p.last_position
                AND o.position <= b.end_position
                AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
           INTO relevant;
@@ -87,7 +86,7 @@ BEGIN
         END IF;
     END IF;
 
-    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.ahead_left, b.n, relevant,
+    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.n, relevant,
                                      lim.final_position, lim.fence, lim.mark_position);
     RETURN QUERY SELECT b.n, p.kind = 'sql' AND b.n >= max_events, false, NULL::double precision;
 END

@@ -9,7 +9,7 @@
 -- Returns whether it stored a mark to wait for: not when nothing beyond the final
 -- position needs one, or when the daemon's mark still waits (cqrs._needs_mark). Call it
 -- in a transaction of its own, READ COMMITTED.
-CREATE FUNCTION cqrs.take_mark(listener_id text)
+CREATE OR REPLACE FUNCTION cqrs.take_mark(listener_id text)
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER

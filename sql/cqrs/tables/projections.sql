@@ -1,35 +1,33 @@
 -- One row per projection: its checkpoint, advanced in the same transaction as its
 -- read-model writes, so the checkpoint replicates together with what it describes.
 CREATE TABLE cqrs.projections (
-    name           text PRIMARY KEY,
-    kind           text NOT NULL,
-    apply_function regproc,
-    matview        regclass,
+    name             text PRIMARY KEY,
+    kind             text NOT NULL,
+    apply_function   regproc,
+    matview          regclass,
     -- matview: refresh only for these; python: the handler sees only these (NULL: all)
-    event_types    text[],
+    event_types      text[],
     -- sql: the schemas its apply function finds its tables in, and the tables it owns
     -- (what cqrs-pg rebuild builds anew and swaps in); python: the schemas its handler's
     -- unqualified table names resolve in, and the tables it writes (what a rebuild copies
     -- and swaps in, as for sql)
-    search_path    text,
-    tables         regclass[],
-    -- the checkpoint: every event at or below last_position is applied, and those in
-    -- ahead (applied before the checkpoint reached them), and no other
-    last_position  bigint NOT NULL DEFAULT 0,
-    -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up)
-    horizon        xid8 NOT NULL DEFAULT '0',
-    applied_events bigint NOT NULL DEFAULT 0,
-    refreshed_at   timestamptz,
-    updated_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    ahead          bigint[] NOT NULL DEFAULT '{}',
-    -- what this reader learnt of where reading may go (cqrs._read_limit): every position up
-    -- to final_position is final; the mark says every position up to mark_position will be
-    -- once every transaction below mark_xmax has ended
-    final_position bigint NOT NULL DEFAULT 0,
-    mark_xmax      xid8,
-    mark_position  bigint,
-    -- the checkpoint the horizon was last found for (cqrs._horizon may put it off)
+    search_path      text,
+    tables           regclass[],
+    -- the checkpoint: every event at or below last_position is applied, and no other
+    last_position    bigint NOT NULL DEFAULT 0,
+    applied_events   bigint NOT NULL DEFAULT 0,
+    -- every transaction with an xid below horizon is wholly applied (cqrs.caught_up), as
+    -- found for the checkpoint at horizon_position (cqrs._horizon may put it off)
+    horizon          xid8 NOT NULL DEFAULT '0',
     horizon_position bigint NOT NULL DEFAULT 0,
+    -- what this reader learnt of how far reading may go (cqrs._read_limit): every position
+    -- up to final_position is final; the mark says every position up to mark_position will
+    -- be, once no transaction below mark_xmax runs
+    final_position   bigint NOT NULL DEFAULT 0,
+    mark_xmax        xid8,
+    mark_position    bigint,
+    refreshed_at     timestamptz,
+    updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
     CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview', 'python')),
     CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
     -- python: a handler registered by name in the daemon (cqrs_pg.projections.register)

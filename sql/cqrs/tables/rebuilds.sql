@@ -5,9 +5,8 @@ CREATE TABLE cqrs.rebuilds (
     shadow_schema  name NOT NULL,
     last_position  bigint NOT NULL DEFAULT 0,
     applied_events bigint NOT NULL DEFAULT 0,
-    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
-    ahead          bigint[] NOT NULL DEFAULT '{}',
     final_position bigint NOT NULL DEFAULT 0,
     mark_xmax      xid8,
-    mark_position  bigint
+    mark_position  bigint,
+    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
 );

@@ -1,23 +1,34 @@
 -- Moves a placed order to its final status (cancelled gives the stock back). Shared by
--- cancel_order and ship_order, which differ only in the status they set.
-CREATE OR REPLACE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer, new_status text)
-RETURNS cqrs.receipt
+-- cancel_order and ship_order, which differ only in the status they set. A refusal is
+-- returned (`errcode`, `problem`), before anything is written, for the command to raise.
+CREATE OR REPLACE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer,
+                                             new_status text, OUT receipt cqrs.receipt, OUT errcode text,
+                                             OUT problem text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_status text;
     v_version integer;
-    r cqrs.receipt;
+    claim record;
 BEGIN
-    PERFORM cqrs._require_id('order_id', order_id);
-    IF expected_version IS NOT NULL THEN  -- versions start at 1
-        PERFORM cqrs._require_range('expected_version', expected_version, 1);
+    problem := coalesce(cqrs._id_problem('order_id', order_id),
+                        CASE WHEN expected_version IS NOT NULL  -- versions start at 1
+                             THEN cqrs._range_problem('expected_version', expected_version, 1) END,
+                        cqrs._id_problem('command_id', command_id));
+    IF problem IS NOT NULL THEN
+        errcode := 'CQ001';
+        RETURN;
     END IF;
-    r := cqrs._begin_command(command_id, command,
-                             jsonb_build_object('order_id', order_id, 'expected_version', expected_version));
-    IF r.duplicate THEN
-        RETURN r;
+    claim := cqrs._claim_command(command_id, command,
+                                 jsonb_build_object('order_id', order_id, 'expected_version', expected_version));
+    IF claim.conflict IS NOT NULL THEN
+        errcode := 'CQ005';
+        problem := claim.conflict;
+        RETURN;
+    ELSIF (claim.receipt).duplicate THEN
+        receipt := claim.receipt;
+        RETURN;
     END IF;
 
     SELECT o.status, o.version INTO v_status, v_version
@@ -25,12 +36,19 @@ BEGIN
      WHERE o.id = _close_order.order_id
        FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('order %s does not exist', order_id));
+        errcode := 'CQ002';
+        problem := format('order %s does not exist', order_id);
+        RETURN;
     END IF;
-    PERFORM cqrs._check_version('order', order_id, expected_version, v_version);
+    problem := cqrs._version_problem('order', order_id, expected_version, v_version);
+    IF problem IS NOT NULL THEN
+        errcode := 'CQ004';
+        RETURN;
+    END IF;
     IF v_status <> 'placed' THEN
-        PERFORM cqrs._fail('CQ003', format('order %s is %s: only a placed order can be %s',
-                                           order_id, v_status, new_status));
+        errcode := 'CQ003';
+        problem := format('order %s is %s: only a placed order can be %s', order_id, v_status, new_status);
+        RETURN;
     END IF;
 
     IF new_status = 'cancelled' THEN
@@ -50,6 +68,6 @@ BEGIN
        SET status = new_status, updated_at = now(), version = o.version + 1
      WHERE o.id = _close_order.order_id
     RETURNING o.version INTO v_version;
-    RETURN cqrs._finish_command(command_id, order_id, v_version);
+    receipt := cqrs._finish_command(command_id, order_id, v_version);
 END
 $$;

@@ -1,6 +1,8 @@
 -- Validates place_order's lines: a JSON array of 1 to 100 {"sku": text, "quantity": integer > 0},
--- each sku once. Returns them as two arrays in line order; CQ001 naming the first bad entry.
-CREATE OR REPLACE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[])
+-- each sku once. Returns them as two arrays in line order, or (arrays NULL) `problem`: the
+-- CQ001 message naming the first bad entry, which place_order raises.
+CREATE OR REPLACE FUNCTION shop._parse_order_lines(lines jsonb, OUT skus text[], OUT quantities integer[],
+                                                   OUT problem text)
 LANGUAGE plpgsql
 IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -13,13 +15,14 @@ DECLARE
     unknown text;
 BEGIN
     IF lines IS NULL THEN
-        PERFORM cqrs._fail('CQ001', 'lines must not be null');
+        problem := 'lines must not be null';
+        RETURN;
     ELSIF jsonb_typeof(lines) <> 'array' THEN
-        PERFORM cqrs._fail('CQ001', format('lines must be a JSON array, got %s: %s',
-                                           jsonb_typeof(lines), left(lines::text, 80)));
+        problem := format('lines must be a JSON array, got %s: %s', jsonb_typeof(lines), left(lines::text, 80));
+        RETURN;
     ELSIF jsonb_array_length(lines) NOT BETWEEN 1 AND 100 THEN
-        PERFORM cqrs._fail('CQ001', format('lines must hold 1 to 100 entries, got %s',
-                                           jsonb_array_length(lines)));
+        problem := format('lines must hold 1 to 100 entries, got %s', jsonb_array_length(lines));
+        RETURN;
     END IF;
 
     skus := '{}';
@@ -27,30 +30,39 @@ BEGIN
     FOR line IN SELECT value FROM jsonb_array_elements(lines) LOOP
         i := i + 1;
         IF jsonb_typeof(line) <> 'object' THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s] must be an object, got %s', i, left(line::text, 80)));
+            problem := format('lines[%s] must be an object, got %s', i, left(line::text, 80));
         ELSIF jsonb_typeof(line -> 'sku') IS DISTINCT FROM 'string' THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s].sku must be a string, got %s',
-                                               i, coalesce(left((line -> 'sku')::text, 80), 'nothing')));
+            problem := format('lines[%s].sku must be a string, got %s',
+                              i, coalesce(left((line -> 'sku')::text, 80), 'nothing'));
         ELSIF jsonb_typeof(line -> 'quantity') IS DISTINCT FROM 'number' THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a number, got %s',
-                                               i, coalesce(left((line -> 'quantity')::text, 80), 'nothing')));
+            problem := format('lines[%s].quantity must be a number, got %s',
+                              i, coalesce(left((line -> 'quantity')::text, 80), 'nothing'));
         END IF;
+        EXIT WHEN problem IS NOT NULL;
         -- A misspelt or extra key ("qty", "price") is a mistake, not something to ignore.
         SELECT k INTO unknown FROM jsonb_object_keys(line) k WHERE k NOT IN ('sku', 'quantity') LIMIT 1;
         IF FOUND THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s] has an unknown key %L: only "sku" and "quantity" are allowed',
-                                               i, left(unknown, 40)));
+            problem := format('lines[%s] has an unknown key %L: only "sku" and "quantity" are allowed',
+                              i, left(unknown, 40));
+            EXIT;
         END IF;
-        sku := cqrs._require_text(format('lines[%s].sku', i), line ->> 'sku', 100);
+        problem := cqrs._text_problem(format('lines[%s].sku', i), line ->> 'sku', 100);
+        EXIT WHEN problem IS NOT NULL;
+        sku := cqrs._trim(line ->> 'sku');
         quantity := (line -> 'quantity')::numeric;
         IF quantity <> trunc(quantity) OR quantity < 1 OR quantity > 2147483647 THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
-                                               i, left((line -> 'quantity')::text, 40)));
+            problem := format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
+                              i, left((line -> 'quantity')::text, 40));
         ELSIF sku = ANY (skus) THEN
-            PERFORM cqrs._fail('CQ001', format('lines[%s]: sku %L appears more than once', i, sku));
+            problem := format('lines[%s]: sku %L appears more than once', i, sku);
         END IF;
+        EXIT WHEN problem IS NOT NULL;
         skus := skus || sku;
         quantities := quantities || quantity::integer;
     END LOOP;
+    IF problem IS NOT NULL THEN
+        skus := NULL;
+        quantities := NULL;
+    END IF;
 END
 $$;

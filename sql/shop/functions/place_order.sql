@@ -6,23 +6,29 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    parsed record;
+    parsed record := shop._parse_order_lines(lines);
+    problem text := coalesce(cqrs._id_problem('customer_id', customer_id),
+                             parsed.problem,
+                             cqrs._id_problem('command_id', command_id));
     v_id uuid := gen_random_uuid();
     missing text;
     short record;
     total numeric;
-    r cqrs.receipt;
+    claim record;
 BEGIN
-    PERFORM cqrs._require_id('customer_id', customer_id);
-    SELECT * INTO parsed FROM shop._parse_order_lines(lines);
-    r := cqrs._begin_command(command_id, 'place_order',
-                             jsonb_build_object('customer_id', customer_id, 'lines', lines));
-    IF r.duplicate THEN
-        RETURN r;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
+    END IF;
+    claim := cqrs._claim_command(command_id, 'place_order',
+                                 jsonb_build_object('customer_id', customer_id, 'lines', lines));
+    IF claim.conflict IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ005', MESSAGE = claim.conflict;
+    ELSIF (claim.receipt).duplicate THEN
+        RETURN claim.receipt;
     END IF;
 
     IF NOT EXISTS (SELECT 1 FROM shop.customers c WHERE c.id = place_order.customer_id) THEN
-        PERFORM cqrs._fail('CQ002', format('customer %s does not exist', customer_id));
+        RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = format('customer %s does not exist', customer_id);
     END IF;
 
     -- Lock the products in id order, as every command does, so two orders never deadlock.
@@ -34,7 +40,7 @@ BEGIN
      ORDER BY l.line_no
      LIMIT 1;
     IF FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', missing));
+        RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = format('product with sku %L does not exist', missing);
     END IF;
 
     SELECT p.sku, p.stock, l.quantity INTO short
@@ -44,8 +50,8 @@ BEGIN
      ORDER BY l.line_no
      LIMIT 1;
     IF FOUND THEN
-        PERFORM cqrs._fail('CQ003', format('not enough stock of sku %L: %s ordered, %s in stock',
-                                           short.sku, short.quantity, short.stock));
+        RAISE EXCEPTION USING ERRCODE = 'CQ003',
+            MESSAGE = format('not enough stock of sku %L: %s ordered, %s in stock', short.sku, short.quantity, short.stock);
     END IF;
 
     -- Read models sum quantity * unit_price_cents in bigint: an order they cannot total
@@ -54,8 +60,8 @@ BEGIN
       FROM unnest(parsed.skus, parsed.quantities) AS l(sku, quantity)
       JOIN shop.products p ON p.sku = l.sku;
     IF total > 9223372036854775807 THEN
-        PERFORM cqrs._fail('CQ003', format('order total of %s cents exceeds the largest allowed, 9223372036854775807',
-                                           total));
+        RAISE EXCEPTION USING ERRCODE = 'CQ003',
+            MESSAGE = format('order total of %s cents exceeds the largest allowed, 9223372036854775807', total);
     END IF;
 
     UPDATE shop.products p

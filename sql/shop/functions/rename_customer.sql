@@ -6,19 +6,25 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_name text := cqrs._require_text('name', name, 200);
+    problem text := coalesce(cqrs._text_problem('name', name, 200),
+                             cqrs._id_problem('customer_id', customer_id),
+                             CASE WHEN expected_version IS NOT NULL  -- versions start at 1
+                                  THEN cqrs._range_problem('expected_version', expected_version, 1) END,
+                             cqrs._id_problem('command_id', command_id));
+    v_name text := cqrs._trim(name);
     v_version integer;
-    r cqrs.receipt;
+    claim record;
 BEGIN
-    PERFORM cqrs._require_id('customer_id', customer_id);
-    IF expected_version IS NOT NULL THEN  -- versions start at 1
-        PERFORM cqrs._require_range('expected_version', expected_version, 1);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
     END IF;
-    r := cqrs._begin_command(command_id, 'rename_customer',
-                             jsonb_build_object('customer_id', customer_id, 'name', name,
-                                                'expected_version', expected_version));
-    IF r.duplicate THEN
-        RETURN r;
+    claim := cqrs._claim_command(command_id, 'rename_customer',
+                                 jsonb_build_object('customer_id', customer_id, 'name', name,
+                                                    'expected_version', expected_version));
+    IF claim.conflict IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ005', MESSAGE = claim.conflict;
+    ELSIF (claim.receipt).duplicate THEN
+        RETURN claim.receipt;
     END IF;
 
     -- NO KEY UPDATE: does not block orders whose foreign key check locks this customer.
@@ -27,9 +33,12 @@ BEGIN
      WHERE c.id = rename_customer.customer_id
        FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('customer %s does not exist', customer_id));
+        RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = format('customer %s does not exist', customer_id);
     END IF;
-    PERFORM cqrs._check_version('customer', customer_id, expected_version, v_version);
+    problem := cqrs._version_problem('customer', customer_id, expected_version, v_version);
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ004', MESSAGE = problem;
+    END IF;
 
     UPDATE shop.customers c
        SET name = v_name, version = c.version + 1

@@ -6,17 +6,24 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_sku text := cqrs._require_text('sku', sku, 100);
+    problem text := coalesce(cqrs._text_problem('sku', sku, 100),
+                             cqrs._range_problem('quantity', quantity, 1),
+                             cqrs._id_problem('command_id', command_id));
+    v_sku text := cqrs._trim(sku);
     v_id uuid;
     v_stock integer;
     v_version integer;
-    r cqrs.receipt;
+    claim record;
 BEGIN
-    PERFORM cqrs._require_range('quantity', quantity, 1);
-    r := cqrs._begin_command(command_id, 'restock',
-                             jsonb_build_object('sku', sku, 'quantity', quantity));
-    IF r.duplicate THEN
-        RETURN r;
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
+    END IF;
+    claim := cqrs._claim_command(command_id, 'restock',
+                                 jsonb_build_object('sku', sku, 'quantity', quantity));
+    IF claim.conflict IS NOT NULL THEN
+        RAISE EXCEPTION USING ERRCODE = 'CQ005', MESSAGE = claim.conflict;
+    ELSIF (claim.receipt).duplicate THEN
+        RETURN claim.receipt;
     END IF;
 
     SELECT p.id, p.stock INTO v_id, v_stock
@@ -24,11 +31,11 @@ BEGIN
      WHERE p.sku = v_sku
        FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        PERFORM cqrs._fail('CQ002', format('product with sku %L does not exist', v_sku));
+        RAISE EXCEPTION USING ERRCODE = 'CQ002', MESSAGE = format('product with sku %L does not exist', v_sku);
     END IF;
     IF v_stock > 2147483647 - quantity THEN
-        PERFORM cqrs._fail('CQ003', format('stock of sku %L would exceed 2147483647 (%s + %s)',
-                                           v_sku, v_stock, quantity));
+        RAISE EXCEPTION USING ERRCODE = 'CQ003',
+            MESSAGE = format('stock of sku %L would exceed 2147483647 (%s + %s)', v_sku, v_stock, quantity);
     END IF;
 
     UPDATE shop.products p

@@ -35,7 +35,7 @@ DECLARE
 BEGIN
     WITH e AS MATERIALIZED (
         SELECT e.event_type, e.aggregate_id, e.aggregate_version, e.payload
-          FROM cqrs.batch_unordered(from_position, to_position) e
+          FROM cqrs.batch(from_position, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated', 'order.created', 'order.updated',
                                 'order_line.created')),
     cu AS (

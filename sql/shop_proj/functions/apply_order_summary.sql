@@ -25,7 +25,7 @@ BEGIN
         SELECT DISTINCT ON (e.aggregate_id)
                e.aggregate_id AS customer_id, e.payload ->> 'name' AS name, e.payload ->> 'email' AS email,
                e.aggregate_version AS version
-          FROM cqrs.batch_unordered(from_position, to_position) e
+          FROM cqrs.batch(from_position, to_position) e
          WHERE e.event_type IN ('customer.created', 'customer.updated')
          ORDER BY e.aggregate_id, e.aggregate_version DESC),
     cu AS (
@@ -58,7 +58,7 @@ BEGIN
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS item_count,
                coalesce(sum((e.payload ->> 'quantity')::bigint * (e.payload ->> 'unit_price_cents')::bigint)
                             FILTER (WHERE e.event_type = 'order_line.created'), 0) AS total_cents
-          FROM cqrs.batch_unordered(from_position, to_position) e
+          FROM cqrs.batch(from_position, to_position) e
          WHERE e.event_type IN ('order.created', 'order.updated', 'order_line.created')
          GROUP BY e.aggregate_id),
     -- Lines arrive once each, after their order's row (same transaction, later position).

@@ -1,0 +1,31 @@
+-- What is wrong with a text argument, as a CQ001 message; NULL when nothing is. Wrong:
+-- null, blank, longer than max_length (once trimmed by cqrs._trim) or holding a control
+-- character. cqrs._require_text raises it; a command raises it itself, so that the
+-- error's CONTEXT names only the command.
+CREATE OR REPLACE FUNCTION cqrs._text_problem(argument text, value text, max_length integer)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trimmed text := cqrs._trim(value);
+    bad integer;
+BEGIN
+    IF trimmed IS NULL THEN
+        RETURN format('%s must not be null', argument);
+    ELSIF trimmed = '' THEN
+        RETURN format('%s must not be blank, got %L', argument, left(value, 40));
+    ELSIF length(trimmed) > max_length THEN
+        RETURN format('%s must be at most %s characters, got %s: %L',
+                      argument, max_length, length(trimmed), left(trimmed, 40) || '...');
+    END IF;
+    bad := regexp_instr(trimmed, '[\u0001-\u001f\u007f-\u009f]');
+    IF bad > 0 THEN
+        RETURN format('%s must not contain control characters, got U+%s at position %s: %L',
+                      argument, lpad(upper(to_hex(ascii(substr(trimmed, bad, 1)))), 4, '0'),
+                      bad, left(trimmed, 40));
+    END IF;
+    RETURN NULL;
+END
+$$;
