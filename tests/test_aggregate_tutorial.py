@@ -13,16 +13,16 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cqrs_pg_tools import sqlsource
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import Database
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine
 
 from cqrs_pg import core, errors
 from cqrs_pg.commands import CommandClient
-from cqrs_pg.devcluster import DevCluster
-from tests.conftest import REPO, Database, new_database
-from tests.test_migrations import schema_dump
-from tests.test_readme import psql
+from tests.conftest import REPO, new_database, psql, schema_dump
 
 DOC = REPO / "docs" / "adding-an-aggregate.md"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -144,55 +144,30 @@ def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer:
         assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'cqrs\\_%'").fetchone()[0] == 3
 
 
-def test_shipped_core_equals_sql_source(cluster: DevCluster, empty_db: Database) -> None:
-    """core.install(LATEST) builds what sql/'s core files build. If this fails after a
-    change to sql/cqrs/ (or roles.sql): while the newest core version has not been
-    released, run `python -m cqrs_pg.core freeze`; after, add a new version."""
+def test_the_engine_the_package_installs_is_the_engines_migration_line(cluster: DevCluster, empty_db: Database) -> None:
+    """core.install (newest version) builds what sql/'s engine manifest builds, and what
+    cqrs-pg migrate installs; the engine alone, without the example."""
     other = new_database(cluster, None)
     built = next(other)
     try:
         with empty_db.connect() as conn:
-            core.install(conn, core.LATEST)
-        with built.connect() as conn:
-            conn.execute(core.build().encode())
+            core.install(conn)
             assert schemas(conn) == {"cqrs"}
-        assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, built.name), (
-            "the frozen cqrs core differs from sql/: run `python -m cqrs_pg.core freeze`")
-    finally:
-        next(other, None)
-
-
-def test_core_upgraded_version_by_version_equals_a_fresh_install(cluster: DevCluster, empty_db: Database) -> None:
-    """A project that installed the first core version and upgraded it step by step has
-    the schema of one that installed the newest."""
-    other = new_database(cluster, None)
-    built = next(other)
-    try:
-        first, *later = core.VERSIONS
-        with empty_db.connect() as conn:
-            core.install(conn, first)
-            for before, after in zip(core.VERSIONS, later):
-                core.upgrade(conn, before, after)
         with built.connect() as conn:
-            core.install(conn, core.LATEST)
+            conn.execute(sqlsource.build("cqrs").encode())
         assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, built.name)
     finally:
         next(other, None)
 
 
 def test_core_versions_are_checked() -> None:
-    with pytest.raises(ValueError, match="unknown cqrs core version '9999'"):
+    with pytest.raises(ValueError, match="unknown cqrs engine version '9999'"):
         core.install(None, "9999")
-    first, *later = core.VERSIONS
-    assert core.frozen_sql(first).startswith("-- sql/roles.sql")  # a whole install
-    for version in later:  # upgrade steps, from cqrs_pg's migration of that number
-        assert core.frozen_sql(version).startswith("-- ")
-        assert not core.frozen_sql(version).startswith("-- sql/roles.sql")
-    for version in core.VERSIONS:
-        assert "shop" not in {line.split("/")[1] for line in core.frozen_sql(version).splitlines()
-                              if line.startswith("-- sql/") and "/" in line[7:]}
-    with pytest.raises(ValueError, match="cannot upgrade the cqrs core from 0003 to the older 0002"):
-        core.upgrade(None, "0003", "0002")
+    assert core.VERSIONS[0] == "0001"
+    assert core.engine_sql("0001").startswith("-- sql/cqrs/roles.sql")  # a whole install
+    assert not any(line.startswith(("-- sql/shop", "-- sql/shop_read", "-- sql/shop_proj"))
+                   for line in core.engine_sql().splitlines())
+    assert core.engine_sql(core.LATEST, after=core.LATEST) == ""  # already there: nothing to run
 
 
 def test_readme_links_the_aggregate_tutorial() -> None:

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from cqrs_pg_tools.bench import RATIOS, VARIANTS, doorbell_variant, render
+from cqrs_pg_tools.bench._common import BenchConfig, percentile, spread
+from cqrs_pg_tools.testing import Database
 from psycopg.conninfo import make_conninfo
 
-from cqrs_pg.bench import RATIOS, VARIANTS, doorbell_variant, render
-from cqrs_pg.bench._common import BenchConfig, percentile, spread
 from cqrs_pg.cli import main
-from tests.conftest import REPO, Database
+from tests.conftest import REPO
 
 EVENTS_PER_ORDER = 5  # 2 product updates, 1 order, 2 order lines
 PROJECTIONS = {"order_summary", "customer_stats", "product_sales"}
@@ -28,7 +29,8 @@ QUICK = BenchConfig.quick_config()
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One `cqrs-pg bench --quick --json --plots` run, shared by the tests below."""
+    """One `cqrs-pg bench --quick --json --plots` run (a cluster of its own, over a minute),
+    shared by the tests below, each marked slow."""
     tmp = tmp_path_factory.mktemp("bench")
     out, plots = tmp / "bench.json", tmp / "plots"
     proc = subprocess.Popen(
@@ -45,13 +47,15 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"stdout": stdout, "stderr": stderr, "report": json.loads(out.read_text()), "plots": plots}
 
 
+@pytest.mark.slow
 def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     report = quick["report"]
+    # labelled as a quick run, so that nobody takes its figures for a real one
     assert report["command"] == "cqrs-pg bench --quick"
     assert report["quick"] is True and report["complete"] is True
-    assert report["parts_run"] == [1, 2, 3, 4, 5]
     assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth"}
-    assert [p["part"] for p in report["parts"].values()] == [1, 2, 3, 4, 5]
+    for name, part in report["parts"].items():
+        assert part.get("runs") or part.get("refresh_runs"), f"part {name} measured nothing"
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["server_version"]
     assert report["machine"]["replicas_streaming"] == 1
@@ -72,15 +76,19 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     assert "\n".join(render(report)).strip() in quick["stdout"]
 
 
+@pytest.mark.slow
 def test_quick_throughput(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["throughput"]
-    assert part["config"]["clients"] == [1, 4]
     keys = [v.key for v in VARIANTS]
-    assert keys == ["a", "b", "c", "d", "e", "f", "g", "h"]  # docs/benchmarks/*.json use these keys
-    assert set(part["variants"]) == set(keys)
-    with_daemon = {v.key for v in VARIANTS if v.daemon != "stopped"}
-    assert with_daemon == {"d", "e", "g", "h"}
-    assert len(part["runs"]) == len(keys) * 2
+    # the results kept in docs/benchmarks/ name their variants by these keys
+    documented = {key for path in (REPO / "docs" / "benchmarks").rglob("*.json")
+                  for key in json.loads(path.read_text()).get("parts", {}).get("throughput", {}).get("variants", {})}
+    assert documented and documented <= set(keys), documented
+    # every variant measured once at each client count
+    assert sorted((r["variant"], r["clients"]) for r in part["runs"]) == [(k, c) for k in keys for c in (1, 4)]
+    # a daemon ran (its projected events were counted) in the runs of the variants that have one
+    with_daemon = {r["variant"] for r in part["runs"] if r["daemon_projected_events"] is not None}
+    assert with_daemon == {v.key for v in VARIANTS if v.daemon != "stopped"}
     for key in keys:
         for clients in ("1", "4"):
             cell = part["medians"][key][clients]
@@ -124,20 +132,25 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
             assert r["commands"] == r["orders"], (key, r)
 
     ratios = part["ratios"]
-    assert ratios["clients"] == 4
     assert set(ratios) == {"clients"} | {f"{num}/{den}" for num, den, _t, _w in RATIOS}
+    tps = {key: part["medians"][key]["4"]["median"] for key in keys}  # one run each: median = that run's tps
     for num, den, target, _what in RATIOS:
         r = ratios[f"{num}/{den}"]
-        assert r["value"] > 0 and r["target"] == target
+        # the ratio of what was measured at 4 clients (the medians are rounded to 3 places)
+        assert r["value"] == pytest.approx(tps[num] / tps[den], rel=1e-3, abs=1e-3), (num, den, r, tps)
         if target is None:
             assert r["met"] is None
         elif abs(r["value"] - target) > 0.0005:  # judged unrounded: 0.9496 prints as 0.950
             assert r["met"] is (r["value"] >= target)
-    # The wake-up's cost compares variants that differ in the doorbell only; against (b),
-    # with no daemon at all, the daemon's own CPU counts too, so no target there.
-    assert {f"{n}/{d}" for n, d, t, _w in RATIOS if t == 0.95} == {"c/b", "d/g", "e/h"}
-    assert ratios["d/b"]["target"] is None and ratios["e/b"]["target"] is None
-    assert {t["what"].split(" ")[0] for t in quick["report"]["targets"] if t["part"] == 1} >= {"c/b", "d/g", "e/h"}
+    # The wake-up's cost compares variants that differ in the doorbell only, and those are
+    # judged; against (b), with no daemon at all, the daemon's own CPU counts too, so not.
+    judged = {t["what"].split(" ")[0]: t for t in quick["report"]["targets"] if t["part"] == 1}
+    assert {"c/b", "d/g", "e/h"} <= set(judged) and not {"d/b", "e/b"} & set(judged), judged
+    assert set(judged) == {f"{num}/{den}" for num, den, target, _w in RATIOS if target is not None}
+    for t in judged.values():
+        assert t["met"] in (True, False), t
+    for name in ("d/b", "e/b"):
+        assert ratios[name]["value"] > 0 and ratios[name]["met"] is None
     assert set(part["daemon_cpu"]) == with_daemon
     for key in with_daemon:
         for clients in ("1", "4"):
@@ -145,15 +158,18 @@ def test_quick_throughput(quick: dict[str, Any]) -> None:
             assert cell["process_seconds"] is not None and cell["events_written"] > 0, (key, cell)
 
 
+@pytest.mark.slow
 def test_quick_catchup(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["catchup"]
-    assert part["config"]["backlogs"] == [QUICK.backlog // 10, QUICK.backlog]
-    assert len(part["sizes"]) == 2
+    # two backlogs written, each of at least the events asked for
+    small, large = sorted(int(key) for key in part["sizes"])
+    assert QUICK.backlog // 10 <= small < QUICK.backlog <= large
     assert len(part["runs"]) == 2 * 2  # (daemon, raw) x 2 backlogs x 1 round
     for key, size in part["sizes"].items():
         backlog = size["backlog"]
         assert backlog["events"] == int(key) >= backlog["size"]
         assert backlog["generated_events"] > 0
+        assert sum(backlog["event_types"].values()) == backlog["events"]
         # The backlog is a mix of every kind of shop event, written through the triggers.
         assert {"customer.created", "customer.updated", "product.updated", "order.created",
                 "order.updated", "order_line.created"} <= set(backlog["event_types"])
@@ -174,6 +190,7 @@ def test_quick_catchup(quick: dict[str, Any]) -> None:
     assert part["memory"]["ratio"] > 0 and part["memory"]["flat"] in (True, False)
 
 
+@pytest.mark.slow
 def test_quick_latency(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["latency"]
     assert part["config"]["watched_on"] == "replica"
@@ -190,6 +207,7 @@ def test_quick_latency(quick: dict[str, Any]) -> None:
         assert run["seen"] == run["committed"] == run["scheduled"], run
 
 
+@pytest.mark.slow
 def test_quick_matview(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["matview"]
     assert len(part["refresh"]) == len(QUICK.matview_lines)
@@ -207,11 +225,12 @@ def test_quick_matview(quick: dict[str, Any]) -> None:
         assert run["refreshes"] <= run["seconds"] / run["refresh_interval"] + 2, run
 
 
+@pytest.mark.slow
 def test_quick_growth(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["growth"]
-    assert [o["rows_asked"] for o in part["outboxes"]] == list(QUICK.history)
     small, large = part["outboxes"]
-    assert small["rows"] >= QUICK.history[0] and large["rows"] >= QUICK.history[1]
+    # the outboxes counted hold at least the history asked for, the large one more
+    assert QUICK.history[0] <= small["rows"] < QUICK.history[1] <= large["rows"]
     for o in part["outboxes"]:
         assert o["new_events"] >= QUICK.batch_size
         for what in ("batch_end", "batch_read"):
@@ -227,6 +246,7 @@ def test_quick_growth(quick: dict[str, Any]) -> None:
         assert f["ratio"] > 0 and f["flat"] in (True, False)
 
 
+@pytest.mark.slow
 def test_quick_plots(quick: dict[str, Any]) -> None:
     for name in ("throughput.png", "latency.png"):
         data = (quick["plots"] / name).read_bytes()

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import shutil
 
-from cqrs_pg.chaos import run_chaos
-from cqrs_pg.devcluster import DevCluster
-from tests.conftest import Database, make_root
+import pytest
+from cqrs_pg_tools.chaos import run_chaos
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import Database, make_root
+
+pytestmark = pytest.mark.slow
 
 
 def test_chaos_every_event_applied_exactly_once(cluster: DevCluster, db: Database) -> None:

@@ -5,13 +5,11 @@ newcomer meets, and --help/--version."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,22 +20,32 @@ import click
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import (
+    Database,
+    make_root,
+    outbox_count,
+    wait_until,
+)
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 from psycopg.types.json import Jsonb
 
 from cqrs_pg import __version__
-from cqrs_pg.chaos import DaemonProcess
 from cqrs_pg.cli import main
-from cqrs_pg.devcluster import DevCluster
-from cqrs_pg.migrate import head_revision
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload, WorkloadResult
-from tests.conftest import REPO, Database, make_root, outbox_count, wait_until
+from cqrs_pg.migrate import head_revisions
+from tests.conftest import (
+    NO_MISMATCH,
+    PROJECTIONS,
+    UNREACHABLE,
+    Daemon,
+    applied_counts,
+    assert_one_line_error,
+    cli,
+    scalar,
+)
 
-PROJECTIONS = ("order_summary", "customer_stats", "product_sales")
-NO_MISMATCH = dict.fromkeys(PROJECTIONS, 0)
 SCHEMAS = ("cqrs", "shop", "shop_read", "shop_proj")
-UNREACHABLE = "host=127.0.0.1 port=1 dbname=x connect_timeout=2"
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -51,48 +59,10 @@ def invoke(*args: str) -> Result:
     return result
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run `python -m cqrs_pg ARGS` as a real process, as a user would."""
-    return subprocess.run(
-        [sys.executable, "-m", "cqrs_pg", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    """Exit code 1, no traceback, exactly one `Error:` line on stderr (log records of the
-    daemon aside) naming every fragment; returns that line."""
-    everything = proc.stdout + proc.stderr
-    assert proc.returncode == 1, everything
-    assert "Traceback" not in everything, everything
-    lines = proc.stderr.splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1, proc.stderr
-    assert lines[-1] == errors[0], proc.stderr
-    assert all(LOG_LINE.match(line) for line in lines[:-1]), proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
-
-
-def scalar(conn: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
-
-
 def schemas(dsn: str) -> set[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (list(SCHEMAS),))
         return {name for (name,) in rows}
-
-
-def applied_counts(conn: psycopg.Connection) -> dict[str, int]:
-    return dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
 
 
 def postgres_servers(fragment: str) -> list[str]:
@@ -101,61 +71,21 @@ def postgres_servers(fragment: str) -> list[str]:
     return [line for line in out.splitlines() if "postgres -D " in line and fragment in line]
 
 
-class Daemon(DaemonProcess):
-    """A `cqrs-pg listen` process on a test database, started at once (polling every 0.2 s),
-    with waits that fail the test and show its log."""
-
-    def __init__(self, db: Database, log: Path, *extra: str) -> None:
-        super().__init__(db.dsn, log, "--poll-interval", "0.2", *extra)
-        self.start()
-
-    def registered(self, conn: psycopg.Connection) -> bool:
-        """True once the daemon has its row in cqrs.listeners (its signal handlers are set)."""
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"listen exited with {self.proc.returncode}:\n{self.output}")
-        mine = f"%:{self.proc.pid}:%"  # listener_id is host:pid:random
-        return bool(scalar(conn, "SELECT count(*) FROM cqrs.listeners WHERE listener_id LIKE %s", (mine,)))
-
-    def wait_registered(self, conn: psycopg.Connection) -> None:
-        wait_until(lambda: self.registered(conn), "the daemon to register in cqrs.listeners")
-
-    def signal(self, signum: int, timeout: float = 10.0) -> int:
-        code = super().signal(signum, timeout)
-        if code is None:
-            name = signal.Signals(signum).name
-            raise AssertionError(f"listen did not exit within {timeout:g}s of {name}:\n{self.output}")
-        return code
-
-
-@pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
-    """Starts listen processes; any still running at the end is killed."""
-    started: list[Daemon] = []
-
-    def start(db: Database, *extra: str) -> Daemon:
-        daemon = Daemon(db, tmp_path / f"listen-{len(started)}.log", *extra)
-        started.append(daemon)
-        return daemon
-
-    yield start
-    for daemon in started:
-        daemon.kill()
-
-
 # -- 1. migrate ---------------------------------------------------------------------------
 
 
 def test_migrate_up_again_and_down(empty_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    head = head_revision()
-    assert head
+    heads = head_revisions()
+    both = ", ".join(sorted(heads.values()))
     assert schemas(empty_db.dsn) == set()
 
     def cycle(*dsn_args: str) -> None:
-        assert invoke("migrate", *dsn_args).output == f"migrated base -> {head}\n"
-        assert {"cqrs", "shop", "shop_read"} <= schemas(empty_db.dsn)
-        assert invoke("migrate", *dsn_args).output == f"already at {head}\n"
-        assert invoke("migrate", *dsn_args, "--to", "base").output == f"migrated {head} -> base\n"
+        assert invoke("migrate", *dsn_args).output == f"migrated base -> {heads['cqrs']}\n"
+        assert schemas(empty_db.dsn) == {"cqrs"}
+        assert invoke("migrate", *dsn_args).output == f"already at {heads['cqrs']}\n"
+        assert invoke("migrate", *dsn_args, "--example", "shop").output == f"migrated {heads['cqrs']} -> {both}\n"
+        assert {"cqrs", "shop", "shop_read", "shop_proj"} <= schemas(empty_db.dsn)
+        assert invoke("migrate", *dsn_args, "--to", "base").output == f"migrated {both} -> base\n"
         assert schemas(empty_db.dsn) == set()
 
     cycle("--dsn", empty_db.dsn)
@@ -301,6 +231,7 @@ def exported(stdout: str, name: str) -> str:
     return assignment.split("=", 1)[1]
 
 
+@pytest.mark.slow  # a cluster of its own
 def test_dev_up_status_down() -> None:
     base = make_root("cqrs-pg-cli-")
     root = base / "c"
@@ -329,6 +260,7 @@ def test_dev_up_status_down() -> None:
 # -- 6. demo ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a cluster of its own
 def test_demo_runs_and_cleans_up() -> None:
     proc = cli("demo", "--seconds", "2", "--clients", "2", timeout=180)
     found = re.search(r"under (/tmp/cqrs-pg-demo-\S+) \.\.\.", proc.stdout)
@@ -393,25 +325,38 @@ def test_dev_up_without_binaries(tmp_path: Path) -> None:
 # -- 8. --help and --version --------------------------------------------------------------
 
 
-def command_paths(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, command in sorted(group.commands.items()):
+def command_paths(group: click.Group, ctx: click.Context, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
         yield (*prefix, name)
         if isinstance(command, click.Group):
-            yield from command_paths(command, (*prefix, name))
+            yield from command_paths(command, ctx, (*prefix, name))
 
 
 def test_help_of_every_command() -> None:
-    paths = list(command_paths(main))
-    expected = {("migrate",), ("listen",), ("status",), ("dev", "up"), ("dev", "down"), ("dev", "status"), ("demo",)}
+    """Every command answers --help, the development tools' too (installed for the tests)."""
+    paths = list(command_paths(main, click.Context(main)))
+    expected = {("migrate",), ("listen",), ("status",), ("rebuild",),
+                ("dev", "up"), ("dev", "down"), ("dev", "status"), ("demo",), ("soak",), ("bench",)}
     assert expected <= set(paths)
     group_help = invoke("--help").output
     assert group_help.startswith("Usage:")
-    for name in main.commands:
+    for (name,) in [p for p in paths if len(p) == 1]:
         assert name in group_help, (name, group_help)
     for path in paths:
         result = invoke(*path, "--help")
         assert result.output.startswith("Usage:"), (path, result.output)
         assert " ".join(path) in result.output.splitlines()[0], (path, result.output)
+
+
+def test_a_development_tool_not_installed_says_where_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the tools package, `cqrs-pg demo` says how to install it, in one line."""
+    import cqrs_pg.cli
+
+    monkeypatch.setattr(cqrs_pg.cli, "entry_points", lambda group: [])
+    result = CliRunner().invoke(main, ["demo"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: cqrs-pg demo is a development tool, not installed: {cqrs_pg.cli.TOOLS_HINT}"
 
 
 def test_version() -> None:

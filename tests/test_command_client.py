@@ -11,12 +11,12 @@ from typing import Any
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database, wait_until
 from psycopg_pool import ConnectionPool
 
 from cqrs_pg import errors
 from cqrs_pg.commands import CommandClient, Receipt, execute
-from tests.conftest import Database, wait_until
-from tests.test_concurrency import row_locked
+from tests.conftest import REPO, row_locked
 
 
 def stock(db: Database, sku: str) -> int:
@@ -210,8 +210,6 @@ def test_with_a_pool_and_in_the_callers_transaction(db: Database) -> None:
 
 def test_readme_python_example(db: Database, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import re
-
-    from tests.conftest import REPO
 
     match = re.search(r"<!-- readme-test: python -->\n```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
     assert match, "README lost its python example"

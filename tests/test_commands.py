@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -15,24 +15,11 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.projections import Event
+from tests.conftest import SIGNATURES, Receipt, call, line, run
 
 if TYPE_CHECKING:
     from conftest import Database
-
-    from cqrs_pg.devcluster import DevCluster
-
-# Argument types of each command after command_id, in order: casts in the call pick the
-# exact overload whatever Python type psycopg would send.
-SIGNATURES: dict[str, tuple[str, ...]] = {
-    "register_customer": ("text", "text"),
-    "rename_customer": ("uuid", "text", "integer"),
-    "add_product": ("text", "text", "bigint", "integer"),
-    "restock": ("text", "integer"),
-    "change_price": ("text", "bigint"),
-    "place_order": ("uuid", "jsonb"),
-    "cancel_order": ("uuid", "integer"),
-    "ship_order": ("uuid", "integer"),
-}
+    from cqrs_pg_tools.devcluster import DevCluster
 
 WRITE_TABLES = ("shop.customers", "shop.products", "shop.orders", "shop.order_lines")
 ALL_TABLES = (*WRITE_TABLES, "cqrs.outbox", "cqrs.commands")
@@ -41,41 +28,7 @@ ALL_TABLES = (*WRITE_TABLES, "cqrs.outbox", "cqrs.commands")
 UNKNOWN = uuid.UUID("00000000-0000-4000-8000-00000000dead")
 
 
-class Receipt(NamedTuple):
-    command_id: uuid.UUID
-    aggregate_id: uuid.UUID
-    version: int
-    token: int
-    duplicate: bool
-
-
 # --------------------------------------------------------------------------- helpers
-
-
-def _param(value: Any) -> Any:
-    return Jsonb(value) if isinstance(value, (list, dict)) else value
-
-
-def call(conn: psycopg.Connection, command: str, command_id: uuid.UUID | None, *args: Any) -> Receipt:
-    """SELECT * FROM shop.<command>(command_id, args...): exactly one receipt row."""
-    types = ("uuid", *SIGNATURES[command])
-    assert len(args) + 1 == len(types), f"{command} takes {len(types)} arguments"
-    placeholders = ", ".join(f"%s::{t}" for t in types)
-    rows = conn.execute(
-        f"SELECT * FROM shop.{command}({placeholders})", (command_id, *map(_param, args))
-    ).fetchall()
-    assert len(rows) == 1, rows
-    return Receipt(*rows[0])
-
-
-def run(conn: psycopg.Connection, command: str, *args: Any) -> Receipt:
-    """Runs a command under a fresh command_id and checks the receipt's generic shape."""
-    command_id = uuid.uuid4()
-    r = call(conn, command, command_id, *args)
-    assert r.command_id == command_id
-    assert r.token > 0
-    assert r.duplicate is False
-    return r
 
 
 def fails(conn: psycopg.Connection, command: str, command_id: uuid.UUID | None, *args: Any) -> psycopg.Error:
@@ -166,10 +119,6 @@ def expect_event(
     )
     for key, value in payload.items():
         assert e.payload.get(key) == value, (key, e.payload)
-
-
-def line(sku: str, quantity: Any) -> dict[str, Any]:
-    return {"sku": sku, "quantity": quantity}
 
 
 def fresh(conn: psycopg.Connection) -> tuple[uuid.UUID, str, str]:

@@ -1,4 +1,4 @@
-"""cqrs_pg.devcluster against real PostgreSQL servers built from this machine's binaries.
+"""cqrs_pg_tools.devcluster against real PostgreSQL servers built from this machine's binaries.
 
 Most tests share one module-scoped cluster (primary + 1 replica); one test builds its own
 two-replica cluster. Nothing is mocked.
@@ -19,8 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
+from cqrs_pg_tools.devcluster import DevCluster, DevClusterError, find_bindir
 
-from cqrs_pg.devcluster import DevCluster, DevClusterError, find_bindir
+pytestmark = pytest.mark.slow  # clusters of its own
 
 
 def _postgres_can_enter(path: Path) -> bool:

@@ -1,115 +1,169 @@
-"""Migrations: alembic upgrade/downgrade round trip, frozen SQL equal to sql/, privileges."""
+"""Migrations: the engine alone, the example beside it, everything removed again; schemas
+equal to sql/, landed revisions unchanged, privileges."""
 
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import psycopg
 import pytest
+from cqrs_pg_tools import sqlsource
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import Database
 
-from cqrs_pg import sqlsource
-from cqrs_pg.devcluster import DevCluster, find_bindir
-from cqrs_pg.migrate import current_revision, head_revision, migrate
-from cqrs_pg.verify import all_mismatches
-from tests.conftest import REPO, Database, new_database
+from cqrs_pg import core
+from cqrs_pg.errors import ConfigError
+from cqrs_pg.migrate import current_revisions, head_revisions, migrate
+from tests.conftest import REPO, new_database, schema_dump
 
-OUR_SCHEMAS = ("cqrs", "shop", "shop_read", "shop_proj")
+ENGINE_SCHEMAS = {"cqrs"}
+EXAMPLE_SCHEMAS = {"shop", "shop_read", "shop_proj"}
+OUR_SCHEMAS = tuple(ENGINE_SCHEMAS | EXAMPLE_SCHEMAS)
 
 
 def schemas(conn: psycopg.Connection) -> set[str]:
-    rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", (list(OUR_SCHEMAS),))
+    rows = conn.execute(
+        "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s) OR nspname LIKE 'cqrs\\_rebuild\\_%%'",
+        (list(OUR_SCHEMAS),),
+    )
     return {r[0] for r in rows}
 
 
-def test_upgrade_downgrade_round_trip(empty_db: Database) -> None:
+def test_the_engine_alone_then_the_example_then_nothing(empty_db: Database) -> None:
+    """`migrate` installs schema cqrs and nothing else; `--example shop` adds the example; a
+    plain migrate leaves it; `--to base` removes all of it, a rebuild's shadow schema too;
+    and it all installs again."""
+    heads = head_revisions()
+    assert set(heads) == {"cqrs", "shop"}
     with empty_db.connect() as conn:
-        assert migrate(empty_db.dsn) == (None, head_revision())
+        assert migrate(empty_db.dsn) == ([], [heads["cqrs"]])
+        assert schemas(conn) == ENGINE_SCHEMAS
+        assert conn.execute("SELECT count(*) FROM cqrs.projections").fetchone()[0] == 0
+        assert migrate(empty_db.dsn, example="shop") == ([heads["cqrs"]], sorted(heads.values()))
         assert schemas(conn) == set(OUR_SCHEMAS)
-        assert migrate(empty_db.dsn, "base") == (head_revision(), None)
+        assert migrate(empty_db.dsn) == (sorted(heads.values()), sorted(heads.values()))
+        assert schemas(conn) == set(OUR_SCHEMAS)
+        conn.execute("SELECT cqrs.rebuild_begin('order_summary')")
+        assert "cqrs_rebuild_order_summary" in schemas(conn)
+        assert migrate(empty_db.dsn, "base") == (sorted(heads.values()), [])
         assert schemas(conn) == set()
         leftovers = conn.execute(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
             " WHERE n.nspname = 'public' AND c.relname NOT LIKE 'alembic_version%'"
         ).fetchone()[0]
         assert leftovers == 0
-        assert migrate(empty_db.dsn) == (None, head_revision())
-        assert schemas(conn) == set(OUR_SCHEMAS)
-        # and the reinstalled schema works
+        assert migrate(empty_db.dsn, example="shop") == ([], sorted(heads.values()))
         receipt = conn.execute(
             "SELECT duplicate FROM shop.register_customer(gen_random_uuid(), 'round@trip.example', 'R')"
         ).fetchone()
         assert receipt == (False,)
 
 
-def test_alembic_command_line_uses_cqrs_pg_dsn(empty_db: Database) -> None:
-    """`alembic upgrade head` from the repository root, configured only by CQRS_PG_DSN."""
+def test_the_example_alone_goes_and_leaves_the_engine_clean(empty_db: Database) -> None:
+    """`alembic downgrade shop@base`: the example's schemas, projections and generated
+    capture functions go; the engine stays, as a plain install leaves it."""
+    migrate(empty_db.dsn, example="shop")
     env = {**os.environ, "CQRS_PG_DSN": empty_db.dsn}
-    for args in (["upgrade", "head"], ["downgrade", "base"], ["upgrade", "head"]):
+    done = subprocess.run(["alembic", "downgrade", "shop@base"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    with empty_db.connect() as conn:
+        assert schemas(conn) == ENGINE_SCHEMAS
+        assert conn.execute("SELECT count(*) FROM cqrs.projections").fetchone()[0] == 0
+        assert conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE pronamespace = 'cqrs'::regnamespace AND proname LIKE '\\_capture%%'"
+        ).fetchone()[0] == 0
+    assert current_revisions(empty_db.dsn) == [head_revisions()["cqrs"]]
+
+
+def test_alembic_command_line_uses_cqrs_pg_dsn(empty_db: Database) -> None:
+    """`alembic` from the repository root, configured only by CQRS_PG_DSN."""
+    env = {**os.environ, "CQRS_PG_DSN": empty_db.dsn}
+    for args in (["upgrade", "cqrs@head"], ["upgrade", "heads"], ["downgrade", "base"], ["upgrade", "heads"]):
         done = subprocess.run(["alembic", *args], cwd=REPO, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-    assert current_revision(empty_db.dsn) == head_revision()
+    assert current_revisions(empty_db.dsn) == sorted(head_revisions().values())
 
 
 def test_alembic_without_dsn_says_what_to_do() -> None:
     env = {k: v for k, v in os.environ.items() if k != "CQRS_PG_DSN"}
-    done = subprocess.run(["alembic", "upgrade", "head"], cwd=REPO, env=env, capture_output=True, text=True)
+    done = subprocess.run(["alembic", "upgrade", "heads"], cwd=REPO, env=env, capture_output=True, text=True)
     assert done.returncode != 0
     assert "CQRS_PG_DSN" in done.stderr
     assert "Traceback" not in done.stderr
 
 
-def schema_dump(cluster: DevCluster, dbname: str) -> str:
-    port = cluster.status()[0].port
-    dump = subprocess.run(
-        [str(find_bindir() / "pg_dump"), "--schema-only", "--no-owner", "-h", "127.0.0.1", "-p", str(port),
-         "-U", "postgres", "--exclude-table=public.alembic_version", dbname],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    # comments, and the random key of pg_dump's \\restrict guard, differ between dumps
-    return re.sub(r"^(--.*|\\(un)?restrict .*)$", "", dump, flags=re.M)
-
-
-def test_migrated_schema_equals_sql_source(cluster: DevCluster, db: Database, empty_db: Database) -> None:
-    """Schema drift fails here: the database that migrations build (db, cloned from the
-    migrated template) equals one built straight from sql/manifest.txt. Change sql/
-    without a migration that does the same, or the reverse, and this test fails."""
+def test_a_database_of_a_folded_pre_release_is_refused_in_one_line(empty_db: Database) -> None:
     with empty_db.connect() as conn:
-        conn.execute(sqlsource.build())
-    assert schema_dump(cluster, db.name) == schema_dump(cluster, empty_db.name)
-    registry = "SELECT name, kind, apply_function::text, matview::text, event_types FROM cqrs.projections ORDER BY name"
-    with db.connect() as migrated, empty_db.connect() as built:
-        assert migrated.execute(registry).fetchall() == built.execute(registry).fetchall()
+        conn.execute("CREATE TABLE public.alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO public.alembic_version VALUES ('0004')")
+    with pytest.raises(ConfigError, match=r"revision 0004, which this cqrs_pg does not have") as err:
+        migrate(empty_db.dsn)
+    assert "\n" not in str(err.value)
+    with empty_db.connect() as conn:
+        assert schemas(conn) == set()
 
 
-def test_downgrade_to_each_revision_equals_that_revision_built_directly(
-    cluster: DevCluster, db: Database, empty_db: Database
-) -> None:
-    """Every later revision undoes itself exactly: head downgraded to 0002 has the schema
-    that upgrading an empty database to 0002 builds, and downgraded to 0001 the schema
-    that 0001's frozen SQL builds on its own."""
-    migrate(db.dsn, "0002")
-    migrate(empty_db.dsn, "0002")
-    assert schema_dump(cluster, db.name) == schema_dump(cluster, empty_db.name)
-    migrate(db.dsn, "0001")
-    databases = new_database(cluster, None)
-    built = next(databases)
+@pytest.mark.parametrize("example", [None, "shop"])
+def test_migrated_schema_equals_sql_source(cluster: DevCluster, example: str | None) -> None:
+    """Schema drift fails here: a database migrated to head (the engine, and the example)
+    equals one built straight from sql/'s manifests. Change sql/ without a migration that
+    does the same, or the reverse, and this test fails."""
+    migrated_dbs, built_dbs = new_database(cluster, None), new_database(cluster, None)
+    migrated, built = next(migrated_dbs), next(built_dbs)
     try:
+        migrate(migrated.dsn, example=example)
         with built.connect() as conn:
-            conn.execute((REPO / "migrations" / "versions" / "0001_initial.sql").read_text())
-        assert schema_dump(cluster, db.name) == schema_dump(cluster, built.name)
+            for component in ("cqrs",) if example is None else ("cqrs", example):
+                conn.execute(sqlsource.build(component).encode())
+        assert schema_dump(cluster, migrated.name) == schema_dump(cluster, built.name)
+        registry = "SELECT name, kind, apply_function::text, matview::text, event_types FROM cqrs.projections ORDER BY name"
+        with migrated.connect() as m, built.connect() as b:
+            assert m.execute(registry).fetchall() == b.execute(registry).fetchall()
     finally:
-        next(databases, None)
-    assert migrate(db.dsn) == ("0001", head_revision())
+        next(migrated_dbs, None)
+        next(built_dbs, None)
 
 
-def test_frozen_sql_of_a_landed_migration_cannot_be_edited(tmp_path: pytest.TempPathFactory) -> None:
-    frozen = REPO / "migrations" / "versions" / "0001_initial.sql"
-    copy = tmp_path / "0001_initial.sql"  # type: ignore[operator]
-    copy.write_text(frozen.read_text() + "\n-- an edit\n")
-    with pytest.raises(RuntimeError, match="edited after its migration landed"):
-        sqlsource.run_frozen(None, copy, sqlsource.sha256(frozen.read_text()))
+def revision_files() -> list[str]:
+    root = core.migrations_dir()
+    return sorted(p.relative_to(root).as_posix() for p in (root / "versions").rglob("*") if p.suffix in (".py", ".sql")
+                  and p.name != "__init__.py")
+
+
+def test_every_landed_revision_is_recorded_unchanged() -> None:
+    """migrations/checksums.txt records each revision file's SHA-256: a landed revision
+    never changes. A new revision adds its lines (printed below when missing)."""
+    recorded = core.checksums()
+    root = core.migrations_dir()
+    actual = {name: core.sha256((root / name).read_text()) for name in revision_files()}
+    missing = [f"{digest}  {name}" for name, digest in actual.items() if name not in recorded]
+    assert not missing, "record the new revision's files in migrations/checksums.txt:\n" + "\n".join(missing)
+    assert set(recorded) == set(actual), "checksums.txt names files that are not there"
+    changed = [name for name, digest in actual.items() if recorded[name] != digest]
+    assert changed == [], "a landed revision was changed: change the schema in a new revision instead"
+
+
+def test_a_revision_changed_after_it_landed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = core.migrations_dir() / "versions" / "cqrs" / "0001_engine.sql"
+    recorded = core.checksums()
+    monkeypatch.setattr(core, "checksums", lambda: {**recorded, "versions/cqrs/0001_engine.sql": "0" * 64})
+    with pytest.raises(ConfigError, match="was changed after it was recorded"):
+        core.revision_sql(engine)
+
+
+def test_no_revision_repeats_another(tmp_path: Path) -> None:
+    """Each revision holds what it changes, once: no revision file repeats a block of
+    another's (the baselines are each a component of sql/, which no other file holds)."""
+    root = core.migrations_dir()
+    texts = {name: (root / name).read_text() for name in revision_files() if name.endswith(".sql")}
+    for a, text_a in texts.items():
+        blocks = {b.strip() for b in re.split(r"^-- sql/\S+$", text_a, flags=re.M) if len(b.strip()) > 200}
+        for b, text_b in texts.items():
+            if a != b:
+                assert not any(block in text_b for block in blocks), (a, b)
 
 
 def test_no_function_is_executable_by_public(db: Database) -> None:
@@ -153,82 +207,3 @@ def test_group_roles_exist_and_cannot_log_in(db: Database) -> None:
     assert roles == {"cqrs_writer": False, "cqrs_reader": False, "cqrs_listener": False}
 
 
-# A recording sql projection, written for 0003's apply protocol
-# f(from_tx, from_position, to_tx, to_position): the upgrade keeps it running.
-RECORDER_0003 = """
-CREATE TABLE public.seen (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, position bigint NOT NULL);
-CREATE FUNCTION public.record(from_tx xid8, from_position bigint, to_tx xid8, to_position bigint) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO seen (position) SELECT b.position FROM cqrs.batch(from_tx, from_position, to_tx, to_position) b;
-END
-$$;
-SELECT cqrs.register_projection('seen', 'sql', 'public.record', search_path => 'public',
-                                tables => ARRAY['public.seen']::regclass[]);
-"""
-
-
-def add_product(conn: psycopg.Connection, sku: str) -> None:
-    conn.execute("SELECT shop.add_product(gen_random_uuid(), %s, 'p', 10, 10)", (sku,))
-
-
-def test_upgrade_carries_checkpoints_over_exactly(empty_db: Database) -> None:
-    """Checkpoints of the (tx_id, position) order become positions without applying an
-    event twice or skipping one: events were applied in xid order (B's later position
-    first), so the checkpoint lies before B's earlier event in position order and keeps
-    A's later one as applied ahead of it. An apply function of 0003's protocol keeps
-    running, and the read models come out equal to their definitions."""
-    assert migrate(empty_db.dsn, "0003") == (None, "0003")
-    with empty_db.connect() as conn:
-        conn.execute(RECORDER_0003)
-        add_product(conn, "UP-0")
-        with psycopg.connect(empty_db.dsn) as a, psycopg.connect(empty_db.dsn) as b:
-            a.execute("SELECT pg_current_xact_id()")  # A's id is the lower
-            add_product(b, "UP-B")  # B: the earlier position, the higher id
-            b.commit()
-            add_product(a, "UP-A")
-            a.commit()
-        for name in ("seen", "order_summary", "customer_stats"):  # A's event, not B's
-            while conn.execute("SELECT applied_events FROM cqrs.projections WHERE name = %s", (name,)).fetchone()[0] < 2:
-                conn.execute("SELECT cqrs.run_projection(%s, 1, '0 s')", (name,))
-        assert [r[0] for r in conn.execute("SELECT position FROM public.seen ORDER BY seq")] == [1, 3]
-
-    assert migrate(empty_db.dsn) == ("0003", head_revision())
-    with empty_db.connect() as conn:
-        checkpoints = conn.execute(
-            "SELECT name, last_position, ahead, applied_events FROM cqrs.projections WHERE kind = 'sql' ORDER BY name"
-        ).fetchall()
-        assert checkpoints == [(n, 1, [3], 2) for n in ("customer_stats", "order_summary", "seen")]
-        add_product(conn, "UP-C")
-        Database(empty_db.name, empty_db.dsn, empty_db.replica_dsn).run_projections()
-        assert [r[0] for r in conn.execute("SELECT position FROM public.seen ORDER BY seq")] == [1, 3, 2, 4]
-        assert conn.execute("SELECT DISTINCT applied_events FROM cqrs.projections").fetchall() == [(4,)]
-        assert conn.execute("SELECT DISTINCT ahead FROM cqrs.projections").fetchall() == [([],)]
-        assert all_mismatches(conn) == {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
-
-
-def test_downgrade_is_refused_while_a_checkpoint_has_no_earlier_form(empty_db: Database) -> None:
-    """A reader that applied B's event (the earlier position, the higher id) but not yet
-    A's: in (tx_id, position) order A's comes first, so 0003's checkpoint could not say
-    what was applied. The downgrade is refused with one line and changes nothing; once
-    every event is applied it goes through."""
-    migrate(empty_db.dsn)
-    with empty_db.connect() as conn:
-        with psycopg.connect(empty_db.dsn) as a, psycopg.connect(empty_db.dsn) as b:
-            a.execute("SELECT pg_current_xact_id()")
-            add_product(b, "DOWN-B")
-            b.commit()
-            add_product(a, "DOWN-A")
-            a.commit()
-        conn.execute("SELECT cqrs.run_projection('order_summary', 1)")
-        assert conn.execute("SELECT last_position FROM cqrs.projections WHERE name = 'order_summary'").fetchone() == (1,)
-    with pytest.raises(Exception, match="cannot downgrade below 0004 now: projection 'order_summary'"):
-        migrate(empty_db.dsn, "0003")
-    assert current_revision(empty_db.dsn) == head_revision()
-    Database(empty_db.name, empty_db.dsn, empty_db.replica_dsn).run_projections()
-    assert migrate(empty_db.dsn, "0003") == (head_revision(), "0003")
-    with empty_db.connect() as conn:
-        assert conn.execute(
-            "SELECT DISTINCT (p.last_tx, p.last_position) = (SELECT o.tx_id, o.position FROM cqrs.outbox o"
-            "                                                ORDER BY o.tx_id DESC, o.position DESC LIMIT 1)"
-            " FROM cqrs.projections p WHERE p.kind = 'sql'").fetchall() == [(True,)]

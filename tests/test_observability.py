@@ -14,19 +14,18 @@ from datetime import datetime
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database, outbox_count, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.metrics import NAMES, Metrics
-from tests.conftest import Database, outbox_count, wait_until
-from tests.test_cli import (
+from tests.conftest import (
     LOG_LINE,
     PROJECTIONS,
     UNREACHABLE,
     Daemon,
     assert_one_line_error,
     cli,
-    daemons,  # noqa: F401  (the fixture)
     scalar,
 )
 
@@ -77,6 +76,7 @@ def log_time(line: str) -> datetime:
 # -- 1. the stall warning -----------------------------------------------------------------
 
 
+@pytest.mark.slow  # waits for two warnings a second apart
 def test_stall_warning_names_the_backend_holding_the_fence(db: Database, daemons: Callable[..., Daemon]) -> None:
     with db.connect() as conn:
         daemon = daemons(db, "--stall-warning", "1")
@@ -194,6 +194,7 @@ def per_projection(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]
     return {dict(labels)["projection"]: v for (n, labels), v in samples.items() if n == name}
 
 
+@pytest.mark.slow
 def test_metrics(db: Database, daemons: Callable[..., Daemon]) -> None:
     port = free_port()
     with db.connect() as conn:

@@ -19,13 +19,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database, running_daemon, wait_until
+from cqrs_pg_tools.workload import ShopWorkload
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.projections import Event, register, run_batch, unregister
 from cqrs_pg.rebuild import rebuild
-from cqrs_pg.workload import ShopWorkload
-from tests.conftest import Database, wait_until
-from tests.test_projection import running_daemon
 
 # Two recorders: a table each, a row per event handed over, in the order handed over.
 SETUP = """
@@ -73,7 +72,7 @@ def run_recorders(db: Database, seed: int, sizes: tuple[int, int] = (1, 3)) -> i
     total = 0
     with db.connect() as conn:
         while True:
-            applied = run_batch(conn, "python_seen", record, rng.randint(*sizes), "ordering").applied
+            applied = run_batch(conn, "python_seen", record, rng.randint(*sizes)).applied
             applied += conn.execute(
                 "SELECT applied FROM cqrs.run_projection('sql_seen', %s)", (rng.randint(*sizes),)
             ).fetchone()[0]
@@ -171,7 +170,7 @@ def test_hot_aggregates_under_concurrent_writers(recorders: Database) -> None:
     db = recorders
     workload = ShopWorkload(db.dsn, seed=12, hold_max=0.005)
     workload.setup(customers=20, products=6, stock=100_000)
-    with running_daemon(db, batch_size=20, linger=0.05):
+    with running_daemon(db.dsn, batch_size=20, linger=0.05):
         result = workload.run(8, commands_per_client=60)
         assert not result.errors, result.errors[:3]
         db.wait_caught_up(result.max_token, replica=False)

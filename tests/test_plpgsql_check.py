@@ -8,8 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from tests.conftest import Database
+from cqrs_pg_tools.testing import Database
 
 OUR_SCHEMAS = ["cqrs", "shop", "shop_read", "shop_proj"]
 # Every kind of finding: errors, and other, extra, performance, security and

@@ -6,39 +6,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database, outbox_count, running_daemon, wait_until
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload
 from psycopg.types.json import Jsonb
 
-from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.projections import register, unregister
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload
-from tests.conftest import Database, outbox_count, wait_until
-
-NO_MISMATCH = {"order_summary": 0, "customer_stats": 0, "product_sales": 0}
-
-
-@contextmanager
-def running_daemon(db: Database, **overrides: object) -> Iterator[Listener]:
-    config = ListenerConfig(dsn=db.dsn, **{"refresh_interval": 0.1, **overrides})  # type: ignore[arg-type]
-    listener = Listener(config)
-    thread = threading.Thread(target=listener.run, daemon=True)
-    thread.start()
-    try:
-        yield listener
-    finally:
-        listener.stop()
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "daemon did not stop"
-
-
-def applied_counts(conn: psycopg.Connection) -> dict[str, int]:
-    return dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
-
+from tests.conftest import NO_MISMATCH, applied_counts
 
 def seed(conn: psycopg.Connection) -> tuple[uuid.UUID, str]:
     customer = conn.execute(
@@ -56,6 +33,7 @@ def place(conn: psycopg.Connection, customer: uuid.UUID, sku: str, quantity: int
     return row[0], row[1]
 
 
+@pytest.mark.slow
 def test_concurrent_writers_committing_out_of_order(db: Database) -> None:
     """8 writers whose transactions stay open a random while after the command, so
     commits finish out of xid and position order, with the daemon running throughout.
@@ -63,7 +41,7 @@ def test_concurrent_writers_committing_out_of_order(db: Database) -> None:
     replica, and every projection applied each outbox event exactly once."""
     workload = ShopWorkload(db.dsn, seed=7, hold_max=0.02)
     workload.setup(customers=10, products=5, stock=200)
-    with running_daemon(db, batch_size=50, linger=0.05):
+    with running_daemon(db.dsn, batch_size=50, linger=0.05):
         result = workload.run(8, commands_per_client=40)
         assert not result.errors
         db.wait_caught_up(result.max_token)
@@ -189,12 +167,12 @@ def test_failed_batch_leaves_checkpoint_and_read_model_untouched(db: Database) -
     with db.connect() as conn:
         customer, sku = seed(conn)
         db.run_projections()
-        before = conn.execute("SELECT last_position, ahead, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
+        before = conn.execute("SELECT last_position, horizon, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
         place(conn, customer, sku, 3)
         conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT reject CHECK (orders_placed = 0)")
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("SELECT * FROM cqrs.run_projection('customer_stats', 100, '0 s')")
-        after = conn.execute("SELECT last_position, ahead, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
+        after = conn.execute("SELECT last_position, horizon, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
         assert after == before
         assert conn.execute("SELECT count(*) FROM shop_proj.customer_stats_orders").fetchone()[0] == 0
         conn.execute("ALTER TABLE shop_read.customer_stats DROP CONSTRAINT reject")
@@ -234,6 +212,7 @@ def test_materialized_view_refresh_is_debounced(db: Database) -> None:
         assert conn.execute("SELECT units_sold FROM shop_read.product_sales").fetchone()[0] == 4
 
 
+@pytest.mark.slow
 def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
     """A refresh recomputes the whole view: after one that took t seconds the daemon waits
     at least t / refresh_budget before the next, however often events arrive."""
@@ -247,7 +226,7 @@ def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
         conn.execute("SELECT cqrs.register_projection('slow', 'matview', matview => 'shop_read.slow',"
                      " event_types => ARRAY['order.created'])")
         conn.execute("CREATE TABLE refreshes AS SELECT refreshed_at FROM cqrs.projections WHERE false")
-        with running_daemon(db, projections=["slow"], refresh_interval=0.05, refresh_budget=0.5):
+        with running_daemon(db.dsn, projections=["slow"], refresh_interval=0.05, refresh_budget=0.5):
             for _ in range(40):  # an order every 0.1 s for 4 s
                 place(conn, customer, sku)
                 conn.execute("INSERT INTO refreshes SELECT refreshed_at FROM cqrs.projections"
@@ -275,7 +254,7 @@ def test_under_load_rounds_keep_to_the_apply_budget(db: Database) -> None:
         with db.connect() as conn:
             customer, sku = seed(conn)
             conn.execute("SELECT cqrs.register_projection('slow_handler', 'python', search_path => 'shop_read')")
-            with running_daemon(db, projections=["slow_handler"], apply_budget=0.25, batch_delay=0.01):
+            with running_daemon(db.dsn, projections=["slow_handler"], apply_budget=0.25, batch_delay=0.01):
                 for _ in range(40):  # an order every 0.05 s for 2 s
                     place(conn, customer, sku)
                     time.sleep(0.05)
@@ -406,7 +385,7 @@ def test_caught_up_gives_read_your_writes_on_the_replica(db: Database) -> None:
     with db.connect() as conn:
         customer, sku = seed(conn)
         order, token = place(conn, customer, sku, 2)
-    with running_daemon(db):
+    with running_daemon(db.dsn):
         db.wait_caught_up(token)
         with db.connect_replica() as replica:
             assert replica.execute("SELECT pg_is_in_recovery()").fetchone()[0]
@@ -491,7 +470,7 @@ def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
     """With polling slowed to a minute, only the doorbell can explain a prompt catch-up."""
     with db.connect() as conn:
         customer, sku = seed(conn)
-    with running_daemon(db, poll_interval=60.0, linger=0.0):
+    with running_daemon(db.dsn, poll_interval=60.0, linger=0.0):
         wait_until(lambda: sleeping_listeners(db) == 1)
         with db.connect() as conn:
             _, token = place(conn, customer, sku)
@@ -504,7 +483,7 @@ def test_a_rung_daemon_says_it_is_awake_before_it_finds_work(db: Database) -> No
     (and paying NOTIFY's commit lock) for as long as the fence is held."""
     with db.connect() as conn:
         customer, sku = seed(conn)
-    with running_daemon(db, poll_interval=60.0):
+    with running_daemon(db.dsn, poll_interval=60.0):
         wait_until(lambda: sleeping_listeners(db) == 1)
         with psycopg.connect(db.dsn) as older:
             older.execute("SELECT pg_current_xact_id()")  # holds the fence
@@ -518,7 +497,7 @@ def test_polling_catches_up_without_notify(db: Database) -> None:
     """Correctness never depends on NOTIFY: with the doorbell silenced, polling applies."""
     with db.connect() as conn:
         customer, sku = seed(conn)
-    with running_daemon(db, poll_interval=0.2, linger=0.0):
+    with running_daemon(db.dsn, poll_interval=0.2, linger=0.0):
         wait_until(lambda: sleeping_listeners(db) == 1)
         with db.connect() as conn:
             conn.execute("UPDATE cqrs.listeners SET sleeping = false")  # no command will ring
@@ -527,7 +506,7 @@ def test_polling_catches_up_without_notify(db: Database) -> None:
 
 
 def test_daemon_removes_its_listener_row_on_stop(db: Database) -> None:
-    with running_daemon(db):
+    with running_daemon(db.dsn):
         wait_until(lambda: db.connect().execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 1)
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 0

@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
+
+from cqrs_pg_tools.testing import Database
 
 from cqrs_pg import errors
-from cqrs_pg.devcluster import find_bindir
-from tests.conftest import REPO, Database
+from tests.conftest import REPO, psql, readme_block
 
 README = (REPO / "README.md").read_text()
-
-
-def readme_block(marker: str) -> str:
-    match = re.search(rf"<!-- readme-test: {marker} -->\n```sql\n(.*?)```", README, re.S)
-    assert match, f"README lost its {marker} example"
-    return match.group(1)
-
-
-def psql(dsn: str, script: str, *variables: str) -> str:
-    binary = shutil.which("psql") or str(find_bindir() / "psql")
-    args = [binary, dsn, "-X", "-v", "ON_ERROR_STOP=1", "-A", "-t"]
-    for variable in variables:
-        args += ["-v", variable]
-    done = subprocess.run(args, input=script, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def test_psql_example_on_primary_then_replica(db: Database) -> None:

@@ -6,61 +6,47 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from cqrs_pg_tools.testing import Database, outbox_count, running_daemon
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 from cqrs_pg import rebuild as rebuild_module
 from cqrs_pg.cli import main
-from cqrs_pg.projections import Event, Handler, handler_for, register, unregister
-from cqrs_pg.rebuild import apply_rebuild_batch, rebuild
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload, WorkloadResult
-from tests.conftest import Database, outbox_count
-from tests.projection_suite import INSTALL, NAME, TABLES, Subject, block, mismatches, place, seed_shop
-from tests.test_projection import NO_MISMATCH, applied_counts, running_daemon
-
-
-class Reader(threading.Thread):
-    """Runs a query over a read model in a loop: one number that only ever grows while the
-    model is whole and current (its row count, its orders), so an empty, half-built or
-    older model shows as a drop."""
-
-    def __init__(self, connect: Callable[[], psycopg.Connection], query: str) -> None:
-        super().__init__(daemon=True)
-        self.connect, self.query = connect, query
-        self.stop = threading.Event()
-        self.counts: list[int] = []
-        self.errors: list[str] = []
-
-    def run(self) -> None:
-        with self.connect() as conn:
-            while not self.stop.is_set():
-                try:
-                    self.counts.append(conn.execute(self.query).fetchone()[0])
-                except psycopg.Error as exc:
-                    self.errors.append(f"{exc.sqlstate}: {exc}")
-
-    def never_shrank(self) -> bool:
-        return all(b >= a for a, b in zip(self.counts, self.counts[1:]))
-
-    def finish(self) -> None:
-        """Stop, then: no error, never empty, never a drop."""
-        self.stop.set()
-        self.join()
-        assert not self.errors, self.errors[:3]
-        assert self.counts and min(self.counts) > 0, f"{self.query}: the read model was seen empty"
-        assert self.never_shrank(), f"{self.query}: went back {self.counts}"
+from cqrs_pg.projections import (
+    Event,
+    Handler,
+    handler_for,
+    register,
+    run_batch,
+    unregister,
+)
+from cqrs_pg.rebuild import rebuild
+from tests.conftest import (
+    INSTALL,
+    NAME,
+    NO_MISMATCH,
+    TABLES,
+    Reader,
+    Subject,
+    applied_counts,
+    block,
+    mismatches,
+    place,
+    seed_shop,
+)
 
 
 def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
     workload = ShopWorkload(db.dsn, seed=3, hold_max=0.005)
     workload.setup(customers=20, products=8, stock=10_000)
-    with running_daemon(db, batch_size=100):
+    with running_daemon(db.dsn, batch_size=100):
         first = workload.run(4, commands_per_client=40)
         db.wait_caught_up(first.max_token)
         with db.connect() as conn:
@@ -114,9 +100,9 @@ def test_rebuild_command_line(db: Database) -> None:
     assert "no projection named 'nope'" in result.output and "order_summary" in result.output
 
 
-# -- python projections: the tutorial's handler (tests/projection_suite.py) ----------------
+# -- python projections: the tutorial's handler (tests/conftest.py) ------------------------
 # The behaviour under load, for both kinds, is in the suite:
-# tests/projection_suite.py::test_rebuild_under_load_is_invisible_to_readers.
+# tests/test_projection_suite.py::test_rebuild_under_load_is_invisible_to_readers.
 
 
 @contextmanager
@@ -180,11 +166,8 @@ def test_python_rebuild_finish_step_by_step(db: Database) -> None:
         for _ in range(3):
             place(conn, customer, sku)
         conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
-        while True:
-            with conn.transaction():
-                _, more = apply_rebuild_batch(conn, NAME, handler, 4)
-            if not more:
-                break
+        while run_batch(conn, NAME, handler, 4, rebuild=True).more:
+            pass
         for _ in range(3):
             place(conn, customer, sku, 2)
         subject.drain(daemon)  # the live model is now ahead of the shadow
@@ -195,7 +178,7 @@ def test_python_rebuild_finish_step_by_step(db: Database) -> None:
             late_order = place(late, customer, sku, 5)
             late_token = late.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0]
             with conn.transaction():
-                while apply_rebuild_batch(conn, NAME, handler, 4, final=True)[0]:
+                while run_batch(conn, NAME, handler, 4, rebuild=True, final=True).applied:
                     pass
                 assert subject.run_once(daemon, 100) == (0, True), "the daemon was not locked out"
                 late.commit()  # ends after the handler's last look, before the swap
@@ -298,19 +281,18 @@ def test_rebuild_api_refuses_misuse(db: Database) -> None:
             conn.execute("SELECT cqrs.rebuild_begin('twins')")
         assert err.value.sqlstate == "CQ001"
 
-        for call in ("SELECT * FROM cqrs.rebuild_claim(%s)", "SELECT cqrs.rebuild_finish(%s)",
-                     "SELECT cqrs.rebuild_complete(%s, 1, 1)"):
-            assert sqlstate_of(conn, call, (NAME,)) == "CQ002"  # no rebuild in progress
+        claim = "SELECT from_position, to_position, n, search_path FROM cqrs.claim_batch(%s, %s, rebuild => true)"
+        for call, args in ((claim, (NAME, 100)), ("SELECT cqrs.rebuild_finish(%s)", (NAME,))):
+            assert sqlstate_of(conn, call, args) == "CQ002"  # no rebuild in progress
+        assert sqlstate_of(conn, "SELECT cqrs.complete_batch(%s, 1, 1, rebuild => true)", (NAME,)) == "CQ003"  # not claimed
         assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_step('order_summary')") == "CQ002"
         conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
         assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_step(%s)", (NAME,)) == "CQ001"  # the handler's job
-        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim('order_summary')") == "CQ001"
-        assert sqlstate_of(conn, "SELECT * FROM cqrs.rebuild_claim(%s, 0)", (NAME,)) == "CQ001"
+        assert sqlstate_of(conn, claim, ("order_summary", 100)) == "CQ001"
+        assert sqlstate_of(conn, claim, (NAME, 0)) == "CQ001"
         with conn.transaction():
-            from_pos, to_pos, n, shadow = conn.execute(
-                "SELECT from_position, to_position, n, shadow_schema FROM cqrs.rebuild_claim(%s, 100)", (NAME,)
-            ).fetchone()
-            assert shadow == f"cqrs_rebuild_{NAME}" and from_pos == 0 and n > 1
+            from_pos, to_pos, n, path = conn.execute(claim, (NAME, 100)).fetchone()
+            assert path == f"cqrs_rebuild_{NAME}" and from_pos == 0 and n > 1
             for name, args in (
                 (NAME, (to_pos, n + 1)),  # a wrong count
                 (NAME, (to_pos + 1000, n)),  # beyond what may be read
@@ -318,7 +300,7 @@ def test_rebuild_api_refuses_misuse(db: Database) -> None:
                 ("order_summary", (to_pos, n)),  # not a python projection
             ):
                 with pytest.raises(psycopg.Error) as err, conn.transaction():
-                    conn.execute("SELECT cqrs.rebuild_complete(%s, %s, %s)", (name, *args))
+                    conn.execute("SELECT cqrs.complete_batch(%s, %s, %s, rebuild => true)", (name, *args))
                 assert err.value.sqlstate == "CQ001", (name, args)
         # the live model has applied events the shadow has not: the swap would take them back
         Subject(db, "python").drain(conn)

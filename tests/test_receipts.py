@@ -8,12 +8,11 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import Database
-from tests.test_commands import call, run
-from tests.test_readme import psql, readme_block
+from tests.conftest import call, psql, readme_block, run
 
 
 @pytest.fixture

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from cqrs_pg_tools.testing import Database
+from cqrs_pg_tools.verify import all_mismatches
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.status import collect
-from cqrs_pg.verify import all_mismatches
-from tests.conftest import Database
 
 
 @pytest.fixture

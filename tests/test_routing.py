@@ -25,15 +25,24 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import Database, make_root, wait_until
 from psycopg import sql
 
 from cqrs_pg.cli import main
-from cqrs_pg.devcluster import DevCluster
-from cqrs_pg.errors import ConfigError, ConsistencyTimeout, NotFound, ReplicaUnavailable, ValidationError
+from cqrs_pg.errors import (
+    ConfigError,
+    ConsistencyTimeout,
+    NotFound,
+    ReplicaUnavailable,
+    ValidationError,
+)
 from cqrs_pg.migrate import migrate
 from cqrs_pg.routing import Router, is_recovery_conflict, replica_hosts
-from tests.conftest import REPO, Database, make_root, wait_until
-from tests.test_cli import Daemon, daemons, scalar  # noqa: F401  (daemons: the fixture)
+from tests.conftest import REPO, Daemon, scalar
+
+# every test here runs on the module's own primary + 2 replicas
+pytestmark = pytest.mark.slow
 
 TEMPLATE = "routing_template"
 
@@ -52,7 +61,7 @@ def cluster2() -> Iterator[DevCluster]:
         dc = DevCluster(root)
         with psycopg.connect(dc.primary_dsn(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {TEMPLATE}")
-        migrate(dc.primary_dsn(TEMPLATE))
+        migrate(dc.primary_dsn(TEMPLATE), example="shop")
         yield dc
     finally:
         DevCluster(root).down()

@@ -12,10 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from cqrs_pg_tools.testing import Database, wait_until
 
 from cqrs_pg.cli import main
-from tests.conftest import REPO, Database, wait_until
-from tests.test_cli import scalar
+from tests.conftest import REPO, scalar
 
 UNHEALTHY = 3
 

@@ -10,17 +10,25 @@ import uuid
 from pathlib import Path
 
 import psycopg
+from cqrs_pg_tools.testing import Database, outbox_count, running_daemon
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from sqlalchemy import create_engine
 
 from cqrs_pg.daemon import Listener, ListenerConfig
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload
-from tests.conftest import REPO, Database, outbox_count
-from tests.projection_suite import INSTALL, NAME, SHOP_OK, TABLES, block, load_tutorial_handler, mismatches
-from tests.test_projection import running_daemon
-from tests.test_readme import psql
+from tests.conftest import (
+    INSTALL,
+    NAME,
+    NO_MISMATCH,
+    REPO,
+    TABLES,
+    block,
+    load_tutorial_handler,
+    mismatches,
+    psql,
+)
 
 
 def run_workload_with(db: Database, daemon) -> None:  # type: ignore[no-untyped-def]
@@ -37,7 +45,7 @@ def check_read_model(db: Database) -> None:
         for conn in (primary, replica):
             assert conn.execute(f"SELECT count(*) FROM {TABLES[0]}").fetchone()[0] > 0
             assert mismatches(conn) == 0
-            assert all_mismatches(conn) == SHOP_OK
+            assert all_mismatches(conn) == NO_MISMATCH
         applied = primary.execute("SELECT applied_events FROM cqrs.projections WHERE name = %s", (NAME,)).fetchone()[0]
         assert applied == outbox_count(primary)
         assert primary.execute(
@@ -48,7 +56,7 @@ def check_read_model(db: Database) -> None:
 
 def test_tutorial_sql_steps(db: Database) -> None:
     psql(db.dsn, "\n".join(block(step) for step in INSTALL["sql"]))
-    run_workload_with(db, running_daemon(db, batch_size=10, linger=0.05))
+    run_workload_with(db, running_daemon(db.dsn, batch_size=10, linger=0.05))
     check_read_model(db)
     with db.connect() as conn:
         assert conn.execute("SELECT kind FROM cqrs.projections WHERE name = %s", (NAME,)).fetchone()[0] == "sql"

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,66 +10,51 @@ from pathlib import Path
 import click
 import psycopg
 
-from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.db import connect
-from cqrs_pg.devcluster import DevCluster
-from cqrs_pg.migrate import migrate
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload, WorkloadResult
+from cqrs_pg_tools.testing import (
+    Database,
+    create_template,
+    running_daemon,
+    throwaway_cluster,
+)
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 DBNAME = "cqrs_demo"
 
 
 def run_demo(*, clients: int, seconds: float, root: Path | None, keep: bool, echo: Callable[[str], None]) -> None:
-    made_root = root is None
-    if root is None:
-        root = Path(tempfile.mkdtemp(prefix="cqrs-pg-demo-", dir="/tmp"))
-        root.chmod(0o755)  # the postgres OS user must reach it when we run as root
-    cluster = DevCluster(root / "cluster")
-    listener: Listener | None = None
-    thread: threading.Thread | None = None
-    try:
-        echo(f"1. starting a primary and a streaming replica under {root} ...")
-        cluster.up(replicas=1)
-        with connect(cluster.primary_dsn()) as conn:
-            conn.execute(f"CREATE DATABASE {DBNAME}")
-        dsn, replica_dsn = cluster.primary_dsn(DBNAME), cluster.replica_dsn(DBNAME)
-
+    with throwaway_cluster(
+        "cqrs-pg-demo-", root, keep_running=keep,
+        announce=lambda where: echo(f"1. starting a primary and a streaming replica under {where} ..."),
+    ) as throwaway:
+        cluster = throwaway.cluster
         echo("2. installing the schema (alembic upgrade head) ...")
-        migrate(dsn)
+        create_template(cluster.primary_dsn(), cluster.primary_dsn, DBNAME)
+        db = Database(DBNAME, cluster.primary_dsn(DBNAME), cluster.replica_dsn(DBNAME))
 
         echo("3. starting the daemon (cqrs-pg listen) ...")
-        listener = Listener(ListenerConfig(dsn=dsn, refresh_interval=0.5))
-        thread = threading.Thread(target=listener.run, name="cqrs-pg listen", daemon=True)
-        thread.start()
+        with running_daemon(db.dsn, refresh_interval=0.5):
+            workload = ShopWorkload(db.dsn)
+            workload.setup(customers=40, products=12, stock=5_000)
+            echo(f"4. {clients} clients issue shop commands for {seconds:g}s:")
+            result = _run_with_progress(workload, clients, seconds)
+            echo(
+                f"   {result.total} commands in {result.seconds:.1f}s ({result.total / result.seconds:,.0f}/s), "
+                f"{sum(result.refused.values())} refused by business rules (out of stock, already shipped)"
+            )
+            if result.errors:
+                echo(f"   {len(result.errors)} unexpected errors, first: {result.errors[0]}")
 
-        workload = ShopWorkload(dsn)
-        workload.setup(customers=40, products=12, stock=5_000)
-        echo(f"4. {clients} clients issue shop commands for {seconds:g}s:")
-        result = _run_with_progress(workload, clients, seconds)
-        echo(
-            f"   {result.total} commands in {result.seconds:.1f}s ({result.total / result.seconds:,.0f}/s), "
-            f"{sum(result.refused.values())} refused by business rules (out of stock, already shipped)"
-        )
-        if result.errors:
-            echo(f"   {len(result.errors)} unexpected errors, first: {result.errors[0]}")
-
-        echo("5. waiting on the replica for cqrs.caught_up(<last token>) ...")
-        waited = _wait_caught_up(replica_dsn, result.max_token)
-        echo(f"   caught up {waited * 1000:.0f} ms after the workload stopped")
-        _report(echo, dsn, replica_dsn)
-        if keep:
-            echo("\nThe cluster keeps running (--keep). To use it:")
-            echo(cluster.export_lines(DBNAME))
-            echo(f"Stop it with: cqrs-pg dev down --root {root / 'cluster'}")
-    finally:
-        if listener is not None and thread is not None:
-            listener.stop()
-            thread.join(timeout=30)
-        if not keep:
-            cluster.down()
-            if made_root:
-                shutil.rmtree(root, ignore_errors=True)
+            echo("5. waiting on the replica for cqrs.caught_up(<last token>) ...")
+            started = time.monotonic()
+            db.wait_caught_up(result.max_token, timeout=60, interval=0.005, raises=click.ClickException)
+            echo(f"   caught up {(time.monotonic() - started) * 1000:.0f} ms after the workload stopped")
+            _report(echo, db.dsn, db.replica_dsn)
+            if keep:
+                echo("\nThe cluster keeps running (--keep). To use it:")
+                echo(cluster.export_lines(DBNAME))
+                echo(f"Stop it with: cqrs-pg dev down --root {throwaway.root / 'cluster'}")
 
 
 def _run_with_progress(workload: ShopWorkload, clients: int, seconds: float) -> WorkloadResult:
@@ -105,18 +87,6 @@ def _run_with_progress(workload: ShopWorkload, clients: int, seconds: float) -> 
         result = workload.run(clients, seconds=seconds, on_progress=progress)
         bar.update(steps - shown)
     return result
-
-
-def _wait_caught_up(replica_dsn: str, token: int, timeout: float = 60.0) -> float:
-    started = time.monotonic()
-    with connect(replica_dsn, application_name="cqrs-pg demo") as conn:
-        while True:
-            row = conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()
-            if row and row[0]:
-                return time.monotonic() - started
-            if time.monotonic() - started > timeout:
-                raise click.ClickException(f"the read models did not catch up within {timeout:.0f}s")
-            time.sleep(0.005)
 
 
 def _table(echo: Callable[[str], None], conn: psycopg.Connection, title: str, query: str) -> None:

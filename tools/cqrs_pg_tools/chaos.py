@@ -7,11 +7,7 @@ Used by tests/test_chaos.py (a short run) and `cqrs-pg soak` (as long as you lik
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -19,75 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cqrs_pg.db import connect
-from cqrs_pg.devcluster import DevCluster
-from cqrs_pg.verify import all_mismatches
-from cqrs_pg.workload import ShopWorkload, WorkloadResult
-
-
-# The directory holding this package: a child `python -m cqrs_pg` runs this very code,
-# whatever its working directory or what else is installed.
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
-
-
-class DaemonProcess:
-    """`cqrs-pg listen` as a child process, restarted the way systemd would; everything it
-    writes (its log) is appended to `log`, across restarts."""
-
-    def __init__(self, dsn: str, log: Path, *args: str) -> None:
-        self.dsn = dsn
-        self.log = log
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cqrs_pg", "listen", "--dsn", self.dsn, *self.args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            )
-        self.starts += 1
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.proc is None else self.proc.pid
-
-    @property
-    def output(self) -> str:
-        """What it has written so far."""
-        return self.log.read_text() if self.log.exists() else ""
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to finish a batch or say goodbye."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def signal(self, signum: int, timeout: float = 30.0) -> int | None:
-        """Send signum and wait for the exit: its code; None if it still runs after timeout
-        (or never started)."""
-        if self.proc is None:
-            return None
-        self.proc.send_signal(signum)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, and SIGKILL if it has not exited within timeout: its exit code (None:
-        killed, or never started)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        code = self.signal(signal.SIGTERM, timeout)
-        if code is None:
-            self.kill()
-        return code
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import (
+    DaemonProcess,
+    create_template,
+    outbox_count,
+    throwaway_cluster,
+    wait_until,
+)
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 
 @dataclass
@@ -187,13 +124,13 @@ def run_chaos(
     report.daemon_starts = daemon.starts
 
     with connect(dsn) as conn:
-        report.outbox_events = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+        report.outbox_events = outbox_count(conn)
         lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
         report.applied["primary"] = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
         report.mismatches["primary"] = all_mismatches(conn)
     with connect(replica_dsn) as conn:
-        while conn.execute("SELECT pg_last_wal_replay_lsn() < %s::pg_lsn", (lsn,)).fetchone()[0]:  # type: ignore[index]
-            time.sleep(0.01)
+        wait_until(lambda: conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0],  # type: ignore[index]
+                   f"the replica to replay up to {lsn}", timeout=120, interval=0.01, raises=TimeoutError)
         report.applied["replica"] = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
         report.mismatches["replica"] = all_mismatches(conn)
     return report
@@ -225,12 +162,13 @@ def _terminate_daemon_connections(dsn: str) -> int:
 
 
 def _wait_caught_up(dsn: str, token: int, daemon: DaemonProcess, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
     with connect(dsn, application_name="cqrs-pg chaos") as conn:
-        while not conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()[0]:  # type: ignore[index]
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not caught up within {timeout:.0f}s; daemon log: {daemon.log}")
-            _supervise_until(daemon, time.monotonic() + 0.02)
+
+        def caught_up() -> bool:
+            _supervise_until(daemon, time.monotonic())  # started again if it has exited
+            return bool(conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()[0])  # type: ignore[index]
+
+        wait_until(caught_up, f"token {token} to be caught up (daemon log: {daemon.log})", timeout, raises=TimeoutError)
 
 
 def soak(
@@ -245,38 +183,23 @@ def soak(
     echo: Callable[[str], None],
 ) -> bool:
     """`cqrs-pg soak`: run_chaos on a throwaway primary + replica; True when it held."""
-    import shutil
-    import tempfile
-
-    from cqrs_pg.migrate import migrate
-
-    made_root = root is None
-    if root is None:
-        root = Path(tempfile.mkdtemp(prefix="cqrs-pg-soak-", dir="/tmp"))
-        root.chmod(0o755)  # the postgres OS user must reach it when we run as root
-    cluster = DevCluster(root / "cluster")
-    ok = False
-    try:
-        echo(f"starting a primary and a streaming replica under {root} ...")
-        cluster.up(replicas=1)
-        with connect(cluster.primary_dsn()) as conn:
-            conn.execute("CREATE DATABASE cqrs_soak")
-        migrate(cluster.primary_dsn("cqrs_soak"))
+    with throwaway_cluster(
+        "cqrs-pg-soak-", root, announce=lambda where: echo(f"starting a primary and a streaming replica under {where} ..."),
+    ) as throwaway:
+        throwaway.keep_files = True  # until the run holds: the daemon's log is in root
+        cluster = throwaway.cluster
+        create_template(cluster.primary_dsn(), cluster.primary_dsn, "cqrs_soak")
         kills = kills if kills is not None else max(10, int(seconds / 1.5))
         terminations = terminations if terminations is not None else max(3, int(seconds / 5))
         echo(f"{writers} writers for {seconds:g}s; {kills} SIGKILLs, {terminations} connection terminations"
              f"{', one primary crash' if restart_primary else ''} ...")
         report = run_chaos(
-            cluster, "cqrs_soak", root, writers=writers, seconds=seconds, kills=kills,
+            cluster, "cqrs_soak", throwaway.root, writers=writers, seconds=seconds, kills=kills,
             terminations=terminations, restart_primary=restart_primary, seed=seed, log=echo,
         )
         for line in report.lines():
             echo(line)
-        ok = report.ok
         echo("PASS: every read model equals its definition and every event was applied exactly once, "
-             "on the primary and the replica" if ok else "FAIL")
-    finally:
-        cluster.down()
-        if made_root and ok:
-            shutil.rmtree(root, ignore_errors=True)
-    return ok
+             "on the primary and the replica" if report.ok else "FAIL")
+        throwaway.keep_files = not report.ok
+    return report.ok

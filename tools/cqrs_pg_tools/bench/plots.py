@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cqrs_pg.bench._common import BenchError
+from cqrs_pg_tools.bench._common import BenchError
 
 
 def require_matplotlib() -> None:

@@ -1,6 +1,7 @@
 """What every part of `cqrs-pg bench` shares: its settings, the server it runs on (a
 throwaway primary + streaming replica, or --dsn), a migrated and seeded template database
-each part clones, the daemon as a child process, CPU accounting and the statistics."""
+each part clones, the daemon as a child process, CPU accounting and the statistics. The
+cluster, databases, drain, waits and daemon process are cqrs_pg_tools.testing's."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,10 +25,10 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cqrs_pg import __version__
-from cqrs_pg.chaos import DaemonProcess
 from cqrs_pg.db import connect, redact
-from cqrs_pg.devcluster import DevCluster, find_bindir
 from cqrs_pg.errors import CqrsPgError
+from cqrs_pg_tools import testing
+from cqrs_pg_tools.devcluster import DevCluster, find_bindir
 
 Echo = Callable[[str], None]
 
@@ -142,7 +142,7 @@ def fmt_spread(cell: dict[str, Any] | None, fmt: str = "{:,.0f}", unit: str = ""
 # -- the daemon --------------------------------------------------------------------------------
 
 
-class Daemon(DaemonProcess):
+class Daemon(testing.DaemonProcess):
     """`python -m cqrs_pg listen` from this very package (DaemonProcess), with the database
     it serves and its peak memory."""
 
@@ -278,7 +278,7 @@ class Session:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="cqrs-pg-bench-")))
     cluster: DevCluster | None = None
-    root: Path | None = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # holds the throwaway cluster
     admin_dsn: str = ""
     local_server: bool = False
     pgbench_path: str = ""
@@ -306,11 +306,10 @@ class Session:
                 )
             self.progress(f"using the server at {redact(cfg.dsn)}; databases cqrs_bench_{self.tag}_* (dropped at the end)")
         else:
-            self.root = Path(tempfile.mkdtemp(prefix="cqrs-pg-bench-", dir="/tmp"))
-            self.root.chmod(0o755)  # the postgres OS user runs the servers when we are root
-            self.cluster = DevCluster(self.root / "cluster")
-            self.progress(f"starting a throwaway primary and a streaming replica under {self.root} ...")
-            self.cluster.up(replicas=1)
+            self.cluster = self.stack.enter_context(testing.throwaway_cluster(
+                "cqrs-pg-bench-",
+                announce=lambda root: self.progress(f"starting a throwaway primary and a streaming replica under {root} ..."),
+            )).cluster
             self.admin_dsn = self.cluster.primary_dsn()
             self.local_server = True
         self.pgbench_path = self._find_pgbench()
@@ -342,48 +341,38 @@ class Session:
     def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection:
         return connect(self.dsn(dbname) if dbname else self.admin_dsn, application_name="cqrs-pg bench", **kwargs)
 
+    def database(self, dbname: str) -> testing.Database:
+        # No replica (--dsn alone): reads go to the primary, as with CQRS_PG_REPLICA_DSN unset.
+        return testing.Database(dbname, self.dsn(dbname), self.replica_dsn(dbname) or self.dsn(dbname))
+
     # -- databases -------------------------------------------------------------------------
 
     def prepare_template(self) -> None:
         """A database migrated to head, seeded with customers and products whose events
         are already projected: every part clones it."""
-        from cqrs_pg.migrate import migrate
-
         cfg = self.cfg
-        self.template = f"cqrs_bench_{self.tag}_template"
-        with self.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{self.template}"')
         self.progress(f"installing the schema and seeding {cfg.customers:,} customers and {cfg.products:,} products ...")
-        migrate(self.dsn(self.template))
+        self.template = testing.create_template(self.admin_dsn, self.dsn, f"cqrs_bench_{self.tag}_template")
+        with self.connect(self.template) as conn, conn.transaction():
+            for sql in SEED_SQL:
+                conn.execute(sql, {"customers": cfg.customers, "products": cfg.products, "stock": cfg.stock})
+        # Project the seed events here, once: every daemon then starts caught up.
+        self.database(self.template).run_projections(rounds=10_000, batch_size=5000)
         with self.connect(self.template) as conn:
-            with conn.transaction():
-                for sql in SEED_SQL:
-                    conn.execute(sql, {"customers": cfg.customers, "products": cfg.products, "stock": cfg.stock})
-            # Project the seed events here, once: every daemon then starts caught up.
-            names = [r[0] for r in conn.execute("SELECT name FROM cqrs.projections ORDER BY name")]
-            for _ in range(10_000):
-                applied = sum(
-                    conn.execute("SELECT applied FROM cqrs.run_projection(%s, 5000, '0 s')", (name,)).fetchone()[0]  # type: ignore[index]
-                    for name in names
-                )
-                if not applied:
-                    break
-            self.seed_events = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+            self.seed_events = testing.outbox_count(conn)
             conn.execute("VACUUM ANALYZE")
 
     def clone(self, suffix: str) -> str:
         """A new database cloned from the template; dropped at the end (or by drop())."""
         name = f"cqrs_bench_{self.tag}_{suffix}"
-        with self.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+        testing.clone(self.admin_dsn, self.template, name)
         self.databases.append(name)
         return name
 
     def drop(self, name: str) -> None:
         for daemon in [d for d in self.daemons if d.dbname == name]:
             self.stop_daemon(daemon)
-        with self.connect() as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        testing.drop(self.admin_dsn, name)
         if name in self.databases:
             self.databases.remove(name)
 
@@ -412,18 +401,21 @@ class Session:
             self.progress(f"   warning: a daemon exited with code {code}; see {daemon.log}")
         return code
 
-    def wait_daemon(self, conn: psycopg.Connection, daemon: Daemon, sql: str, what: str, params: Any = None) -> None:
-        """Poll sql (one row, one column, truthy when done) until it holds."""
-        deadline = time.monotonic() + self.cfg.daemon_wait
-        while True:
+    def wait_daemon(self, conn: psycopg.Connection, daemon: Daemon, sql: str, what: str, params: Any = None,
+                    timeout: float | None = None, interval: float = 0.01) -> None:
+        """Poll sql (one row, one column, truthy when done) until it holds, while the daemon
+        lives; timeout defaults to cfg.daemon_wait."""
+
+        def done() -> bool:
             row = conn.execute(sql, params).fetchone()
             if row is not None and row[0]:
-                return
+                return True
             if not daemon.alive():
                 raise BenchError(f"the daemon exited before it could {what}: see {daemon.log}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"the daemon did not {what} within {self.cfg.daemon_wait:.0f}s: see {daemon.log}")
-            time.sleep(0.01)
+            return False
+
+        testing.wait_until(done, f"the daemon to {what} (see {daemon.log})",
+                   self.cfg.daemon_wait if timeout is None else timeout, interval, raises=BenchError)
 
     def wait_asleep(self, conn: psycopg.Connection, daemon: Daemon, what: str = "fall asleep") -> None:
         self.wait_daemon(conn, daemon, "SELECT count(*) FROM cqrs.listeners WHERE sleeping", what)
@@ -454,30 +446,15 @@ class Session:
         with connect(dsn, application_name="cqrs-pg bench") as conn:
             conn.execute("VACUUM (ANALYZE)")
         with self.connect() as conn:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                row = conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
-                ).fetchone()
-                if row is None or not row[0]:
-                    break
-                time.sleep(0.1)
+            # Best effort, each wait: a run starts anyway when it times out.
+            with contextlib.suppress(TimeoutError):
+                testing.wait_until(lambda: not conn.execute(AUTOVACUUM_SQL).fetchone()[0],  # type: ignore[index]
+                                   "autovacuum to finish", 120, 0.1, raises=TimeoutError)
             with contextlib.suppress(psycopg.Error):
                 conn.execute("CHECKPOINT")
-            self.wait_replica(conn, 30)
-
-    def wait_replica(self, conn: psycopg.Connection, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                row = conn.execute(
-                    "SELECT coalesce(bool_and(replay_lsn >= pg_current_wal_lsn()), true) FROM pg_stat_replication"
-                ).fetchone()
-            except psycopg.Error:
-                return
-            if row is None or row[0]:
-                return
-            time.sleep(0.05)
+            with contextlib.suppress(TimeoutError, psycopg.Error):  # psycopg.Error: cannot tell, not a primary
+                testing.wait_until(lambda: conn.execute(REPLAYED_SQL).fetchone()[0],  # type: ignore[index]
+                                   "the replicas to replay", 30, 0.05, raises=TimeoutError)
 
     def own_cpu(self, include_daemons: bool = False) -> float | None:
         """CPU seconds used so far by the bench's servers (every postmaster with its children,
@@ -552,7 +529,7 @@ class Session:
             "pgbench": pgbench_version,
             "settings": settings,
             "replicas_streaming": replicas,
-            "server": "throwaway primary + 1 streaming replica (cqrs_pg.devcluster)" if self.cluster else "given --dsn",
+            "server": "throwaway primary + 1 streaming replica (cqrs_pg_tools.devcluster)" if self.cluster else "given --dsn",
             "load_average_at_start": list(os.getloadavg()),
         }
 
@@ -561,22 +538,20 @@ class Session:
             with contextlib.suppress(Exception):
                 daemon.stop(timeout=10)
         self.daemons.clear()
-        if self.cluster is not None:
-            try:
-                self.cluster.down()
-            finally:
-                if self.root is not None:
-                    shutil.rmtree(self.root, ignore_errors=True)
-        elif self.admin_dsn:
-            with contextlib.suppress(Exception), self.connect() as conn:
-                for name in [*self.databases, self.template]:
-                    if name:
-                        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self.stack.close()  # the throwaway cluster, if any, stopped and its root removed
+        if self.cluster is None and self.admin_dsn:
+            for name in [*self.databases, self.template]:
+                if name:
+                    with contextlib.suppress(Exception):
+                        testing.drop(self.admin_dsn, name)
         if ok or not any(self.workdir.iterdir()):
             shutil.rmtree(self.workdir, ignore_errors=True)
         else:
             self.progress(f"daemon logs and pgbench scripts kept in {self.workdir}")
 
+
+AUTOVACUUM_SQL = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'"
+REPLAYED_SQL = "SELECT coalesce(bool_and(replay_lsn >= pg_current_wal_lsn()), true) FROM pg_stat_replication"
 
 SEED_SQL = (
     "INSERT INTO shop.customers (id, email, name)"

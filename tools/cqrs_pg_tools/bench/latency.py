@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cqrs_pg.bench._common import (
+from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
     CpuWatch,

@@ -44,7 +44,8 @@ from typing import Any
 
 import psycopg
 
-from cqrs_pg.bench._common import (
+from cqrs_pg.daemon import CHANNEL
+from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
     Daemon,
@@ -55,7 +56,6 @@ from cqrs_pg.bench._common import (
     other_fraction,
     parse_pgbench,
 )
-from cqrs_pg.daemon import CHANNEL
 
 __all__ = ["VARIANTS", "RATIOS", "COMMAND_SCRIPT", "PLAIN_SCRIPT", "doorbell_variant", "run", "render", "parse_pgbench"]
 

@@ -23,8 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cqrs_pg.bench import generate
-from cqrs_pg.bench._common import (
+from cqrs_pg_tools.bench import generate
+from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
     CpuWatch,
@@ -34,7 +34,7 @@ from cqrs_pg.bench._common import (
     read_batches,
     spread,
 )
-from cqrs_pg.bench.throughput import COMMAND_SCRIPT
+from cqrs_pg_tools.bench.throughput import COMMAND_SCRIPT
 
 CHANGE_SQL = """
 UPDATE shop.orders o SET status = 'cancelled', version = o.version + 1, updated_at = now()

@@ -42,7 +42,7 @@ import psycopg
 
 from cqrs_pg.errors import CqrsPgError
 
-logger = logging.getLogger("cqrs_pg.devcluster")
+logger = logging.getLogger("cqrs_pg_tools.devcluster")
 
 __all__ = ["DevCluster", "DevClusterError", "NodeInfo", "find_bindir"]
 
@@ -58,7 +58,7 @@ _FAST_STOP_TIMEOUT = 30.0
 _MAX_SOCKET_PATH = 107 - len(".lock")
 
 _SHARED_SETTINGS = """\
-# Written by cqrs_pg.devcluster, shared by every node of the dev cluster.
+# Written by cqrs_pg_tools.devcluster, shared by every node of the dev cluster.
 wal_level = replica
 max_wal_senders = 10
 max_replication_slots = 10
@@ -438,7 +438,7 @@ class DevCluster:
 
     def _write_node_settings(self, node: dict[str, Any]) -> None:
         text = (
-            f"# Written by cqrs_pg.devcluster for node {node['name']}.\n"
+            f"# Written by cqrs_pg_tools.devcluster for node {node['name']}.\n"
             f"listen_addresses = {_conf_str(self.host)}\n"
             f"port = {int(node['port'])}\n"
             # Its own socket dir: /var/run/postgresql belongs to the system service.
@@ -450,7 +450,7 @@ class DevCluster:
 
     def _hba(self) -> str:
         lines = [
-            "# Written by cqrs_pg.devcluster: a local throwaway cluster, so trust.",
+            "# Written by cqrs_pg_tools.devcluster: a local throwaway cluster, so trust.",
             "local all         all trust",
             "local replication all trust",
         ]

@@ -28,8 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cqrs_pg.bench._common import PART_NAMES, PART_TITLES, BenchConfig, BenchError, Echo, Session
-from cqrs_pg.bench.throughput import RATIOS, VARIANTS, doorbell_variant, parse_pgbench
+from cqrs_pg_tools.bench._common import PART_NAMES, PART_TITLES, BenchConfig, BenchError, Echo, Session
+from cqrs_pg_tools.bench.throughput import RATIOS, VARIANTS, doorbell_variant, parse_pgbench
 
 __all__ = [
     "BenchConfig", "BenchError", "VARIANTS", "RATIOS", "PART_NAMES",
@@ -48,7 +48,7 @@ def _stdout(line: str) -> None:
 def _part_module(part: int) -> Any:
     import importlib
 
-    return importlib.import_module(f"cqrs_pg.bench.{PART_NAMES[part]}")
+    return importlib.import_module(f"cqrs_pg_tools.bench.{PART_NAMES[part]}")
 
 
 def run_bench(
@@ -65,7 +65,7 @@ def run_bench(
     out = echo or _stdout
     progress = progress or _stderr
     if plots_dir is not None:
-        from cqrs_pg.bench.plots import require_matplotlib
+        from cqrs_pg_tools.bench.plots import require_matplotlib
 
         require_matplotlib()  # before an hour of benchmarking, not after
     if json_path is not None and not json_path.parent.is_dir():
@@ -136,7 +136,7 @@ def run_bench(
         if json_path is not None:
             progress(f"wrote {json_path}" + ("" if ok else " (incomplete)"))
     if plots_dir is not None:
-        from cqrs_pg.bench.plots import write_plots
+        from cqrs_pg_tools.bench.plots import write_plots
 
         for path in write_plots(report, plots_dir):
             progress(f"wrote {path}")

@@ -32,9 +32,9 @@ from typing import Any
 
 import psycopg
 
-from cqrs_pg.bench import generate
-from cqrs_pg.bench._common import OTHER_CPU_WARNING, BenchError, Session, fmt_spread, ratio, spread
-from cqrs_pg.bench.throughput import COMMAND_SCRIPT
+from cqrs_pg_tools.bench import generate
+from cqrs_pg_tools.bench._common import OTHER_CPU_WARNING, BenchError, Session, fmt_spread, ratio, spread
+from cqrs_pg_tools.bench.throughput import COMMAND_SCRIPT
 
 HISTORY_CHUNK = 1_000_000
 # A figure counts as flat when the large outbox's median is at most this much above the small one's.
@@ -54,8 +54,8 @@ SELECT (ARRAY['order.created', 'order_line.created', 'order_line.created', 'prod
        md5('history-' || i / 5)::uuid, 1 + i %% 5 / 4, %(payload)s::jsonb, '{"command": "history"}'::jsonb
   FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) i"""
 
-NEXT_BATCH_SQL = "SELECT b.end_position, b.n FROM cqrs._next_batch(%s, '{}', %s, %s) b"
-IDLE_POLL_SQL = "SELECT b.n FROM cqrs._read_limit() l, cqrs._next_batch(%s, '{}', l.final_position, %s) b"
+NEXT_BATCH_SQL = "SELECT b.end_position, b.n FROM cqrs._next_batch(%s, %s, %s) b"
+IDLE_POLL_SQL = "SELECT b.n FROM cqrs._read_limit() l, cqrs._next_batch(%s, l.final_position, %s) b"
 BATCH_READ_SQL = "SELECT count(*), sum(pg_column_size(e.payload)) FROM cqrs.batch(%s, %s) e"
 APPLY_SQL = "SELECT applied FROM cqrs.run_projection('order_summary', %s, '0 s')"
 AUTO_EXPLAIN = (
@@ -149,7 +149,7 @@ class _Growth:
             # Already projected: every checkpoint at the end of the history.
             o.checkpoint = _end(conn)
             conn.execute(
-                "UPDATE cqrs.projections SET last_position = %s, ahead = '{}',"
+                "UPDATE cqrs.projections SET last_position = %s,"
                 " horizon = (SELECT coalesce(max(o.tx_id), '0') FROM cqrs.outbox o)",
                 (o.checkpoint,),
             )
@@ -243,7 +243,7 @@ class _Growth:
         return out
 
     def _command(self, rnd: int, o: Outbox, script: Any) -> Run:
-        from cqrs_pg.bench._common import CpuWatch
+        from cqrs_pg_tools.bench._common import CpuWatch
 
         watch = CpuWatch(self.s)
         result = self.s.pgbench(self.s.dsn(o.dbname), script, 1, self.cfg.growth_seconds)

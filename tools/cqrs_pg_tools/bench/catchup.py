@@ -16,7 +16,7 @@ each in a database of its own. Then, in interleaved rounds, each backlog is
   into a plain table (aggregate_id primary key), one transaction per batch, no checkpoint.
 
 After the first drain of each backlog, every read model is compared with its definition
-recomputed from the write model (cqrs_pg.verify), and each projection must have applied
+recomputed from the write model (cqrs_pg_tools.verify), and each projection must have applied
 every event exactly once.
 """
 
@@ -30,8 +30,9 @@ from typing import Any
 
 import psycopg
 
-from cqrs_pg.bench import generate
-from cqrs_pg.bench._common import (
+from cqrs_pg.daemon import CHANNEL
+from cqrs_pg_tools.bench import generate
+from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
     CpuWatch,
@@ -42,8 +43,7 @@ from cqrs_pg.bench._common import (
     read_batches,
     spread,
 )
-from cqrs_pg.daemon import CHANNEL
-from cqrs_pg.verify import all_mismatches
+from cqrs_pg_tools.verify import all_mismatches
 
 # Orders per generated transaction: ~2,700 events each.
 PER_CHUNK = 500
@@ -181,7 +181,7 @@ class _Catchup:
                 conn.execute(f"TRUNCATE {', '.join(tables)}")
             # At the end first: the daemon starts with nothing to do and falls asleep.
             conn.execute(
-                "UPDATE cqrs.projections SET last_position = %s, ahead = '{}', applied_events = 0,"
+                "UPDATE cqrs.projections SET last_position = %s, applied_events = 0,"
                 " horizon = '0', refreshed_at = NULL",
                 (b.end_position,),
             )
@@ -196,22 +196,15 @@ class _Catchup:
                 daemon_cpu = DaemonCpu(self.s, conn, daemon)
                 watch = CpuWatch(self.s)
                 with conn.transaction():
-                    conn.execute("UPDATE cqrs.projections SET last_position = 0, ahead = '{}', applied_events = 0,"
+                    conn.execute("UPDATE cqrs.projections SET last_position = 0, applied_events = 0,"
                                  " horizon = '0', refreshed_at = NULL")
                     conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
                 wall0, t0 = time.time(), time.monotonic()
-                deadline = t0 + cfg.daemon_wait + b.events / 1000
-                while True:
-                    row = conn.execute(
-                        "SELECT bool_and(last_position >= %s) FROM cqrs.projections", (b.end_position,)
-                    ).fetchone()
-                    if row is not None and row[0]:
-                        break
-                    if not daemon.alive():
-                        raise BenchError(f"the daemon exited while catching up: see {daemon.log}")
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"the daemon did not catch up with {b.events:,} events in time: see {daemon.log}")
-                    time.sleep(0.005)
+                self.s.wait_daemon(
+                    conn, daemon, "SELECT bool_and(last_position >= %s) FROM cqrs.projections",
+                    f"catch up with {b.events:,} events", (b.end_position,),
+                    timeout=cfg.daemon_wait + b.events / 1000, interval=0.005,
+                )
                 seconds = time.monotonic() - t0
                 cpu = watch.result()
                 rss = daemon.peak_rss_mb()

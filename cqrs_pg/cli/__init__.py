@@ -1,0 +1,271 @@
+"""The `cqrs-pg` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+import click
+
+from cqrs_pg import __version__
+from cqrs_pg.db import DSN_ENV, REPLICA_DSN_ENV, require_dsn
+from cqrs_pg.errors import CqrsPgError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def connection_options(func: F) -> F:
+    """--dsn and --replica-dsn, overriding CQRS_PG_DSN and CQRS_PG_REPLICA_DSN."""
+    func = click.option(
+        "--replica-dsn",
+        envvar=REPLICA_DSN_ENV,
+        metavar="DSN",
+        help=f"Where reads go; several hosts allowed [env {REPLICA_DSN_ENV}; unset: the primary].",
+    )(func)
+    func = click.option(
+        "--dsn", envvar=DSN_ENV, metavar="DSN", help=f"The primary: a libpq conninfo or URI [env {DSN_ENV}]."
+    )(func)
+    return func
+
+
+# The development tools' commands (the cqrs-pg-tools package, from a checkout: tools/),
+# listed once it is installed; named here so that without it they say where they are.
+TOOLS = {
+    "dev": "a local primary and streaming replicas",
+    "demo": "the first run, on a throwaway primary and replica",
+    "soak": "a long chaos run",
+    "bench": "the benchmarks",
+}
+TOOLS_HINT = "python3 -m pip install -e tools   (from a checkout of cqrs_pg)"
+
+
+class Group(click.Group):
+    """Turns operational errors into one line and exit code 1, never a traceback; adds the
+    development tools' commands when they are installed."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CqrsPgError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    def _tools(self) -> dict[str, Any]:
+        return {ep.name: ep for ep in entry_points(group="cqrs_pg.commands")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self._tools()})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        tool = self._tools().get(cmd_name)
+        if tool is not None:
+            loaded: click.Command = tool.load()
+            return loaded
+        if cmd_name in TOOLS:
+            return _missing_tool(cmd_name)
+        return None
+
+
+def _missing_tool(name: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                   help=f"{TOOLS[name].capitalize()}: a development tool, not installed ({TOOLS_HINT}).")
+    def missing() -> None:
+        raise click.ClickException(f"cqrs-pg {name} is a development tool, not installed: {TOOLS_HINT}")
+
+    return missing
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cqrs-pg")
+def main() -> None:
+    """CQRS built from PostgreSQL itself.
+
+    Commands are SQL functions; triggers append their events to cqrs.outbox; `cqrs-pg
+    listen` keeps the read models up to date; reads go to a streaming replica, with
+    cqrs.caught_up(token) for read-your-writes. `cqrs-pg migrate` installs the engine
+    (--example shop: the example domain too).
+    """
+
+
+@main.command()
+@connection_options
+@click.option("--to", "to", default="head", show_default=True, metavar="REV",
+              help="Target revision: head, a revision, or base (removes everything the engine and the example created).")
+@click.option("--example", type=click.Choice(["shop"]), help="Also install (or upgrade) this example domain.")
+def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | None) -> None:
+    """Install or upgrade the engine (schema cqrs and its roles), and with --example shop
+    the example domain too.
+
+    The same as `alembic upgrade cqrs@head` (with --example: `alembic upgrade heads`) with
+    CQRS_PG_DSN set. A plain migrate leaves an installed example as it is. Runs on the
+    primary only.
+    """
+    from cqrs_pg.migrate import describe
+    from cqrs_pg.migrate import migrate as run_migrate
+
+    before, after = run_migrate(require_dsn(dsn), to, example)
+    if before == after:
+        click.echo(f"already at {describe(after)}")
+    else:
+        click.echo(f"migrated {describe(before)} -> {describe(after)}")
+
+
+@main.command()
+@connection_options
+@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
+@click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds between polls when no NOTIFY arrives.")
+@click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
+@click.option(
+    "--refresh-budget",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
+    help="At most this share of the time refreshing one materialized view: after a refresh that took "
+    "t seconds the next waits at least t/FRACTION (a refresh recomputes the whole view).",
+)
+@click.option(
+    "--batch-delay",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="While events keep coming, start a round of batches at most once per this many seconds: "
+    "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
+    "0: every event as soon as it can, at more CPU.",
+)
+@click.option(
+    "--apply-budget",
+    default=0.25,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    metavar="FRACTION",
+    help="While events keep coming, rounds of batches take at most this share of the time: after a round "
+    "whose batches took t seconds of work (commits left out) the next starts t/FRACTION after it (at most "
+    "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
+    "under load grows instead. 1: off.",
+)
+@click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
+@click.option(
+    "--stall-warning",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    metavar="SECONDS",
+    help="Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
+)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).")
+@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers python projection handlers (repeatable).")
+def listen(
+    dsn: str | None,
+    replica_dsn: str | None,
+    batch_size: int,
+    poll_interval: float,
+    refresh_interval: float,
+    refresh_budget: float,
+    batch_delay: float,
+    apply_budget: float,
+    projections: tuple[str, ...],
+    log_level: str,
+    log_format: str,
+    stall_warning: float,
+    metrics_port: int | None,
+    imports: tuple[str, ...],
+) -> None:
+    """Run the projection daemon until SIGTERM or SIGINT.
+
+    Woken by LISTEN/NOTIFY, polling as a fallback. Opens one connection to listen and
+    one per projection, and runs the projections in parallel. On SIGTERM/SIGINT it
+    finishes the batch in hand and exits 0. Safe to kill at any moment: each batch
+    commits together with its checkpoint.
+    """
+    from cqrs_pg.daemon import Listener, ListenerConfig
+    from cqrs_pg.logs import setup_logging
+    from cqrs_pg.projections import import_modules
+
+    setup_logging(log_level, log_format)
+    import_modules(imports)
+    listener = Listener(
+        ListenerConfig(
+            dsn=require_dsn(dsn),
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            refresh_interval=refresh_interval,
+            refresh_budget=refresh_budget,
+            batch_delay=batch_delay,
+            apply_budget=apply_budget,
+            projections=list(projections) or None,
+            stall_warning=stall_warning,
+            metrics_port=metrics_port,
+        )
+    )
+
+    def _stop(signum: int, _frame: object) -> None:
+        logging.getLogger("cqrs_pg.daemon").info("received %s: finishing", signal.Signals(signum).name)
+        listener.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    listener.run()
+
+
+@main.command()
+@connection_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (fields: docs/production.md).")
+@click.option("--max-events-behind", type=click.IntRange(0), metavar="N", help="Unhealthy when a projection has more than N events not yet applied.")
+@click.option("--max-seconds-behind", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a projection's oldest unapplied event is older than this.")
+@click.option("--max-replica-lag", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a replica's replay lags more than this.")
+@click.option("--max-replica-lag-bytes", type=click.IntRange(0), metavar="BYTES", help="Unhealthy when a replica's replay lags more WAL than this.")
+def status(
+    dsn: str | None,
+    replica_dsn: str | None,
+    as_json: bool,
+    max_events_behind: int | None,
+    max_seconds_behind: float | None,
+    max_replica_lag: float | None,
+    max_replica_lag_bytes: int | None,
+) -> None:
+    """Show each projection's progress, replica lag and what holds the fence back.
+
+    Exit code: 0 healthy; 3 unhealthy (a threshold given is passed, or a replica of
+    --replica-dsn is unreachable or not a standby); 1 status could not be read. So it
+    serves as a liveness/readiness probe.
+    """
+    from cqrs_pg.status import UNHEALTHY, Thresholds, collect, render
+
+    thresholds = Thresholds(max_events_behind, max_seconds_behind, max_replica_lag, max_replica_lag_bytes)
+    report = collect(require_dsn(dsn), replica_dsn, thresholds)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    if not report["healthy"]:
+        raise SystemExit(UNHEALTHY)
+
+
+@main.command()
+@connection_options
+@click.argument("projection")
+@click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
+@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers the python projection's handler (repeatable), as for listen.")
+def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...]) -> None:
+    """Rebuild one read model from the whole event log, without downtime.
+
+    The new tables are built in a shadow schema while the daemon keeps the live ones
+    current and readers keep reading them; then, in one transaction, the shadow catches
+    up with every event and replaces the live tables. Readers on the primary and the
+    replicas see the old read model until that commit and the new one after. A python
+    projection is rebuilt by its handler (give its module with --import, as to listen);
+    a materialized view (product_sales) by a refresh. Run it as the role that ran the
+    migrations.
+    """
+    from cqrs_pg.projections import import_modules
+    from cqrs_pg.rebuild import rebuild as run_rebuild
+
+    import_modules(imports)
+    run_rebuild(require_dsn(dsn), projection, batch_size, click.echo)
