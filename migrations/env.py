@@ -43,5 +43,5 @@ def run_migrations_online() -> None:
 
 
 if context.is_offline_mode():
-    raise SystemExit("offline (--sql) mode is not supported: the migrations run frozen SQL files")
+    raise SystemExit("offline (--sql) mode is not supported: the migrations run SQL files through the driver")
 run_migrations_online()

@@ -27,6 +27,15 @@ CREATE TYPE cqrs.receipt AS (
     duplicate    boolean
 );
 
+-- sql/cqrs/types/claim.sql
+-- What cqrs._claim_command returns: the first receipt if the command already ran
+-- (duplicate = true), or the CQ005 message if its id was used for something else; both
+-- NULL when the caller should go on.
+CREATE TYPE cqrs.claim AS (
+    receipt  cqrs.receipt,
+    conflict text
+);
+
 -- sql/cqrs/tables/outbox.sql
 -- The append-only event log, written only by the capture triggers (cqrs.capture_changes) in the command's transaction.
 -- position is taken at insert, under the row locks of the writing transaction: it follows
@@ -339,23 +348,24 @@ END
 $$;
 
 -- sql/cqrs/functions/_claim_command.sql
--- cqrs._begin_command without raising CQ005: `receipt` is the first receipt (duplicate =
--- true) if the same command with the same arguments already ran, NULL if the caller
--- should go on; `conflict` is the CQ005 message if the id was used for something else.
+-- cqrs._begin_command without raising CQ005 (cqrs.claim): `receipt` is the first receipt
+-- (duplicate = true) if the same command with the same arguments already ran, NULL if the
+-- caller should go on; `conflict` is the CQ005 message if the id was used for something else.
 -- For commands that raise their own errors, so that the CONTEXT of a refusal names only
 -- the command. command_id must not be null (check it with cqrs._id_problem first).
 -- The receipt itself is written once, by cqrs._finish_command: until then an advisory
 -- lock on the id makes a concurrent twin wait here, and when the first commits the twin's
 -- next statement (a new snapshot, in READ COMMITTED) sees its receipt. If the first
 -- aborts, the twin runs the command.
-CREATE OR REPLACE FUNCTION cqrs._claim_command(command_id uuid, command text, arguments jsonb,
-                                                OUT receipt cqrs.receipt, OUT conflict text)
+CREATE OR REPLACE FUNCTION cqrs._claim_command(command_id uuid, command text, arguments jsonb)
+RETURNS cqrs.claim
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_variable
 DECLARE
     prior cqrs.commands;
+    claim cqrs.claim;
 BEGIN
     IF command_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = cqrs._id_problem('command_id', command_id);
@@ -368,12 +378,13 @@ BEGIN
         PERFORM set_config('cqrs.command', command, true);
         PERFORM set_config('cqrs.arguments', arguments::text, true);
     ELSIF prior.command <> command OR prior.arguments <> arguments THEN
-        conflict := format('command_id %s was already used for %s(%s), not for %s(%s)',
-                           command_id, prior.command, left(prior.arguments::text, 200),
-                           command, left(arguments::text, 200));
+        claim.conflict := format('command_id %s was already used for %s(%s), not for %s(%s)',
+                                 command_id, prior.command, left(prior.arguments::text, 200),
+                                 command, left(arguments::text, 200));
     ELSE
-        receipt := ROW(prior.command_id, prior.aggregate_id, prior.version, prior.token, true)::cqrs.receipt;
+        claim.receipt := ROW(prior.command_id, prior.aggregate_id, prior.version, prior.token, true)::cqrs.receipt;
     END IF;
+    RETURN claim;
 END
 $$;
 
@@ -388,7 +399,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF command_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = cqrs._id_problem('command_id', command_id);
@@ -472,7 +483,8 @@ $$;
 -- command's id and name). The generated INSERT is static SQL, planned once per session;
 -- a generic function running it through EXECUTE re-planned it on every statement
 -- (measured: a sixth of a place_order). Calling it again for a table replaces both.
--- The triggers' arguments record this call's arguments (used by migration 0002).
+-- The triggers' arguments record this call's arguments, so that a migration can regenerate
+-- every capture function from the triggers alone.
 CREATE OR REPLACE FUNCTION cqrs.capture_changes(
     tbl regclass,
     aggregate_type text,

@@ -2,6 +2,15 @@
 -- The example domain's write model: normalized tables, private to the command functions.
 CREATE SCHEMA shop;
 
+-- sql/shop/types/closing.sql
+-- What shop._close_order returns: the receipt, or a refusal (errcode, problem) for the
+-- command to raise.
+CREATE TYPE shop.closing AS (
+    receipt cqrs.receipt,
+    errcode text,
+    problem text
+);
+
 -- sql/shop/tables/customers.sql
 CREATE TABLE shop.customers (
     id         uuid PRIMARY KEY,
@@ -167,33 +176,34 @@ $$;
 -- cancel_order and ship_order, which differ only in the status they set. A refusal is
 -- returned (`errcode`, `problem`), before anything is written, for the command to raise.
 CREATE OR REPLACE FUNCTION shop._close_order(command text, command_id uuid, order_id uuid, expected_version integer,
-                                             new_status text, OUT receipt cqrs.receipt, OUT errcode text,
-                                             OUT problem text)
+                                             new_status text)
+RETURNS shop.closing
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_status text;
     v_version integer;
-    claim record;
+    claim cqrs.claim;
+    result shop.closing;
 BEGIN
-    problem := coalesce(cqrs._id_problem('order_id', order_id),
-                        CASE WHEN expected_version IS NOT NULL  -- versions start at 1
-                             THEN cqrs._range_problem('expected_version', expected_version, 1) END,
-                        cqrs._id_problem('command_id', command_id));
-    IF problem IS NOT NULL THEN
-        errcode := 'CQ001';
-        RETURN;
+    result.problem := coalesce(cqrs._id_problem('order_id', order_id),
+                               CASE WHEN expected_version IS NOT NULL  -- versions start at 1
+                                    THEN cqrs._range_problem('expected_version', expected_version, 1) END,
+                               cqrs._id_problem('command_id', command_id));
+    IF result.problem IS NOT NULL THEN
+        result.errcode := 'CQ001';
+        RETURN result;
     END IF;
     claim := cqrs._claim_command(command_id, command,
                                  jsonb_build_object('order_id', order_id, 'expected_version', expected_version));
     IF claim.conflict IS NOT NULL THEN
-        errcode := 'CQ005';
-        problem := claim.conflict;
-        RETURN;
+        result.errcode := 'CQ005';
+        result.problem := claim.conflict;
+        RETURN result;
     ELSIF (claim.receipt).duplicate THEN
-        receipt := claim.receipt;
-        RETURN;
+        result.receipt := claim.receipt;
+        RETURN result;
     END IF;
 
     SELECT o.status, o.version INTO v_status, v_version
@@ -201,19 +211,19 @@ BEGIN
      WHERE o.id = _close_order.order_id
        FOR NO KEY UPDATE;
     IF NOT FOUND THEN
-        errcode := 'CQ002';
-        problem := format('order %s does not exist', order_id);
-        RETURN;
+        result.errcode := 'CQ002';
+        result.problem := format('order %s does not exist', order_id);
+        RETURN result;
     END IF;
-    problem := cqrs._version_problem('order', order_id, expected_version, v_version);
-    IF problem IS NOT NULL THEN
-        errcode := 'CQ004';
-        RETURN;
+    result.problem := cqrs._version_problem('order', order_id, expected_version, v_version);
+    IF result.problem IS NOT NULL THEN
+        result.errcode := 'CQ004';
+        RETURN result;
     END IF;
     IF v_status <> 'placed' THEN
-        errcode := 'CQ003';
-        problem := format('order %s is %s: only a placed order can be %s', order_id, v_status, new_status);
-        RETURN;
+        result.errcode := 'CQ003';
+        result.problem := format('order %s is %s: only a placed order can be %s', order_id, v_status, new_status);
+        RETURN result;
     END IF;
 
     IF new_status = 'cancelled' THEN
@@ -233,7 +243,8 @@ BEGIN
        SET status = new_status, updated_at = now(), version = o.version + 1
      WHERE o.id = _close_order.order_id
     RETURNING o.version INTO v_version;
-    receipt := cqrs._finish_command(command_id, order_id, v_version);
+    result.receipt := cqrs._finish_command(command_id, order_id, v_version);
+    RETURN result;
 END
 $$;
 
@@ -252,7 +263,7 @@ DECLARE
     v_email text := shop._normalize_email(email);
     v_name text := cqrs._trim(name);
     v_id uuid := gen_random_uuid();
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -291,7 +302,7 @@ DECLARE
                              cqrs._id_problem('command_id', command_id));
     v_name text := cqrs._trim(name);
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -343,7 +354,7 @@ DECLARE
     v_sku text := cqrs._trim(sku);
     v_name text := cqrs._trim(name);
     v_id uuid := gen_random_uuid();
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -383,7 +394,7 @@ DECLARE
     v_id uuid;
     v_stock integer;
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -431,7 +442,7 @@ DECLARE
     v_sku text := cqrs._trim(sku);
     v_id uuid;
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -472,7 +483,7 @@ DECLARE
     missing text;
     short record;
     total numeric;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
@@ -549,7 +560,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    closed record := shop._close_order('cancel_order', command_id, order_id, expected_version, 'cancelled');
+    closed shop.closing := shop._close_order('cancel_order', command_id, order_id, expected_version, 'cancelled');
 BEGIN
     IF closed.problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = closed.errcode, MESSAGE = closed.problem;
@@ -567,7 +578,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    closed record := shop._close_order('ship_order', command_id, order_id, expected_version, 'shipped');
+    closed shop.closing := shop._close_order('ship_order', command_id, order_id, expected_version, 'shipped');
 BEGIN
     IF closed.problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = closed.errcode, MESSAGE = closed.problem;

@@ -8,7 +8,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF command_id IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = cqrs._id_problem('command_id', command_id);

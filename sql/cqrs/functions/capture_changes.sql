@@ -6,7 +6,8 @@
 -- command's id and name). The generated INSERT is static SQL, planned once per session;
 -- a generic function running it through EXECUTE re-planned it on every statement
 -- (measured: a sixth of a place_order). Calling it again for a table replaces both.
--- The triggers' arguments record this call's arguments (used by migration 0002).
+-- The triggers' arguments record this call's arguments, so that a migration can regenerate
+-- every capture function from the triggers alone.
 CREATE OR REPLACE FUNCTION cqrs.capture_changes(
     tbl regclass,
     aggregate_type text,

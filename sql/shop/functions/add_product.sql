@@ -14,7 +14,7 @@ DECLARE
     v_sku text := cqrs._trim(sku);
     v_name text := cqrs._trim(name);
     v_id uuid := gen_random_uuid();
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;

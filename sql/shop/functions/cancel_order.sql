@@ -6,7 +6,7 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    closed record := shop._close_order('cancel_order', command_id, order_id, expected_version, 'cancelled');
+    closed shop.closing := shop._close_order('cancel_order', command_id, order_id, expected_version, 'cancelled');
 BEGIN
     IF closed.problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = closed.errcode, MESSAGE = closed.problem;

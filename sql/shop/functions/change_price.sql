@@ -12,7 +12,7 @@ DECLARE
     v_sku text := cqrs._trim(sku);
     v_id uuid;
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;

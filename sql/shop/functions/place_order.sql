@@ -14,7 +14,7 @@ DECLARE
     missing text;
     short record;
     total numeric;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;

@@ -12,7 +12,7 @@ DECLARE
     v_email text := shop._normalize_email(email);
     v_name text := cqrs._trim(name);
     v_id uuid := gen_random_uuid();
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;

@@ -13,7 +13,7 @@ DECLARE
                              cqrs._id_problem('command_id', command_id));
     v_name text := cqrs._trim(name);
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;

@@ -13,7 +13,7 @@ DECLARE
     v_id uuid;
     v_stock integer;
     v_version integer;
-    claim record;
+    claim cqrs.claim;
 BEGIN
     IF problem IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'CQ001', MESSAGE = problem;
