@@ -91,7 +91,7 @@ def _statement(sig: _Signature, command_id: uuid.UUID, args: tuple[Any, ...], kw
         raise TypeError(f"{sig.schema}.{sig.name} takes {len(sig.types) - 1} arguments after command_id, "
                         f"got {len(args)}")
     parts = [sql.SQL("%s::{}").format(sql.SQL(t)) for t in sig.types[: len(args) + 1]]
-    params = [command_id, *(_adapt(v, t) for v, t in zip(args, sig.types[1:]))]
+    params = [command_id, *(_adapt(v, t) for v, t in zip(args, sig.types[1:], strict=False))]  # the rest: by name or default
     for key, value in kwargs.items():
         if key not in sig.names[len(args) + 1:]:
             raise TypeError(f"{sig.schema}.{sig.name} has no argument {key!r} (after the positional ones)")

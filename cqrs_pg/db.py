@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import psycopg
+from psycopg.abc import Params
 
 from cqrs_pg.errors import ConfigError, DatabaseUnavailable, NotMigrated
 
@@ -30,7 +32,7 @@ def redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
-def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-pg", **kwargs: object) -> psycopg.Connection:
+def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-pg", **kwargs: Any) -> psycopg.Connection:
     """psycopg.connect, with an unreachable server reported in one line."""
     try:
         return psycopg.connect(
@@ -49,3 +51,10 @@ def require_migrated(conn: psycopg.Connection) -> None:
     if not row or not row[0]:
         db = conn.info.dbname
         raise NotMigrated(f"database {db!r} has no cqrs_pg schema: run `cqrs-pg migrate` (or `alembic upgrade cqrs@head`) first")
+
+
+def scalar(conn: psycopg.Connection, query: str, params: Params | None = None) -> Any:
+    """The first column of a query that always returns one row (count(*), a function call)."""
+    row = conn.execute(query, params).fetchone()
+    assert row is not None, "the query returned no row"
+    return row[0]

@@ -18,16 +18,17 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from cqrs_pg.db import connect, require_migrated
+from cqrs_pg.db import connect, require_migrated, scalar
 from cqrs_pg.errors import CqrsPgError
 from cqrs_pg.projections import Handler, handler_for, run_batch
+
 
 def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], None]) -> int:
     """Rebuild one projection; returns the number of events it was built from. A python
     projection's handler must be registered in this process (cqrs_pg.projections)."""
     with connect(dsn, application_name="cqrs-pg rebuild") as conn:
         require_migrated(conn)
-        kinds = dict(conn.execute("SELECT name, kind FROM cqrs.projections").fetchall())
+        kinds: dict[str, str] = dict(conn.execute("SELECT name, kind FROM cqrs.projections").fetchall())
         if projection not in kinds:
             raise CqrsPgError(f"no projection named {projection!r}: choose one of {', '.join(sorted(kinds))}")
         handler = None
@@ -52,15 +53,17 @@ def _rebuild_from_log(
     conn: psycopg.Connection, projection: str, handler: Handler | None, batch_size: int, echo: Callable[[str], None]
 ) -> int:
     started = time.monotonic()
-    total = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+    total = scalar(conn, "SELECT count(*) FROM cqrs.outbox")
     conn.execute("SELECT cqrs.rebuild_begin(%s)", (projection,))
     echo(f"rebuilding {projection} from {total} events in a shadow schema; readers keep the old one")
     done, next_report = 0, started + 1.0
     while True:
         if handler is None:
-            applied, more = conn.execute(
+            row = conn.execute(
                 "SELECT applied, more FROM cqrs.rebuild_step(%s, %s)", (projection, batch_size)
-            ).fetchone()  # type: ignore[misc]
+            ).fetchone()
+            assert row is not None
+            applied, more = row
         else:
             batch = run_batch(conn, projection, handler, batch_size, rebuild=True)
             applied, more = batch.applied, batch.more
@@ -89,7 +92,7 @@ def _finish(conn: psycopg.Connection, projection: str, handler: Handler | None, 
 
 
 def _refresh(conn: psycopg.Connection, projection: str, echo: Callable[[str], None]) -> int:
-    matview = conn.execute("SELECT matview::text FROM cqrs.projections WHERE name = %s", (projection,)).fetchone()[0]  # type: ignore[index]
+    matview = scalar(conn, "SELECT matview::text FROM cqrs.projections WHERE name = %s", (projection,))
     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.SQL(matview)))
     echo(f"refreshed {matview} (a materialized view is rebuilt by a refresh)")
     return 0

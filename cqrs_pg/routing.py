@@ -86,10 +86,10 @@ def replica_hosts(dsn: str, target_session_attrs: str | None = "standby") -> lis
     Raises ConfigError for a DSN libpq cannot parse or whose host/port lists disagree.
     """
     try:
-        params = conninfo_to_dict(dsn)
+        parsed = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"invalid replica DSN {redact(dsn)!r}: {exc}") from exc
-    params = {k: str(v) for k, v in params.items() if v is not None}
+    params = {k: str(v) for k, v in parsed.items() if v is not None}
     params.pop("load_balance_hosts", None)
     if target_session_attrs and "target_session_attrs" not in params:
         params["target_session_attrs"] = target_session_attrs
@@ -199,9 +199,10 @@ class Router:
                     f"libpq {psycopg.pq.version()}: install psycopg[binary] or a newer libpq"
                 )
             timeout = str(max(2, round(connect_timeout)))  # libpq takes whole seconds, at least 2
-            for host in replica_hosts(replica_dsn):
-                if "connect_timeout" not in conninfo_to_dict(host.conninfo):
-                    host = ReplicaHost(host.label, make_conninfo(host.conninfo, connect_timeout=timeout))
+            for given in replica_hosts(replica_dsn):
+                host = given
+                if "connect_timeout" not in conninfo_to_dict(given.conninfo):
+                    host = ReplicaHost(given.label, make_conninfo(given.conninfo, connect_timeout=timeout))
                 self._replicas.append(_Replica(host))
         self._lock = threading.Lock()
         self._turn = itertools.count()

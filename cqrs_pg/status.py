@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from cqrs_pg.db import connect, require_migrated
+from cqrs_pg.db import connect, require_migrated, scalar
 from cqrs_pg.routing import replica_hosts
 
 # Exit code of `cqrs-pg status` when a threshold is passed or a replica is not usable
@@ -62,7 +62,7 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             "      ELSE extract(epoch FROM replay_lag) END::float AS replay_lag_seconds"
             " FROM pg_stat_replication ORDER BY application_name, client_addr",
         )
-        primary_lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]  # type: ignore[index]
+        primary_lsn = scalar(conn, "SELECT pg_current_wal_lsn()::text")
     hosts = replica_hosts(replica_dsn, target_session_attrs=None) if replica_dsn else []
     replicas = [_replica(host.label, host.conninfo, primary_lsn) for host in hosts]
     report: dict[str, Any] = {

@@ -14,13 +14,12 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from cqrs_pg_tools.bench import RATIOS, VARIANTS, doorbell_variant, render
-from cqrs_pg_tools.bench._common import BenchConfig, percentile, spread
-from cqrs_pg_tools.testing import Database
 from psycopg.conninfo import make_conninfo
 
 from cqrs_pg.cli import main
-from tests.conftest import REPO
+from cqrs_pg_tools.bench import RATIOS, VARIANTS, doorbell_variant, render
+from cqrs_pg_tools.bench._common import BenchConfig, percentile, spread
+from cqrs_pg_tools.testing import REPO, Database
 
 EVENTS_PER_ORDER = 5  # 2 product updates, 1 order, 2 order lines
 PROJECTIONS = {"order_summary", "customer_stats", "product_sales"}
@@ -59,7 +58,7 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["server_version"]
     assert report["machine"]["replicas_streaming"] == 1
-    # The targets, each with its value and verdict (whatever it is on this machine).
+    # The bench's targets, each with its value and verdict (whatever it is on this machine).
     assert {t["part"] for t in report["targets"]} == {1, 2, 3, 5}
     for t in report["targets"]:
         assert t["met"] in (True, False), t
@@ -174,7 +173,7 @@ def test_quick_catchup(quick: dict[str, Any]) -> None:
         assert {"customer.created", "customer.updated", "product.updated", "order.created",
                 "order.updated", "order_line.created"} <= set(backlog["event_types"])
         # The real daemon drained it into every read model, each event exactly once.
-        assert backlog["verified"] == {name: 0 for name in PROJECTIONS}
+        assert backlog["verified"] == dict.fromkeys(PROJECTIONS, 0)
         assert backlog["applied_exactly_once"] is True
         assert set(size["per_projection"]) == PROJECTIONS
         assert size["daemon_events_per_second"]["median"] > 0
@@ -183,7 +182,7 @@ def test_quick_catchup(quick: dict[str, Any]) -> None:
         assert size["peak_rss_mb"]["median"] > 0
     for run in part["runs"]:
         if run["kind"] == "daemon":
-            assert run["applied"] == {name: run["backlog"] for name in PROJECTIONS}, run
+            assert run["applied"] == dict.fromkeys(PROJECTIONS, run["backlog"]), run
             assert sum(c["events"] for c in run["per_projection"].values()) == 3 * run["backlog"], run
         else:
             assert run["batches"] >= 1 and run["rows_written"] > 0, run

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+
 from cqrs_pg_tools.chaos import run_chaos
 from cqrs_pg_tools.devcluster import DevCluster
 from cqrs_pg_tools.testing import Database, make_root

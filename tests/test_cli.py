@@ -20,30 +20,28 @@ import click
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from cqrs_pg_tools.devcluster import DevCluster
-from cqrs_pg_tools.testing import (
-    Database,
-    make_root,
-    outbox_count,
-    wait_until,
-)
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 from psycopg.types.json import Jsonb
 
 from cqrs_pg import __version__
 from cqrs_pg.cli import main
 from cqrs_pg.migrate import head_revisions
-from tests.conftest import (
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import (
     NO_MISMATCH,
     PROJECTIONS,
     UNREACHABLE,
     Daemon,
+    Database,
     applied_counts,
     assert_one_line_error,
     cli,
+    make_root,
+    outbox_count,
     scalar,
+    wait_until,
 )
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 SCHEMAS = ("cqrs", "shop", "shop_read", "shop_proj")
 
@@ -155,7 +153,7 @@ def test_listen_killed_and_restarted_applies_every_event_once(db: Database, daem
         writer.start()
         for _ in range(2):
             before = applied()
-            wait_until(lambda: applied() > before, "the daemon to apply events before SIGKILL")
+            wait_until(lambda before=before: applied() > before, "the daemon to apply events before SIGKILL")
             daemon.proc.send_signal(signal.SIGKILL)
             assert daemon.proc.wait(timeout=10) == -signal.SIGKILL
             daemon = daemons(db, "--batch-size", "20", "--refresh-interval", "0.05")

@@ -15,10 +15,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.projections import Event
-from tests.conftest import SIGNATURES, Receipt, call, line, run
+from cqrs_pg_tools.testing import SIGNATURES, Database, Receipt, call, line, run
 
 if TYPE_CHECKING:
-    from conftest import Database
     from cqrs_pg_tools.devcluster import DevCluster
 
 WRITE_TABLES = ("shop.customers", "shop.products", "shop.orders", "shop.order_lines")
@@ -276,6 +275,7 @@ def test_place_order(conn: psycopg.Connection) -> None:
     for e, (line_no, pid, qty, price) in zip(
         sorted(by_type["order_line.created"], key=lambda e: e.payload["line_no"]),
         order_lines(conn, r.aggregate_id),
+        strict=True,
     ):
         expect_event(e, "order_line.created", "order", r.aggregate_id, 1, order_id=str(r.aggregate_id),
                      line_no=line_no, product_id=str(pid), quantity=qty, unit_price_cents=price)
@@ -332,7 +332,7 @@ def test_cancel_order_gives_stock_back(conn: psycopg.Connection) -> None:
 
 
 def test_ship_order_keeps_stock_taken(conn: psycopg.Connection) -> None:
-    customer_id, a, b = _shop(conn)
+    customer_id, _a, _b = _shop(conn)
     placed = run(conn, "place_order", customer_id, [line("SKU-A", 4)])
     before_b = product(conn, "SKU-B")
     r = run(conn, "ship_order", placed.aggregate_id, 1)  # the right expected_version
@@ -419,7 +419,7 @@ VALID: dict[str, tuple[Callable[[World], tuple[Any, ...]], tuple[str | None, ...
 
 
 def with_null(args: tuple[Any, ...], position: int) -> tuple[Any, ...]:
-    return args[:position] + (None,) + args[position + 1:]
+    return (*args[:position], None, *args[position + 1:])
 
 
 NULL_CASES = [
@@ -675,7 +675,7 @@ def test_documented_error(
     assert state(conn) == before
 
 
-def test_error_matrix_covers_the_issue() -> None:
+def test_error_matrix_covers_every_command_and_code() -> None:
     """At least 40 bad calls, every command among them, every documented SQLSTATE."""
     assert len(ERROR_CASES) >= 40
     assert {p.values[0] for p in ERROR_CASES} == {"CQ001", "CQ002", "CQ003", "CQ004", "CQ005"}
@@ -725,6 +725,11 @@ def test_failed_command_id_is_not_used_up(scratch_conn: psycopg.Connection) -> N
 
 # --------------------------------------------------------------------------- idempotency
 
+def order_args(conn: psycopg.Connection) -> tuple[Any, ...]:
+    customer_id, a, b = fresh(conn)
+    return customer_id, [line(a, 2), line(b, 1)]
+
+
 # Each: command, a setup that returns its arguments (after command_id).
 IDEMPOTENT: list[tuple[str, Callable[[psycopg.Connection], tuple[Any, ...]]]] = [
     ("register_customer", lambda c: (f"Fresh-{uuid.uuid4().hex[:8]}@Example.com", "Fresh")),
@@ -732,7 +737,7 @@ IDEMPOTENT: list[tuple[str, Callable[[psycopg.Connection], tuple[Any, ...]]]] = 
     ("add_product", lambda c: (f"N-{uuid.uuid4().hex[:8]}", "New", 10, 3)),
     ("restock", lambda c: (fresh(c)[1], 4)),
     ("change_price", lambda c: (fresh(c)[2], 55)),
-    ("place_order", lambda c: (lambda f: (f[0], [line(f[1], 2), line(f[2], 1)]))(fresh(c))),
+    ("place_order", order_args),
     ("cancel_order", lambda c: (placed_order(c), None)),
     ("ship_order", lambda c: (placed_order(c), 1)),
 ]

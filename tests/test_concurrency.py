@@ -13,9 +13,16 @@ from typing import Any
 
 import psycopg
 import pytest
-from cqrs_pg_tools.testing import Database, wait_until
 
-from tests.conftest import Receipt, call, line, row_locked, run
+from cqrs_pg_tools.testing import (
+    Database,
+    Receipt,
+    call,
+    line,
+    row_locked,
+    run,
+    wait_until,
+)
 
 CLIENTS = 16
 
@@ -182,7 +189,7 @@ def test_no_oversell_no_deadlock(db: Database) -> None:
             action = rng.choices(["place", "cancel", "ship", "restock"], [6, 3, 1, 1])[0]
             wanted: dict[str, int] = {}
             try:
-                if action == "place" or not mine and action in ("cancel", "ship"):
+                if action == "place" or (not mine and action in ("cancel", "ship")):
                     action = "place"
                     skus = rng.sample(SKUS, rng.randint(1, 4))  # random order: not id order
                     wanted = {s: rng.randint(1, 3) for s in skus}

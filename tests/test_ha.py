@@ -12,12 +12,21 @@ import uuid
 from collections import Counter
 
 import pytest
-from cqrs_pg_tools.testing import DaemonProcess, Database, make_root, outbox_count, wait_until
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 from psycopg.types.json import Jsonb
 
-from tests.conftest import NO_MISMATCH, PROJECTIONS, applied_counts, scalar
+from cqrs_pg_tools.testing import (
+    NO_MISMATCH,
+    PROJECTIONS,
+    DaemonProcess,
+    Database,
+    applied_counts,
+    make_root,
+    outbox_count,
+    scalar,
+    wait_until,
+)
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 pytestmark = pytest.mark.slow
 

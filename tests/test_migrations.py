@@ -10,14 +10,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cqrs_pg_tools import sqlsource
-from cqrs_pg_tools.devcluster import DevCluster
-from cqrs_pg_tools.testing import Database
 
 from cqrs_pg import core
 from cqrs_pg.errors import ConfigError
 from cqrs_pg.migrate import current_revisions, head_revisions, migrate
-from tests.conftest import REPO, new_database, schema_dump
+from cqrs_pg_tools import sqlsource
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import REPO, Database, new_database, schema_dump
 
 ENGINE_SCHEMAS = {"cqrs"}
 EXAMPLE_SCHEMAS = {"shop", "shop_read", "shop_proj"}

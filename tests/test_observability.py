@@ -14,19 +14,21 @@ from datetime import datetime
 
 import psycopg
 import pytest
-from cqrs_pg_tools.testing import Database, outbox_count, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.metrics import NAMES, Metrics
-from tests.conftest import (
+from cqrs_pg_tools.testing import (
     LOG_LINE,
     PROJECTIONS,
     UNREACHABLE,
     Daemon,
+    Database,
     assert_one_line_error,
     cli,
+    outbox_count,
     scalar,
+    wait_until,
 )
 
 STALL = "projections stalled for"
@@ -122,7 +124,7 @@ def test_no_stall_warning_without_a_blocker(db: Database, daemons: Callable[...,
             reader.execute("SELECT count(*) FROM shop.customers")  # a snapshot, no xid
             for _ in range(3):
                 token = register_customer(conn)
-                wait_until(lambda: caught_up(conn, token), "the daemon to apply behind an open reader", timeout=10)
+                wait_until(lambda token=token: caught_up(conn, token), "the daemon to apply behind an open reader", timeout=10)
             reader.rollback()
         assert daemon.signal(signal.SIGTERM) == 0, daemon.output
         assert STALL not in daemon.output, daemon.output

@@ -19,12 +19,12 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from cqrs_pg_tools.testing import Database, running_daemon, wait_until
-from cqrs_pg_tools.workload import ShopWorkload
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.projections import Event, register, run_batch, unregister
 from cqrs_pg.rebuild import rebuild
+from cqrs_pg_tools.testing import Database, running_daemon, wait_until
+from cqrs_pg_tools.workload import ShopWorkload
 
 # Two recorders: a table each, a row per event handed over, in the order handed over.
 SETUP = """
@@ -104,7 +104,7 @@ def add_products(conn: psycopg.Connection, count: int) -> list[tuple[uuid.UUID, 
     skus = [f"ORD-{uuid.uuid4().hex[:8]}" for _ in range(count)]
     ids = [conn.execute("SELECT aggregate_id FROM shop.add_product(gen_random_uuid(), %s, 'o', 100, 1000)",
                         (sku,)).fetchone()[0] for sku in skus]
-    return sorted(zip(ids, skus))
+    return sorted(zip(ids, skus, strict=True))
 
 
 def test_later_version_with_the_lower_transaction_id(recorders: Database) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from cqrs_pg_tools.testing import Database
 
 OUR_SCHEMAS = ["cqrs", "shop", "shop_read", "shop_proj"]
@@ -54,7 +55,8 @@ def findings(conn: psycopg.Connection, function: int, trigger: tuple[Any, ...] |
                                 (function,)).fetchall()
         relid, oldtable, newtable = trigger
         return conn.execute(
-            f"SELECT {COLUMNS} FROM public.plpgsql_check_function_tb(%s::oid, %s::oid::regclass, {OPTIONS}, oldtable => %s, newtable => %s)",
+            f"SELECT {COLUMNS} FROM public.plpgsql_check_function_tb(%s::oid, %s::oid::regclass, {OPTIONS},"
+            " oldtable => %s, newtable => %s)",
             (function, relid, oldtable, newtable),
         ).fetchall()
 

@@ -3,19 +3,27 @@ to their definitions on the primary and on the replica, read-your-writes, wake-u
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
 
 import psycopg
 import pytest
-from cqrs_pg_tools.testing import Database, outbox_count, running_daemon, wait_until
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.projections import register, unregister
-from tests.conftest import NO_MISMATCH, applied_counts
+from cqrs_pg_tools.testing import (
+    NO_MISMATCH,
+    Database,
+    applied_counts,
+    outbox_count,
+    running_daemon,
+    wait_until,
+)
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload
+
 
 def seed(conn: psycopg.Connection) -> tuple[uuid.UUID, str]:
     customer = conn.execute(
@@ -167,7 +175,9 @@ def test_failed_batch_leaves_checkpoint_and_read_model_untouched(db: Database) -
     with db.connect() as conn:
         customer, sku = seed(conn)
         db.run_projections()
-        before = conn.execute("SELECT last_position, horizon, applied_events FROM cqrs.projections WHERE name = 'customer_stats'").fetchone()
+        before = conn.execute(
+            "SELECT last_position, horizon, applied_events FROM cqrs.projections WHERE name = 'customer_stats'"
+        ).fetchone()
         place(conn, customer, sku, 3)
         conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT reject CHECK (orders_placed = 0)")
         with pytest.raises(psycopg.errors.CheckViolation):
@@ -233,7 +243,7 @@ def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
                              " WHERE name = 'slow' AND refreshed_at IS NOT NULL")
                 time.sleep(0.1)
         times = [r[0] for r in conn.execute("SELECT DISTINCT refreshed_at FROM refreshes ORDER BY 1")]
-    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert len(gaps) >= 2, times
     # 0.3 s / 0.5: at least 0.6 s apart (without the budget: the refresh plus 0.05 s)
     assert min(gaps) >= 0.6, gaps
@@ -260,7 +270,7 @@ def test_under_load_rounds_keep_to_the_apply_budget(db: Database) -> None:
                     time.sleep(0.05)
     finally:
         unregister("slow_handler")
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) >= 2, starts
     # 0.1 s / 0.25: at least 0.4 s apart (without the budget: 0.1 s plus batch_delay)
     assert min(gaps) >= 0.39, gaps
@@ -298,7 +308,7 @@ def test_a_view_refresh_does_not_hold_the_other_projections_back(db: Database) -
             def refresh() -> None:
                 try:
                     refresher.execute("SELECT * FROM cqrs.run_projection('gated', 100, '0 s')")
-                except BaseException as exc:  # reported by the main thread
+                except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                     refresh_error.append(exc)
 
             thread = threading.Thread(target=refresh)

@@ -1,6 +1,6 @@
 """A behaviour suite every projection must pass, whatever its kind, run against both kinds
 of projection computing the tutorial's read model (docs/adding-a-projection.md, installed
-from the tutorial's own code blocks by tests/conftest.py's Subject): the set-based SQL
+from the tutorial's own code blocks by cqrs_pg_tools.testing's Subject): the set-based SQL
 apply function and the Python handler. Then what only the python kind has: its batch API
 and the daemon's handler registry."""
 
@@ -19,25 +19,27 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
-from cqrs_pg_tools.testing import Database, outbox_count, running_daemon
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 from psycopg.types.json import Jsonb
 
 from cqrs_pg.cli import main
 from cqrs_pg.errors import CqrsPgError
 from cqrs_pg.projections import handler_for, import_modules, unregister
 from cqrs_pg.rebuild import rebuild
-from tests.conftest import (
+from cqrs_pg_tools.testing import (
     NO_MISMATCH,
     TABLES,
+    Database,
     Reader,
     Subject,
     load_tutorial_handler,
     mismatches,
+    outbox_count,
     place,
+    running_daemon,
     seed_shop,
 )
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 
 @pytest.fixture(params=["sql", "python"])

@@ -13,9 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
-from cqrs_pg_tools.testing import Database, outbox_count, running_daemon
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 from cqrs_pg import rebuild as rebuild_module
 from cqrs_pg.cli import main
@@ -28,19 +25,24 @@ from cqrs_pg.projections import (
     unregister,
 )
 from cqrs_pg.rebuild import rebuild
-from tests.conftest import (
+from cqrs_pg_tools.testing import (
     INSTALL,
     NAME,
     NO_MISMATCH,
     TABLES,
+    Database,
     Reader,
     Subject,
     applied_counts,
     block,
     mismatches,
+    outbox_count,
     place,
+    running_daemon,
     seed_shop,
 )
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 
 def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
@@ -100,7 +102,7 @@ def test_rebuild_command_line(db: Database) -> None:
     assert "no projection named 'nope'" in result.output and "order_summary" in result.output
 
 
-# -- python projections: the tutorial's handler (tests/conftest.py) ------------------------
+# -- python projections: the tutorial's handler (cqrs_pg_tools.testing) --------------------
 # The behaviour under load, for both kinds, is in the suite:
 # tests/test_projection_suite.py::test_rebuild_under_load_is_invisible_to_readers.
 

@@ -8,11 +8,10 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from cqrs_pg_tools.testing import Database
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from tests.conftest import call, psql, readme_block, run
+from cqrs_pg_tools.testing import Database, call, psql, readme_block, run
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ The read-your-writes waits are printed (run with -s to see them), never asserted
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -25,8 +26,6 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner
-from cqrs_pg_tools.devcluster import DevCluster
-from cqrs_pg_tools.testing import Database, make_root, wait_until
 from psycopg import sql
 
 from cqrs_pg.cli import main
@@ -39,7 +38,8 @@ from cqrs_pg.errors import (
 )
 from cqrs_pg.migrate import migrate
 from cqrs_pg.routing import Router, is_recovery_conflict, replica_hosts
-from tests.conftest import REPO, Daemon, scalar
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import REPO, Daemon, Database, make_root, scalar, wait_until
 
 # every test here runs on the module's own primary + 2 replicas
 pytestmark = pytest.mark.slow
@@ -283,7 +283,7 @@ def test_read_your_writes_on_the_materialized_view_and_its_refresh_interval(
             refreshes.append(scalar(conn, "SELECT refreshed_at FROM cqrs.projections WHERE name = 'product_sales'"))
     # Never refreshed more often than --refresh-interval (refreshed_at is the refresh's now()).
     distinct = sorted(set(refreshes))
-    gaps = [(b - a).total_seconds() for a, b in zip(distinct, distinct[1:])]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(distinct)]
     assert len(distinct) == 15 and min(gaps) >= interval, gaps
     print(f"\nproduct_sales read-your-writes wait at --refresh-interval {interval}: "
           f"p50 {percentile(waits, 0.5) * 1000:.0f} ms, max {max(waits) * 1000:.0f} ms")
@@ -312,7 +312,7 @@ def test_a_stale_replica_reads_from_the_primary_or_raises(
 
         db.run_projections()  # applied on the primary; the paused replicas never see it
         stale = routers(db.dsn, db.replica_dsn, on_stale="error", wait_timeout=0.3)
-        with pytest.raises(ConsistencyTimeout, match="replica 127.0.0.1"):
+        with pytest.raises(ConsistencyTimeout, match=re.escape("replica 127.0.0.1")):
             stale.fetchone(query, (customer,), consistent_with=receipt.token)
         fresh = routers(db.dsn, db.replica_dsn, on_stale="primary", wait_timeout=0.3)
         assert fresh.fetchone(query, (customer,), consistent_with=receipt.token) == ("Grace", primary_port)

@@ -12,10 +12,9 @@ from typing import Any
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
-from cqrs_pg_tools.testing import Database, wait_until
 
 from cqrs_pg.cli import main
-from tests.conftest import REPO, scalar
+from cqrs_pg_tools.testing import REPO, Database, scalar, wait_until
 
 UNHEALTHY = 3
 

@@ -19,8 +19,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from cqrs_pg_tools.devcluster import find_bindir
-from cqrs_pg_tools.testing import Database
-from tests.conftest import REPO
+from cqrs_pg_tools.testing import REPO, Database
 
 pytestmark = pytest.mark.slow
 

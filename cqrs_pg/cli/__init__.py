@@ -119,8 +119,20 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
 @main.command()
 @connection_options
 @click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
-@click.option("--poll-interval", default=1.0, show_default=True, type=click.FloatRange(0.01), help="Seconds between polls when no NOTIFY arrives.")
-@click.option("--refresh-interval", default=1.0, show_default=True, type=click.FloatRange(0), help="Refresh materialized views at most this often (seconds).")
+@click.option(
+    "--poll-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.01),
+    help="Seconds between polls when no NOTIFY arrives.",
+)
+@click.option(
+    "--refresh-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Refresh materialized views at most this often (seconds).",
+)
 @click.option(
     "--refresh-budget",
     default=0.1,
@@ -153,7 +165,13 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
 )
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    type=click.Choice(["text", "json"]),
+    help="json: one JSON object per line.",
+)
 @click.option(
     "--stall-warning",
     default=30.0,
@@ -162,8 +180,19 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
     metavar="SECONDS",
     help="Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
 )
-@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).")
-@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers python projection handlers (repeatable).")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).",
+)
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Import this module first: it registers python projection handlers (repeatable).",
+)
 def listen(
     dsn: str | None,
     replica_dsn: str | None,
@@ -220,10 +249,30 @@ def listen(
 @main.command()
 @connection_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (fields: docs/production.md).")
-@click.option("--max-events-behind", type=click.IntRange(0), metavar="N", help="Unhealthy when a projection has more than N events not yet applied.")
-@click.option("--max-seconds-behind", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a projection's oldest unapplied event is older than this.")
-@click.option("--max-replica-lag", type=click.FloatRange(0), metavar="SECONDS", help="Unhealthy when a replica's replay lags more than this.")
-@click.option("--max-replica-lag-bytes", type=click.IntRange(0), metavar="BYTES", help="Unhealthy when a replica's replay lags more WAL than this.")
+@click.option(
+    "--max-events-behind",
+    type=click.IntRange(0),
+    metavar="N",
+    help="Unhealthy when a projection has more than N events not yet applied.",
+)
+@click.option(
+    "--max-seconds-behind",
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Unhealthy when a projection's oldest unapplied event is older than this.",
+)
+@click.option(
+    "--max-replica-lag",
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Unhealthy when a replica's replay lags more than this.",
+)
+@click.option(
+    "--max-replica-lag-bytes",
+    type=click.IntRange(0),
+    metavar="BYTES",
+    help="Unhealthy when a replica's replay lags more WAL than this.",
+)
 def status(
     dsn: str | None,
     replica_dsn: str | None,
@@ -252,7 +301,13 @@ def status(
 @connection_options
 @click.argument("projection")
 @click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
-@click.option("--import", "imports", multiple=True, metavar="MODULE", help="Import this module first: it registers the python projection's handler (repeatable), as for listen.")
+@click.option(
+    "--import",
+    "imports",
+    multiple=True,
+    metavar="MODULE",
+    help="Import this module first: it registers the python projection's handler (repeatable), as for listen.",
+)
 def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...]) -> None:
     """Rebuild one read model from the whole event log, without downtime.
 

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cqrs_pg.db import connect
+import psycopg
+
+from cqrs_pg.db import connect, scalar
+from cqrs_pg.errors import DatabaseUnavailable
 from cqrs_pg_tools.devcluster import DevCluster
 from cqrs_pg_tools.testing import (
     DaemonProcess,
@@ -125,11 +128,11 @@ def run_chaos(
 
     with connect(dsn) as conn:
         report.outbox_events = outbox_count(conn)
-        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]  # type: ignore[index]
+        lsn = scalar(conn, "SELECT pg_current_wal_lsn()")
         report.applied["primary"] = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
         report.mismatches["primary"] = all_mismatches(conn)
     with connect(replica_dsn) as conn:
-        wait_until(lambda: conn.execute("SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)).fetchone()[0],  # type: ignore[index]
+        wait_until(lambda: scalar(conn, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)),
                    f"the replica to replay up to {lsn}", timeout=120, interval=0.01, raises=TimeoutError)
         report.applied["replica"] = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
         report.mismatches["replica"] = all_mismatches(conn)
@@ -157,7 +160,7 @@ def _terminate_daemon_connections(dsn: str) -> int:
                 " WHERE application_name = 'cqrs-pg listen' AND datname = current_database()"
             ).fetchall()
         return sum(1 for (done,) in rows if done)
-    except Exception:
+    except (psycopg.Error, DatabaseUnavailable):
         return 0  # the primary may be restarting: this fault is then moot
 
 
@@ -166,7 +169,7 @@ def _wait_caught_up(dsn: str, token: int, daemon: DaemonProcess, timeout: float 
 
         def caught_up() -> bool:
             _supervise_until(daemon, time.monotonic())  # started again if it has exited
-            return bool(conn.execute("SELECT cqrs.caught_up(%s)", (token,)).fetchone()[0])  # type: ignore[index]
+            return bool(scalar(conn, "SELECT cqrs.caught_up(%s)", (token,)))
 
         wait_until(caught_up, f"token {token} to be caught up (daemon log: {daemon.log})", timeout, raises=TimeoutError)
 

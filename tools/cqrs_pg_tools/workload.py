@@ -120,7 +120,7 @@ class ShopWorkload:
 
     def _client(self, n: int, stop: threading.Event, limit: int | None) -> None:
         rng = random.Random(None if self.seed is None else self.seed * 1000 + n)
-        names, weights = zip(*MIX.items())
+        names, weights = zip(*MIX.items(), strict=True)
         done = 0
         conn: psycopg.Connection | None = None
         try:
@@ -145,7 +145,7 @@ class ShopWorkload:
                             conn = None
                             time.sleep(0.1)
                 done += 1
-        except Exception as exc:  # a client that dies must not pass silently
+        except Exception as exc:  # noqa: BLE001 - reported in the result: a dying client must not pass silently
             with self._lock:
                 self._result.errors.append(f"client {n}: {type(exc).__name__}: {exc}")
         finally:

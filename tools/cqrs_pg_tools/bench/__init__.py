@@ -24,7 +24,7 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,15 @@ from cqrs_pg_tools.bench._common import PART_NAMES, PART_TITLES, BenchConfig, Be
 from cqrs_pg_tools.bench.throughput import RATIOS, VARIANTS, doorbell_variant, parse_pgbench
 
 __all__ = [
-    "BenchConfig", "BenchError", "VARIANTS", "RATIOS", "PART_NAMES",
-    "doorbell_variant", "parse_pgbench", "run_bench", "render",
+    "PART_NAMES",
+    "RATIOS",
+    "VARIANTS",
+    "BenchConfig",
+    "BenchError",
+    "doorbell_variant",
+    "parse_pgbench",
+    "render",
+    "run_bench",
 ]
 
 
@@ -83,7 +90,7 @@ def run_bench(
     started = time.monotonic()
     report: dict[str, Any] = {
         "benchmark": "cqrs-pg bench",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "quick": config.quick,
         "parts_run": list(config.parts),
@@ -144,7 +151,7 @@ def run_bench(
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets, each with the measured value and whether it is met."""
+    """The targets, each with the measured value and whether it is met."""
     out: list[dict[str, Any]] = []
     for part, name in PART_NAMES.items():
         if name in report["parts"]:
@@ -160,7 +167,12 @@ def render_targets(rows: list[dict[str, Any]]) -> list[str]:
     for t in rows:
         met = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT MET")
         value = t["value"]
-        text = "n/a" if value is None else (f"{value:,.3f}" if isinstance(value, float) and value < 10 else f"{value:,.1f}" if isinstance(value, float) else str(value))
+        text = (
+            "n/a" if value is None
+            else f"{value:,.3f}" if isinstance(value, float) and value < 10
+            else f"{value:,.1f}" if isinstance(value, float)
+            else str(value)
+        )
         lines.append(f"  part {t['part']}: {t['what']}: {text} (target {t['target']}): {met}")
     return lines
 

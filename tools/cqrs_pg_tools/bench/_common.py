@@ -19,13 +19,13 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cqrs_pg import __version__
-from cqrs_pg.db import connect, redact
+from cqrs_pg.db import connect, redact, scalar
 from cqrs_pg.errors import CqrsPgError
 from cqrs_pg_tools import testing
 from cqrs_pg_tools.devcluster import DevCluster, find_bindir
@@ -87,14 +87,14 @@ class BenchConfig:
     @classmethod
     def quick_config(cls, **overrides: Any) -> BenchConfig:
         """Every part, tiny: proves the bench works, measures nothing."""
-        base: dict[str, Any] = dict(
-            quick=True, rounds=1, customers=2_000, products=2_000,
-            seconds=1, clients=(1, 4), warmup=1,
-            backlog=50_000, batch_size=5000,
-            rates=(100, 400), latency_seconds=1.0, latency_warmup=0.3, latency_clients=4,
-            matview_lines=(2_000, 10_000, 40_000), load_rate=100, load_seconds=2,
-            history=(10_000, 60_000), growth_seconds=1, growth_samples=5,
-        )
+        base: dict[str, Any] = {
+            "quick": True, "rounds": 1, "customers": 2_000, "products": 2_000,
+            "seconds": 1, "clients": (1, 4), "warmup": 1,
+            "backlog": 50_000, "batch_size": 5000,
+            "rates": (100, 400), "latency_seconds": 1.0, "latency_warmup": 0.3, "latency_clients": 4,
+            "matview_lines": (2_000, 10_000, 40_000), "load_rate": 100, "load_seconds": 2,
+            "history": (10_000, 60_000), "growth_seconds": 1, "growth_samples": 5,
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -227,6 +227,13 @@ def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None)
 OTHER_CPU_WARNING = 0.10
 
 
+class Cpu(TypedDict):
+    """CpuWatch.result(): keyword arguments of the bench's run records."""
+
+    machine_cpu_busy: float | None
+    other_cpu: float | None
+
+
 class CpuWatch:
     """Machine CPU busy, and the share other processes used, over a measured stretch."""
 
@@ -235,9 +242,13 @@ class CpuWatch:
         self.busy0 = machine_cpu()
         self.ours0 = session.own_cpu(include_daemons=True)
 
-    def result(self) -> dict[str, float | None]:
+    def result(self) -> Cpu:
         busy1, ours1 = machine_cpu(), self.session.own_cpu(include_daemons=True)
         return {"machine_cpu_busy": busy_fraction(self.busy0, busy1), "other_cpu": other_fraction(self.busy0, busy1, self.ours0, ours1)}
+
+
+def _since(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 3)
 
 
 class DaemonCpu:
@@ -257,9 +268,7 @@ class DaemonCpu:
     def result(self) -> tuple[float | None, float | None]:
         """(process seconds, backend seconds) since the start; None where unknown."""
         end = self._now()
-        return tuple(  # type: ignore[return-value]
-            None if a is None or b is None else round(b - a, 3) for a, b in zip(self.start, end)
-        )
+        return _since(self.start[0], end[0]), _since(self.start[1], end[1])
 
     def total(self) -> float | None:
         proc, backends = self.result()
@@ -293,12 +302,14 @@ class Session:
         cfg = self.cfg
         if cfg.dsn:
             self.admin_dsn = cfg.dsn
-            host = conninfo_to_dict(cfg.dsn).get("host") or ""
+            host = str(conninfo_to_dict(cfg.dsn).get("host") or "")
             self.local_server = host in ("", "localhost", "127.0.0.1", "::1") or host.startswith("/")
             with self.connect() as conn:
-                user, superuser = conn.execute(
+                row = conn.execute(
                     "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
-                ).fetchone()  # type: ignore[misc]
+                ).fetchone()
+            assert row is not None
+            user, superuser = row
             if not superuser:
                 raise BenchError(
                     f"--dsn: role {user!r} is not a superuser: the bench creates and drops databases,"
@@ -448,12 +459,12 @@ class Session:
         with self.connect() as conn:
             # Best effort, each wait: a run starts anyway when it times out.
             with contextlib.suppress(TimeoutError):
-                testing.wait_until(lambda: not conn.execute(AUTOVACUUM_SQL).fetchone()[0],  # type: ignore[index]
+                testing.wait_until(lambda: not scalar(conn, AUTOVACUUM_SQL),
                                    "autovacuum to finish", 120, 0.1, raises=TimeoutError)
             with contextlib.suppress(psycopg.Error):
                 conn.execute("CHECKPOINT")
             with contextlib.suppress(TimeoutError, psycopg.Error):  # psycopg.Error: cannot tell, not a primary
-                testing.wait_until(lambda: conn.execute(REPLAYED_SQL).fetchone()[0],  # type: ignore[index]
+                testing.wait_until(lambda: scalar(conn, REPLAYED_SQL),
                                    "the replicas to replay", 30, 0.05, raises=TimeoutError)
 
     def own_cpu(self, include_daemons: bool = False) -> float | None:
@@ -506,16 +517,16 @@ class Session:
 
     def machine(self) -> dict[str, Any]:
         with self.connect() as conn:
-            version = conn.execute("SELECT version()").fetchone()[0]  # type: ignore[index]
-            server_version = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
-            settings = dict(
+            version = scalar(conn, "SELECT version()")
+            server_version = scalar(conn, "SHOW server_version")
+            settings: dict[str, str] = dict(
                 conn.execute(
                     "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN"
                     " ('fsync', 'synchronous_commit', 'shared_buffers', 'max_wal_size', 'wal_level',"
                     "  'max_connections', 'full_page_writes', 'checkpoint_timeout', 'work_mem')"
                 ).fetchall()
             )
-            replicas = conn.execute("SELECT count(*) FROM pg_stat_replication").fetchone()[0]  # type: ignore[index]
+            replicas = scalar(conn, "SELECT count(*) FROM pg_stat_replication")
         pgbench_version = subprocess.run([self.pgbench_path, "--version"], capture_output=True, text=True).stdout.strip()
         return {
             "cpu_count": os.cpu_count(),
@@ -605,7 +616,7 @@ def read_batches(log: Path, since: float | None = None, until: float | None = No
     import json
     from datetime import datetime
 
-    out = []
+    out: list[dict[str, Any]] = []
     try:
         lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:

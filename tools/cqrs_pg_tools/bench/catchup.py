@@ -31,6 +31,7 @@ from typing import Any
 import psycopg
 
 from cqrs_pg.daemon import CHANNEL
+from cqrs_pg.db import scalar
 from cqrs_pg_tools.bench import generate
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
@@ -47,7 +48,7 @@ from cqrs_pg_tools.verify import all_mismatches
 
 # Orders per generated transaction: ~2,700 events each.
 PER_CHUNK = 500
-# Targets from the issue.
+# Targets.
 TARGET_EVENTS_PER_SECOND = 100_000
 TARGET_RAW_RATIO = 0.4
 # Peak memory counts as flat when the large backlog's is at most this much above the small one's.
@@ -161,7 +162,7 @@ class _Catchup:
                 progress=lambda done, total, secs: self.progress(f"   {done:,}/{total:,} transactions, {secs:.0f}s"),
             ), 2)
             conn.execute("VACUUM (ANALYZE)")
-            b.events = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+            b.events = scalar(conn, "SELECT count(*) FROM cqrs.outbox")
             b.generated_events = b.events - self.s.seed_events
             b.end_position = _end(conn)
             b.event_types = dict(conn.execute("SELECT event_type, count(*) FROM cqrs.outbox GROUP BY 1 ORDER BY 1").fetchall())
@@ -209,7 +210,7 @@ class _Catchup:
                 cpu = watch.result()
                 rss = daemon.peak_rss_mb()
                 daemon_seconds = daemon_cpu.total()
-                applied = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
+                applied: dict[str, int] = dict(conn.execute("SELECT name, applied_events FROM cqrs.projections").fetchall())
         finally:
             self.s.stop_daemon(daemon)
         per_projection: dict[str, dict[str, float]] = {}
@@ -388,7 +389,8 @@ def render(part: dict[str, Any]) -> list[str]:
     for key, s in part["sizes"].items():
         b = s["backlog"]
         rate = b["generated_events"] / b["generate_seconds"] if b["generate_seconds"] else 0
-        check = "read models equal their definitions" if b["verified"] is not None and not any(b["verified"].values()) else f"MISMATCHES {b['verified']}"
+        equal = b["verified"] is not None and not any(b["verified"].values())
+        check = "read models equal their definitions" if equal else f"MISMATCHES {b['verified']}"
         once = "every event applied exactly once" if b["applied_exactly_once"] else "NOT every event applied exactly once"
         lines.append(f"  {int(key):>10,} events: written in {b['generate_seconds']:.1f}s ({rate:,.0f}/s); {check}; {once}")
     mem = part["memory"]
@@ -403,4 +405,4 @@ def render(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["run", "render", "targets", "RAW_BATCH_SQL"]
+__all__ = ["RAW_BATCH_SQL", "render", "run", "targets"]

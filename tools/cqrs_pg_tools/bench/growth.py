@@ -32,6 +32,7 @@ from typing import Any
 
 import psycopg
 
+from cqrs_pg.db import scalar
 from cqrs_pg_tools.bench import generate
 from cqrs_pg_tools.bench._common import OTHER_CPU_WARNING, BenchError, Session, fmt_spread, ratio, spread
 from cqrs_pg_tools.bench.throughput import COMMAND_SCRIPT
@@ -67,7 +68,10 @@ AUTO_EXPLAIN = (
     "SET auto_explain.log_nested_statements = on",
     "SET auto_explain.log_level = notice",
 )
-_SCAN = re.compile(r"((?:Parallel )?(?:Index Only Scan|Index Scan|Bitmap Index Scan|Bitmap Heap Scan|Seq Scan)(?: Backward)?)(?: using (\S+))? on (\S+)")
+_SCAN = re.compile(
+    r"((?:Parallel )?(?:Index Only Scan|Index Scan|Bitmap Index Scan|Bitmap Heap Scan|Seq Scan)(?: Backward)?)"
+    r"(?: using (\S+))? on (\S+)"
+)
 _BUFFERS = re.compile(r"Buffers: shared(?: hit=(\d+))?(?: read=(\d+))?")
 
 
@@ -136,7 +140,7 @@ class _Growth:
         o = Outbox(rows_asked=rows, dbname=self.s.clone(f"gr_{rows}"))
         with self.s.connect(o.dbname) as conn:
             conn.execute("SET synchronous_commit = off")
-            have = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+            have = scalar(conn, "SELECT count(*) FROM cqrs.outbox")
             todo = max(0, rows - have)
             self.progress(f"appending {todo:,} rows of history to cqrs.outbox ...")
             t0 = time.monotonic()
@@ -159,14 +163,12 @@ class _Growth:
             generate.generate(conn, math.ceil(cfg.batch_size * 1.2 / per) + 1, 100, cfg.customers, cfg.products, steps=1)
             self.progress("   VACUUM (ANALYZE) ...")
             conn.execute("VACUUM (ANALYZE)")
-            o.rows = conn.execute("SELECT count(*) FROM cqrs.outbox").fetchone()[0]  # type: ignore[index]
+            o.rows = scalar(conn, "SELECT count(*) FROM cqrs.outbox")
             o.final = _end(conn)
-            o.new_events = conn.execute(
-                "SELECT count(*) FROM cqrs.outbox WHERE position > %s", (o.checkpoint,)
-            ).fetchone()[0]  # type: ignore[index]
+            o.new_events = scalar(conn, "SELECT count(*) FROM cqrs.outbox WHERE position > %s", (o.checkpoint,))
             if o.new_events < cfg.batch_size:
                 raise BenchError(f"only {o.new_events} events after the history, fewer than a batch of {cfg.batch_size}")
-            o.size_mb = round(conn.execute("SELECT pg_table_size('cqrs.outbox')").fetchone()[0] / 2**20, 1)  # type: ignore[index]
+            o.size_mb = round(scalar(conn, "SELECT pg_table_size('cqrs.outbox')") / 2**20, 1)
             o.index_mb = {
                 name: round(size / 2**20, 1)
                 for name, size in conn.execute(
@@ -184,7 +186,9 @@ class _Growth:
     def _plans(self, conn: psycopg.Connection, o: Outbox) -> dict[str, Any]:
         cfg = self.cfg
         plans: dict[str, Any] = {}
-        end_pos, _n = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()  # type: ignore[misc]
+        batch = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()
+        assert batch is not None
+        end_pos, _n = batch
         last = _end(conn)
         notices: list[str] = []
         try:
@@ -213,7 +217,9 @@ class _Growth:
         cfg = self.cfg
         out: list[Run] = []
         with self.s.connect(o.dbname) as conn:
-            end_pos, n = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()  # type: ignore[misc]
+            batch = conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone()
+            assert batch is not None
+            end_pos, n = batch
             if n != cfg.batch_size:
                 raise BenchError(f"cqrs._next_batch found a batch of {n} events, not {cfg.batch_size}")
             last = _end(conn)
@@ -306,9 +312,9 @@ def _summary(plan: str) -> dict[str, Any]:
             index = relation
         scans.append({"node": node, "index": index, "relation": relation})
     buffers = None
-    m = _BUFFERS.search(plan)
-    if m:
-        buffers = int(m.group(1) or 0) + int(m.group(2) or 0)
+    found = _BUFFERS.search(plan)
+    if found:
+        buffers = int(found.group(1) or 0) + int(found.group(2) or 0)
     lines = [line for line in plan.splitlines() if line.strip()]
     return {
         "scans": scans,
@@ -362,7 +368,9 @@ def render(part: dict[str, Any]) -> list[str]:
                 lines.append(f"  {o['rows']:>12,} rows  {what}: {plans}")
                 continue
             for p in plans:
-                scans = ", ".join(f"{s['node']}{' using ' + s['index'] if s['index'] else ''}" for s in p["scans"] if "outbox" in s["relation"])
+                scans = ", ".join(
+                    f"{s['node']}{' using ' + s['index'] if s['index'] else ''}" for s in p["scans"] if "outbox" in s["relation"]
+                )
                 lines.append(f"  {o['rows']:>12,} rows  {what:<10} {scans or 'no scan of the outbox'}; buffers {p['buffers']}")
     others = [r["other_cpu"] for r in part["runs"] if r.get("other_cpu") is not None]
     if others and max(others) > OTHER_CPU_WARNING:
@@ -370,4 +378,4 @@ def render(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["run", "render", "targets"]
+__all__ = ["render", "run", "targets"]

@@ -48,7 +48,7 @@ from cqrs_pg_tools.bench._common import (
 KINDS = ("command", "replication")
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
-# The rate the issue sets the targets at; with other rates, the lowest one is judged.
+# The rate the targets are set at; with other rates, the lowest one is judged.
 TARGET_RATE = 500
 # Ids asked about per poll; a backlog beyond that is looked at oldest first.
 WATCH_LIMIT = 1000
@@ -57,7 +57,10 @@ STRAGGLERS_SECONDS = 60.0
 
 COMMAND_SQL = "SELECT aggregate_id, token FROM shop.place_order(%s, %s, %s)"
 PING_SQL = "INSERT INTO cqrs_bench.ping (id) VALUES (%s)"
-PING_TABLE_SQL = "CREATE SCHEMA IF NOT EXISTS cqrs_bench; CREATE TABLE cqrs_bench.ping (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+PING_TABLE_SQL = (
+    "CREATE SCHEMA IF NOT EXISTS cqrs_bench;"
+    " CREATE TABLE cqrs_bench.ping (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
+)
 WATCH_SQL = {
     "command": """
         SELECT array(SELECT s.order_id FROM shop_read.order_summary s
@@ -215,7 +218,7 @@ class _Latency:
                     if token is not None:
                         tokens[token] = i
 
-            async def watch(sending: asyncio.Task[Any]) -> None:
+            async def watch(sending: asyncio.Future[Any]) -> None:
                 give_up: float | None = None
                 while True:
                     if sending.done():
@@ -374,12 +377,15 @@ def render(part: dict[str, Any]) -> list[str]:
             ("baseline: plain row replicated", b["p50_ms"], b["p95_ms"], b["p99_ms"], b["samples"]),
         ]
         for label, p50, p95, p99, n in rows:
-            lines.append(f"{rate:>5}/s {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}")
+            lines.append(
+                f"{rate:>5}/s {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}"
+            )
     lines.append("")
     for rate in cfg["rates"]:
         c = part["results"]["command"][str(rate)]
         lines.append(
-            f"  {rate}/s commands: achieved {fmt_spread(c['achieved_rate'])}/s, started late (> 2 ms) {fmt_spread(c['late_share'], '{:.1%}')},"
+            f"  {rate}/s commands: achieved {fmt_spread(c['achieved_rate'])}/s,"
+            f" started late (> 2 ms) {fmt_spread(c['late_share'], '{:.1%}')},"
             f" due -> committed p50 {fmt_spread(c['command_p50_ms'], fmt)} ms, p99 {fmt_spread(c['command_p99_ms'], fmt)} ms;"
             f" poll period {fmt_spread(c['poll_period_ms'], fmt)} ms; unseen {c['unseen']}, errors {c['errors']}"
         )
@@ -389,4 +395,4 @@ def render(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["run", "render", "targets"]
+__all__ = ["render", "run", "targets"]

@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from cqrs_pg.db import scalar
 from cqrs_pg_tools.bench import generate
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
@@ -96,16 +97,17 @@ class _Matview:
             result = self._refresh(rnd, lines, kind, dbs[lines][0])
             refreshes.append(result)
             self.progress(
-                f"[{i}/{len(plan)}] round {rnd}/{cfg.rounds}  {dbs[lines][1]:>10,} order lines  {kind:<12} {result.seconds * 1000:>10,.1f} ms"
+                f"[{i}/{len(plan)}] round {rnd}/{cfg.rounds}  {dbs[lines][1]:>10,} order lines  {kind:<12}"
+                f" {result.seconds * 1000:>10,.1f} ms"
             )
         middle = sizes[len(sizes) // 2]
         debounce: list[DebounceRun] = []
         intervals = [cfg.refresh_interval, 0.0]
         plan2 = []
         for r in range(cfg.rounds):
-            order = list(intervals)
-            rng.shuffle(order)
-            plan2 += [(r + 1, x) for x in order]
+            shuffled = list(intervals)
+            rng.shuffle(shuffled)
+            plan2 += [(r + 1, x) for x in shuffled]
         self.progress(
             f"debounce: {len(plan2)} runs of {cfg.load_seconds}s at {cfg.load_rate} commands/s on {dbs[middle][1]:,} order lines"
         )
@@ -138,7 +140,7 @@ class _Matview:
             conn.execute("SET session_replication_role = DEFAULT")
             conn.execute("VACUUM (ANALYZE)")
             conn.execute(PLAIN_REFRESH_SQL)
-            count = conn.execute("SELECT count(*) FROM shop.order_lines").fetchone()[0]  # type: ignore[index]
+            count = scalar(conn, "SELECT count(*) FROM shop.order_lines")
         return db, int(count)
 
     def _refresh(self, rnd: int, lines: int, kind: str, db: str) -> RefreshRun:
@@ -209,16 +211,16 @@ class _Matview:
             }
         deb = {}
         for interval in (cfg.refresh_interval, 0.0):
-            mine = [d for d in debounce if d.refresh_interval == interval]
+            runs = [d for d in debounce if d.refresh_interval == interval]
             deb[f"{interval:g}"] = {
                 "refresh_interval": interval,
-                "refreshes": spread([d.refreshes for d in mine], 1),
-                "refreshes_per_second": spread([d.refreshes / d.seconds for d in mine if d.seconds], 2),
-                "refresh_seconds": spread([d.refresh_seconds for d in mine]),
-                "refresh_share_of_time": spread([d.refresh_seconds / d.seconds for d in mine if d.seconds]),
-                "events_per_refresh": spread([d.events_refreshed / d.refreshes for d in mine if d.refreshes], 1),
-                "tps": spread([d.tps for d in mine], 1),
-                "daemon_cpu_seconds": spread([d.daemon_cpu_seconds for d in mine]),
+                "refreshes": spread([d.refreshes for d in runs], 1),
+                "refreshes_per_second": spread([d.refreshes / d.seconds for d in runs if d.seconds], 2),
+                "refresh_seconds": spread([d.refresh_seconds for d in runs]),
+                "refresh_share_of_time": spread([d.refresh_seconds / d.seconds for d in runs if d.seconds]),
+                "events_per_refresh": spread([d.events_refreshed / d.refreshes for d in runs if d.refreshes], 1),
+                "tps": spread([d.tps for d in runs], 1),
+                "daemon_cpu_seconds": spread([d.daemon_cpu_seconds for d in runs]),
             }
         return {
             "part": 4,
@@ -242,7 +244,7 @@ class _Matview:
 
 
 def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
-    return []  # the issue asks for the figures, with no target
+    return []  # figures only, no target
 
 
 def render(part: dict[str, Any]) -> list[str]:
@@ -257,7 +259,10 @@ def render(part: dict[str, Any]) -> list[str]:
         )
     lines.append("")
     lines.append(f"debounce, under {cfg['load']}, on {cfg['debounce_lines']:,} order lines: median (min-max)")
-    head = f"{'--refresh-interval':>18} {'refreshes':>16} {'per second':>16} {'time refreshing':>20} {'events/refresh':>18} {'commands/s':>18}"
+    head = (
+        f"{'--refresh-interval':>18} {'refreshes':>16} {'per second':>16} {'time refreshing':>20}"
+        f" {'events/refresh':>18} {'commands/s':>18}"
+    )
     lines += [head, "-" * len(head)]
     for key, d in part["debounce"].items():
         lines.append(
@@ -270,4 +275,4 @@ def render(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-__all__ = ["run", "render", "targets"]
+__all__ = ["render", "run", "targets"]

@@ -1,5 +1,5 @@
 """PNG plots of a bench report (`cqrs-pg bench --plots DIR`), drawn with matplotlib (the
-`bench` extra: pip install 'cqrs_pg[bench]'):
+plots extra: pip install -e 'tools[plots]'):
 
 - throughput.png  part 1: tx/s against clients, one line per variant, min-max as error bars
                   (dashed: a daemon that finds work by polling, the doorbell emptied)
@@ -19,7 +19,7 @@ def require_matplotlib() -> None:
     import importlib.util
 
     if importlib.util.find_spec("matplotlib") is None:
-        raise BenchError("--plots needs matplotlib: pip install 'cqrs_pg[bench]'")
+        raise BenchError("--plots needs matplotlib: pip install -e 'tools[plots]'")
 
 
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
@@ -87,7 +87,7 @@ def _latency(part: dict[str, Any], path: Path, report: dict[str, Any]) -> Path:
     ]
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 5), squeeze=False)
     width = 0.26
-    for ax, rate in zip(axes[0], rates):
+    for ax, rate in zip(axes[0], rates, strict=True):
         for k, (kind, key, label) in enumerate(series):
             cell = part["results"][kind][str(rate)]
             cells = [cell.get(key.format(p)) for p in (50, 95, 99)]

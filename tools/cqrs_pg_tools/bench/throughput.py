@@ -38,13 +38,14 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from cqrs_pg.daemon import CHANNEL
+from cqrs_pg.db import scalar
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
@@ -57,7 +58,7 @@ from cqrs_pg_tools.bench._common import (
     parse_pgbench,
 )
 
-__all__ = ["VARIANTS", "RATIOS", "COMMAND_SCRIPT", "PLAIN_SCRIPT", "doorbell_variant", "run", "render", "parse_pgbench"]
+__all__ = ["COMMAND_SCRIPT", "PLAIN_SCRIPT", "RATIOS", "VARIANTS", "doorbell_variant", "parse_pgbench", "render", "run"]
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def shape_variant(conn: psycopg.Connection, v: Variant) -> None:
     elif v.capture in ("no_doorbell", "always_notify"):
         conn.execute(doorbell_variant(v.capture))
     # Check that each database does what its label says.
-    src = conn.execute("SELECT prosrc FROM pg_proc WHERE oid = 'cqrs._ring_doorbell()'::regprocedure").fetchone()[0]  # type: ignore[index]
+    src = scalar(conn, "SELECT prosrc FROM pg_proc WHERE oid = 'cqrs._ring_doorbell()'::regprocedure")
     triggers = len(conn.execute(_CAPTURE_TRIGGERS).fetchall())
     notifies = "pg_notify" in src
     conditional = "cqrs.listeners" in src
@@ -314,12 +315,10 @@ class _Throughput:
                         # run starts with the daemon awake and busy, not draining old backlog.
                         self.s.wait_asleep(conn, daemon, "catch up")
                         warmup = self.s.pgbench(dsn, script, clients, cfg.warmup).transactions
-                    sleeping_at_start = bool(
-                        conn.execute("SELECT count(*) FROM cqrs.listeners WHERE sleeping").fetchone()[0]  # type: ignore[index]
-                    )
+                    sleeping_at_start = bool(scalar(conn, "SELECT count(*) FROM cqrs.listeners WHERE sleeping"))
                 daemon_cpu = DaemonCpu(self.s, conn, daemon) if daemon is not None else None
                 before = _positions(conn)
-            started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            started_at = datetime.now(UTC).isoformat(timespec="seconds")
             with NotifyCounter(self.s.connect(dbname)) as counter:
                 busy0, ours0 = machine_cpu(), self.s.own_cpu()
                 result = self.s.pgbench(dsn, script, clients, cfg.seconds)
@@ -577,7 +576,8 @@ def render(report: dict[str, Any]) -> list[str]:
         worst = max(report["runs"], key=lambda r: r.get("other_cpu") or 0.0)
         lines.append(
             f"CPU used by other processes on this machine during the runs: median {max(0.0, statistics.median(others)) * 100:.0f}%,"
-            f" max {max(0.0, worst['other_cpu']) * 100:.0f}% of all CPUs (round {worst['round']}, ({worst['variant']}) at {worst['clients']} clients)"
+            f" max {max(0.0, worst['other_cpu']) * 100:.0f}% of all CPUs"
+            f" (round {worst['round']}, ({worst['variant']}) at {worst['clients']} clients)"
         )
         if worst["other_cpu"] > OTHER_CPU_WARNING:
             lines.append(
