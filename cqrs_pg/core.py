@@ -24,7 +24,8 @@ brings an installed engine up. Every revision's file is checked against the SHA-
 installs "0001" keeps its meaning whichever cqrs_pg release runs it.
 
 ``python -m cqrs_pg.core sql [VERSION]`` prints the engine's install SQL up to VERSION
-(default: the newest), for psql: ``python -m cqrs_pg.core sql | psql "$DSN"``.
+(default: the newest), for psql; all or nothing:
+``python -m cqrs_pg.core sql | psql -v ON_ERROR_STOP=1 --single-transaction "$DSN"``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ See sql/cqrs/DESIGN.md, also for the wake-up protocol.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from cqrs_pg.db import connect, redact, require_migrated
+from cqrs_pg.db import connect, redact, require_migrated, scalar
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable
 from cqrs_pg.metrics import Metrics
 from cqrs_pg.projections import handler_for, run_batch
@@ -138,7 +139,10 @@ class Listener:
         self.config = config
         self.metrics = metrics or Metrics()
         self._stop = threading.Event()
-        self.applied_total = 0
+        # What it applied, for its goodbye line: events per projection (an event counts once
+        # for each projection that applied it) and the batches that applied any.
+        self.applied: dict[str, int] = {}
+        self.batches = 0
         self.stall: Stall | None = None
         self._fence_check_due = 0.0
         self._lag_due = 0.0
@@ -161,6 +165,26 @@ class Listener:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    @property
+    def applied_total(self) -> int:
+        """Events applied, summed over the projections: an event that three projections
+        applied counts three times."""
+        return sum(self.applied.values())
+
+    def summary(self) -> str:
+        """What it applied, for its goodbye line: events per projection, and batches."""
+        counts = self.applied
+        if not counts:
+            return "stopped after applying no events: no projections"
+        batches = f"{self.batches} batch{'' if self.batches == 1 else 'es'}"
+        projections = f"{len(counts)} projection{'' if len(counts) == 1 else 's'}"
+        if len(set(counts.values())) == 1:
+            (each,) = set(counts.values())
+            to = "to" if len(counts) == 1 else "to each of"
+            return f"stopped after applying {each} event{'' if each == 1 else 's'} {to} {projections} ({batches})"
+        per = ", ".join(f"{name} {n}" for name, n in counts.items())
+        return f"stopped after applying events to {projections} ({batches}): {per}"
 
     def run(self) -> None:
         """Serve until stop(); reconnects with backoff when the connection is lost."""
@@ -209,7 +233,7 @@ class Listener:
                 logger.warning("connection lost (%s); reconnecting in %.1fs", _first_line(exc), backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-        logger.info("stopped after applying %d events", self.applied_total)
+        logger.info("%s", self.summary(), extra={"applied_by_projection": dict(self.applied), "batches": self.batches})
 
     def _serve(self, conn: psycopg.Connection) -> None:
         cfg = self.config
@@ -223,6 +247,9 @@ class Listener:
         # matview projections: name -> seconds its last refresh took
         self._matviews = {name: 0.0 for name in names if registered[name][0] == "matview"}
         logger.info("projections: %s", ", ".join(names))
+        with self._count_lock:
+            for name in names:
+                self.applied.setdefault(name, 0)
         self._heartbeat(conn, sleeping=False)
         sleeping = False
         slept_at = 0.0
@@ -275,7 +302,7 @@ class Listener:
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
-            if probe and conn.execute(PENDING_SQL, (probe,)).fetchone()[0]:  # type: ignore[index]
+            if probe and scalar(conn, PENDING_SQL, (probe,)):
                 return
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -287,7 +314,7 @@ class Listener:
         for the transactions running now to end: a round that follows then reads what
         committed up to here. Nothing to wait for when nothing runs, or when no mark was
         needed."""
-        stored = conn.execute(MARK_SQL, (self.config.listener_id,)).fetchone()[0]  # type: ignore[index]
+        stored = scalar(conn, MARK_SQL, (self.config.listener_id,))
         if stored and wait > 0:
             conn.execute(MARK_USABLE_SQL, (self.config.listener_id, wait))
 
@@ -322,7 +349,7 @@ class Listener:
             del self._running[name]
             try:
                 progress.merge(future.result())
-            except BaseException as exc:  # re-raised below, once every ended turn is collected
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, once every ended turn is collected
                 failure = failure or exc
         if failure is not None:
             raise failure
@@ -368,7 +395,8 @@ class Listener:
                     self._matviews[name] = time.monotonic() - started  # the refresh's cost
                 if applied:
                     with self._count_lock:
-                        self.applied_total += applied
+                        self.applied[name] = self.applied.get(name, 0) + applied
+                        self.batches += 1
                     seconds = time.monotonic() - started
                     self.metrics.batch(name, applied, seconds)
                     logger.debug(
@@ -400,10 +428,8 @@ class Listener:
     def _close_worker(self, name: str) -> None:
         conn = self._workers.pop(name, None)
         if conn is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 conn.close()
-            except psycopg.Error:
-                pass
 
     def _close_workers(self) -> None:
         for name in list(self._workers):
@@ -447,10 +473,13 @@ class Listener:
             stall = self.stall = Stall(fence, now)
         seconds = 0.0 if stall is None else now - stall.since
         self.metrics.fence_blocked(seconds)
-        if stall is not None and seconds >= self.config.stall_warning:
-            if stall.warned_at is None or now - stall.warned_at >= self.config.stall_warning:
-                stall.warned_at = now
-                self._warn_stall(conn, seconds)
+        if (
+            stall is not None
+            and seconds >= self.config.stall_warning
+            and (stall.warned_at is None or now - stall.warned_at >= self.config.stall_warning)
+        ):
+            stall.warned_at = now
+            self._warn_stall(conn, seconds)
 
     def _warn_stall(self, conn: psycopg.Connection, seconds: float) -> None:
         row = conn.execute(BLOCKER_SQL).fetchone()

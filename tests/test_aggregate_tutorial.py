@@ -1,35 +1,46 @@
-"""docs/adding-an-aggregate.md runs: in an empty database, its alembic migration installs
-the cqrs core (only the core) and its aggregate; a login member of cqrs_writer calls the
-commands as shown (through psql), gets the errors its table lists, and the events land in
-the outbox. Also: the core that cqrs_pg ships equals what sql/ defines."""
+"""docs/adding-an-aggregate.md runs: in an empty database, its alembic migration (through
+its env.py) installs the cqrs core (only the core) and its aggregate; a login member of
+cqrs_writer calls the commands as shown (through psql), gets the errors its table lists,
+and the events land in the outbox. Also: the core that cqrs_pg ships equals what sql/
+defines, and its way without alembic (psql) installs the very same engine."""
 
 from __future__ import annotations
 
-import importlib.util
+import os
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from cqrs_pg_tools import sqlsource
-from cqrs_pg_tools.devcluster import DevCluster
-from cqrs_pg_tools.testing import Database
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from sqlalchemy import create_engine
 
 from cqrs_pg import core, errors
 from cqrs_pg.commands import CommandClient
-from tests.conftest import REPO, new_database, psql, schema_dump
+from cqrs_pg.migrate import migrate
+from cqrs_pg_tools import sqlsource
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import (
+    REPO,
+    Database,
+    alembic_project,
+    new_database,
+    psql,
+    psql_binary,
+    schema_dump,
+    throwaway_cluster,
+)
 
 DOC = REPO / "docs" / "adding-an-aggregate.md"
 UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 
 
 def block(name: str) -> str:
-    blocks = dict(re.findall(r"<!-- aggregate: ([\w ]+?) -->\n```(?:sql|python)\n(.*?)```", DOC.read_text(), re.S))
+    blocks = dict(re.findall(r"<!-- aggregate: ([\w ]+?) -->\n```(?:sql|python|sh)\n(.*?)```", DOC.read_text(), re.S))
     assert name in blocks, f"docs/adding-an-aggregate.md lost its '{name}' block"
     return blocks[name]
 
@@ -39,18 +50,6 @@ def error_table() -> list[tuple[str, re.Pattern[str]]]:
     rows = re.findall(r"^\| `[^|]*` [^|]*\| (CQ\d{3}) \| `(.*)` \|$", DOC.read_text(), re.M)
     assert len(rows) == 6, rows
     return [(code, re.compile(".*".join(map(re.escape, message.split("…"))) + "$")) for code, message in rows]
-
-
-def migrate(dsn: str, migration: object, step: str) -> None:
-    from alembic.migration import MigrationContext
-    from alembic.operations import Operations
-
-    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
-    try:
-        with engine.begin() as connection, Operations.context(MigrationContext.configure(connection)):
-            getattr(migration, step)()
-    finally:
-        engine.dispose()
 
 
 def schemas(conn: psycopg.Connection) -> set[str]:
@@ -66,19 +65,20 @@ def writer(empty_db: Database) -> Iterator[str]:
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
-def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer: str, tmp_path: Path) -> None:
+def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """db (a migrated database of the same cluster) is there so the roles are in use
-    elsewhere, as in any shared cluster: the tutorial's downgrade must keep them."""
-    (tmp_path / "0001_library.sql").write_text("\n".join(block(s) for s in ("step 2", "step 3", "step 4")))
-    path = tmp_path / "0001_library.py"
-    path.write_text(block("migration"))
-    spec = importlib.util.spec_from_file_location("aggregate_tutorial_0001", path)
-    assert spec and spec.loader
-    migration = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(migration)
-    assert (migration.revision, migration.down_revision) == ("0001", None)
+    elsewhere, as in any shared cluster: the tutorial's downgrade must keep them. The
+    migration runs through the env.py shown."""
+    from alembic import command
 
-    migrate(empty_db.dsn, migration, "upgrade")
+    config = alembic_project(tmp_path / "library", block("env"), {
+        "0001_library.py": block("migration"),
+        "0001_library.sql": "\n".join(block(s) for s in ("step 2", "step 3", "step 4")),
+    })
+    monkeypatch.setenv("LIBRARY_DSN", empty_db.dsn)
+
+    command.upgrade(config, "head")
     with empty_db.connect() as admin:
         assert schemas(admin) == {"cqrs", "library"}  # the core, not the shop
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE cqrs_writer").format(sql.Identifier(writer)))
@@ -107,7 +107,7 @@ def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer:
         ("add_book(%s, '978-1', 'T', 1)", ()),
     ]
     with psycopg.connect(app, autocommit=True) as conn:
-        for (call, args), (code, message) in zip(calls, error_table()):
+        for (call, args), (code, message) in zip(calls, error_table(), strict=True):
             command_id = lend_command if code == "CQ005" else uuid.uuid4()
             with pytest.raises(psycopg.Error) as info:
                 conn.execute(f"SELECT * FROM library.{call}", (command_id, *args))
@@ -137,9 +137,10 @@ def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer:
         ).fetchall()
         assert loose == []
 
-    migrate(empty_db.dsn, migration, "downgrade")
+    command.downgrade(config, "base")
     with empty_db.connect() as admin:
         assert schemas(admin) == set()
+        assert admin.execute("SELECT count(*) FROM library_alembic_version").fetchone()[0] == 0
         # roles are cluster-wide: the other databases of this cluster still use them
         assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'cqrs\\_%'").fetchone()[0] == 3
 
@@ -158,6 +159,59 @@ def test_the_engine_the_package_installs_is_the_engines_migration_line(cluster: 
         assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, built.name)
     finally:
         next(other, None)
+
+
+def without_alembic(dsn: str, bindir: Path) -> None:
+    """The doc's command without alembic, as shown, by the shell: its `python` is this
+    interpreter, its psql the client on PATH (or beside the servers)."""
+    bindir.mkdir()
+    (bindir / "python").symlink_to(sys.executable)
+    (bindir / "psql").symlink_to(psql_binary())
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "DSN": dsn}
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", block("without alembic")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR" not in done.stderr, done.stderr
+
+
+def test_the_engine_without_alembic_is_the_one_migrate_installs(cluster: DevCluster, empty_db: Database,
+                                                                 tmp_path: Path) -> None:
+    """`python -m cqrs_pg.core sql | psql …` as the doc shows it builds exactly the schema
+    (tables, functions, types, grants) that cqrs-pg migrate builds, and only the engine."""
+    other = new_database(cluster, None)
+    migrated = next(other)
+    try:
+        migrate(migrated.dsn)  # the engine, as `cqrs-pg migrate` installs it
+        without_alembic(empty_db.dsn, tmp_path / "bin")
+        with empty_db.connect() as conn:
+            assert schemas(conn) == {"cqrs"}
+            assert conn.execute("SELECT to_regclass('public.alembic_version')").fetchone()[0] is None
+        assert schema_dump(cluster, empty_db.name) == schema_dump(cluster, migrated.name)
+    finally:
+        next(other, None)
+
+
+ROLES = """SELECT r.rolname, r.rolsuper, r.rolinherit, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin,
+                  r.rolreplication, r.rolbypassrls, r.rolconnlimit,
+                  ARRAY(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
+                         WHERE m.member = r.oid ORDER BY 1)
+             FROM pg_roles r WHERE r.rolname LIKE 'cqrs\\_%' ORDER BY 1"""
+
+
+@pytest.mark.slow  # a cluster of its own
+def test_the_engine_without_alembic_creates_the_roles_in_a_new_cluster(cluster: DevCluster, tmp_path: Path) -> None:
+    """Roles are cluster-wide, so only a cluster without them shows that the psql way
+    creates them: the same as cqrs-pg migrate made in the test cluster."""
+    with psycopg.connect(cluster.primary_dsn(), autocommit=True) as conn:
+        expected = conn.execute(ROLES).fetchall()
+    assert [row[0] for row in expected] == ["cqrs_listener", "cqrs_reader", "cqrs_writer"]
+    with throwaway_cluster("cqrs-pg-core-", replicas=0) as fresh:
+        dsn = fresh.cluster.primary_dsn()
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute(ROLES).fetchall() == []
+        without_alembic(dsn, tmp_path / "bin")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute(ROLES).fetchall() == expected
 
 
 def test_core_versions_are_checked() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
+
 from cqrs_pg_tools.devcluster import DevCluster, DevClusterError, find_bindir
 
 pytestmark = pytest.mark.slow  # clusters of its own
@@ -126,6 +127,7 @@ def test_export_lines_are_shell_quoted(cluster: DevCluster) -> None:
     assert words == [
         ["export", f"CQRS_PG_DSN={cluster.primary_dsn('app db')}"],
         ["export", f"CQRS_PG_REPLICA_DSN={cluster.replica_dsn('app db')}"],
+        ["export", f"CQRS_PG_DEV_ROOT={cluster.root}"],
     ]
     assert "dbname='app db'" in cluster.primary_dsn("app db")
 
@@ -214,7 +216,9 @@ def test_two_replicas_multi_host_dsn_then_down(base_dir: Path) -> None:
         assert "CQRS_PG_REPLICA_DSN" in dc.export_lines()
 
         # Both replicas stream, with the settings docs/production.md recommends.
-        streaming = _one(dc.primary_dsn(), "SELECT array_agg(application_name ORDER BY 1) FROM pg_stat_replication WHERE state = 'streaming'")
+        streaming = _one(
+            dc.primary_dsn(), "SELECT array_agg(application_name ORDER BY 1) FROM pg_stat_replication WHERE state = 'streaming'"
+        )
         assert streaming == ["replica1", "replica2"]
         for name in ("replica1", "replica2"):
             one = f"host=127.0.0.1 port={ports[name]} dbname=postgres user=postgres"
@@ -243,6 +247,7 @@ def test_two_replicas_multi_host_dsn_then_down(base_dir: Path) -> None:
         dc.down()
     assert not dc.root.exists()
     dc.down()  # a second down is a no-op
+    assert not dc.holds_cluster()
     assert dc.status() == []
     with pytest.raises(DevClusterError, match="dev up"):
         dc.primary_dsn()

@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import re
 
-from cqrs_pg_tools.testing import Database
-
 from cqrs_pg import errors
-from tests.conftest import REPO, psql, readme_block
+from cqrs_pg_tools.testing import REPO, Database, psql, readme_block
 
 README = (REPO / "README.md").read_text()
 
 
 def test_psql_example_on_primary_then_replica(db: Database) -> None:
-    out = psql(db.dsn, readme_block("primary"))
-    match = re.search(r"order ([0-9a-f-]{36}) token (\d+)", out)
-    assert match, out
-    order_id, token = match.group(1), int(match.group(2))
+    """Twice on one database, as a reader trying it out would: each run a fresh customer,
+    product and order."""
+    orders = []
+    for _ in range(2):
+        out = psql(db.dsn, readme_block("primary"))
+        match = re.search(r"order ([0-9a-f-]{36}) token (\d+)", out)
+        assert match, out
+        orders.append((match.group(1), int(match.group(2))))
+    assert orders[0][0] != orders[1][0]
 
     db.run_projections()
-    db.wait_caught_up(token)
-    out = psql(db.replica_dsn, readme_block("replica"), f"token={token}", f"order_id={order_id}")
-    assert out.split() == ["t", "placed|3|1350"]
+    for order_id, token in orders:
+        db.wait_caught_up(token)
+        out = psql(db.replica_dsn, readme_block("replica"), f"token={token}", f"order_id={order_id}")
+        assert out.split() == ["t", "placed|3|1350"]
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM shop.customers").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM shop.products").fetchone() == (2,)
 
 
 def test_ci_runs_the_readme_test_command() -> None:

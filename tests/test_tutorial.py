@@ -1,34 +1,39 @@
 """docs/adding-a-projection.md runs: its SQL steps (through psql), its Python handler and
-its migration build a read model that the daemon keeps equal to its definition, so the
-tutorial cannot rot."""
+its migration (both variants', through its env.py) build a read model that the daemon
+keeps equal to its definition, and the migration's downgrade removes it, so the tutorial
+cannot rot."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 import uuid
 from pathlib import Path
 
-import psycopg
-from cqrs_pg_tools.testing import Database, outbox_count, running_daemon
-from cqrs_pg_tools.verify import all_mismatches
-from cqrs_pg_tools.workload import ShopWorkload
+import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from sqlalchemy import create_engine
 
 from cqrs_pg.daemon import Listener, ListenerConfig
-from tests.conftest import (
+from cqrs_pg_tools.devcluster import DevCluster
+from cqrs_pg_tools.testing import (
     INSTALL,
     NAME,
     NO_MISMATCH,
     REPO,
     TABLES,
+    Database,
+    alembic_project,
     block,
     load_tutorial_handler,
     mismatches,
+    outbox_count,
     psql,
+    running_daemon,
+    scalar,
+    schema_dump,
 )
+from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.workload import ShopWorkload
 
 
 def run_workload_with(db: Database, daemon) -> None:  # type: ignore[no-untyped-def]
@@ -96,35 +101,69 @@ def test_tutorial_python_handler_runs_as_the_listener_role(db: Database) -> None
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
 
 
-def test_tutorial_migration_installs_and_removes_the_projection(db: Database, tmp_path: Path) -> None:
-    """The migration file as shown, with steps 1-4 in its SQL file, run by alembic."""
-    from alembic.migration import MigrationContext
-    from alembic.operations import Operations
+FIRST_MIGRATION = '''"""myshop's migration before the tutorial's (its down_revision)."""
+revision = "0001"
+down_revision = None
+branch_labels = None
+depends_on = None
 
-    (tmp_path / "0002_customer_orders_by_status.sql").write_text("\n".join(block(s) for s in INSTALL["sql"]))
-    path = tmp_path / "0002_customer_orders_by_status.py"
-    path.write_text(block("migration"))
-    spec = importlib.util.spec_from_file_location("tutorial_migration_0002", path)
-    assert spec and spec.loader
-    migration = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(migration)
-    assert (migration.revision, migration.down_revision) == ("0002", "0001")
 
-    engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(db.dsn))
-    registered = "SELECT count(*) FROM cqrs.projections WHERE name = %s"
-    try:
-        for step, expected in ((migration.upgrade, 1), (migration.downgrade, 0)):
-            with engine.begin() as connection:
-                with Operations.context(MigrationContext.configure(connection)):
-                    step()
-            with db.connect() as conn:
-                assert conn.execute(registered, (NAME,)).fetchone()[0] == expected
-                assert conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLES[0],)).fetchone()[0] == bool(expected)
-        with engine.begin() as connection:
-            with Operations.context(MigrationContext.configure(connection)):
-                migration.upgrade()
-    finally:
-        engine.dispose()
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def migration_of(kind: str) -> str:
+    """The tutorial's migration file for one variant: as shown, and for the python variant
+    with the downgrade shown in its section."""
+    migration = block("migration")
+    if kind == "sql":
+        return migration
+    head, found, _ = migration.partition("\n\ndef downgrade() -> None:\n")
+    assert found, "the tutorial's migration lost its downgrade"
+    return f"{head}\n\n{block('python downgrade')}"
+
+
+@pytest.mark.parametrize("kind", ["sql", "python"])
+def test_tutorial_migration_installs_and_removes_the_projection(
+    cluster: DevCluster, db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """The migration as shown, with its variant's steps in its SQL file, run by alembic
+    through the env.py shown, in a database where cqrs-pg migrate installed cqrs_pg:
+    upgrade, downgrade (back to exactly the schema it found), upgrade again."""
+    from alembic import command
+
+    config = alembic_project(tmp_path / "myshop", block("env"), {
+        "0001_first.py": FIRST_MIGRATION,
+        "0002_customer_orders_by_status.py": migration_of(kind),
+        "0002_customer_orders_by_status.sql": "\n".join(block(step) for step in INSTALL[kind]),
+    })
+    monkeypatch.setenv("MYSHOP_DSN", db.dsn)
+    if kind == "python":
+        load_tutorial_handler()
+    registered = "SELECT kind FROM cqrs.projections WHERE name = %s"
+    cqrs_pg_versions = "SELECT array_agg(version_num ORDER BY version_num) FROM alembic_version"
+    with db.connect() as conn:
+        ours = scalar(conn, cqrs_pg_versions)
+        command.upgrade(config, "0001")
+        assert scalar(conn, "SELECT version_num FROM myshop_alembic_version") == "0001"
+        before = schema_dump(cluster, db.name)
+
+        command.upgrade(config, "head")
+        assert conn.execute(registered, (NAME,)).fetchone() == (kind,)
+        assert scalar(conn, "SELECT to_regclass(%s) IS NOT NULL", (TABLES[0],))
+
+        command.downgrade(config, "0001")
+        assert conn.execute(registered, (NAME,)).fetchone() is None
+        assert schema_dump(cluster, db.name) == before  # tables, function, grants: all gone
+
+        command.upgrade(config, "head")
+        assert scalar(conn, "SELECT version_num FROM myshop_alembic_version") == "0002"
+        assert scalar(conn, cqrs_pg_versions) == ours  # cqrs_pg's own version table: untouched
     db.run_projections()
     with db.connect() as conn:
         assert mismatches(conn) == 0

@@ -11,16 +11,21 @@ from typing import Any, TypeVar
 
 import click
 
+from cqrs_pg_tools.devcluster import ROOT_ENV
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+
 
 
 def root_option(func: F) -> F:
     return click.option(
         "--root",
         type=click.Path(file_okay=False, path_type=Path),
+        envvar=ROOT_ENV,
         default=Path(".cqrs-pg"),
         show_default=True,
-        help="Directory holding the local cluster's data.",
+        help=f"Directory holding the local cluster's data [env {ROOT_ENV}, which `dev up` exports].",
     )(func)
 
 
@@ -36,8 +41,15 @@ def dev() -> None:
 def dev_up(root: Path, replicas: int, port: int | None) -> None:
     """Start (or reuse) the cluster and print the export lines for it.
 
-    As root, the servers run as the `postgres` OS user. Use with:
-    eval "$(cqrs-pg dev up)"
+    The lines export CQRS_PG_DSN, CQRS_PG_REPLICA_DSN (with a replica) and
+    CQRS_PG_DEV_ROOT, so that in a shell that ran
+
+    \b
+    eval "$(cqrs-pg dev up --root /tmp/cqrs-pg)"
+
+    the other commands find the cluster, `cqrs-pg dev status` and `dev down` without
+    --root. As root, the servers run as the `postgres` OS user, so the root must be a
+    directory it can reach (not under a mode-700 home).
     """
     from cqrs_pg_tools.devcluster import DevCluster
 
@@ -52,10 +64,19 @@ def dev_up(root: Path, replicas: int, port: int | None) -> None:
 @root_option
 @click.option("--keep-data", is_flag=True, help="Stop the servers but keep their data.")
 def dev_down(root: Path, keep_data: bool) -> None:
-    """Stop the cluster and (unless --keep-data) delete it."""
-    from cqrs_pg_tools.devcluster import DevCluster
+    """Stop the cluster and (unless --keep-data) delete it.
 
-    DevCluster(root).down(remove=not keep_data)
+    A root that holds no dev cluster is an error (exit 1) and is left as it is.
+    """
+    from cqrs_pg_tools.devcluster import DevCluster, DevClusterError
+
+    cluster = DevCluster(root)
+    if not cluster.holds_cluster():
+        raise DevClusterError(
+            f"no dev cluster in {cluster.root}: nothing stopped or removed "
+            f"(give the --root that `cqrs-pg dev up` used, or set {ROOT_ENV} to it)"
+        )
+    cluster.down(remove=not keep_data)
     click.echo(f"stopped{'' if keep_data else ' and removed'} {root}")
 
 
@@ -94,10 +115,13 @@ def demo(clients: int, seconds: float, root: Path | None, keep: bool) -> None:
 @click.option("--seconds", default=120.0, show_default=True, type=click.FloatRange(1), help="How long the writers run.")
 @click.option("--writers", default=8, show_default=True, type=click.IntRange(1, 64), help="Concurrent command clients.")
 @click.option("--kills", type=click.IntRange(0), help="SIGKILLs of the daemon [default: one per 1.5 s, at least 10].")
-@click.option("--terminations", type=click.IntRange(0), help="pg_terminate_backend of its connections [default: one per 5 s, at least 3].")
-@click.option("--restart-primary/--no-restart-primary", default=True, show_default=True, help="Crash and restart the primary once, mid-run.")
+@click.option("--terminations", type=click.IntRange(0),
+              help="pg_terminate_backend of its connections [default: one per 5 s, at least 3].")
+@click.option("--restart-primary/--no-restart-primary", default=True, show_default=True,
+              help="Crash and restart the primary once, mid-run.")
 @click.option("--seed", type=int, help="Random seed, to repeat a run's fault timetable.")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), help="Cluster directory (default: a temporary one, kept when the run fails).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path),
+              help="Cluster directory (default: a temporary one, kept when the run fails).")
 def soak(
     seconds: float,
     writers: int,
@@ -169,27 +193,44 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Which parts to run: 1 throughput, 2 catch-up, 3 latency, 4 materialized view, 5 growth.")
 @click.option("--rounds", type=click.IntRange(1), help="Interleaved repetitions of every measurement [default: 3].")
 @click.option("--seconds", type=click.IntRange(1), help="Part 1: length of each measured pgbench run [default: 10].")
-@click.option("--clients", callback=_client_counts, metavar="N,N,...", help="Part 1: client counts (pgbench -c N -j 2) [default: 1,4,16].")
-@click.option("--variants", callback=_variant_keys, metavar="X,Y,...", help="Part 1: run only these variants, e.g. b,c for more rounds of one ratio [default: all, a-h; see docs/benchmarks.md].")
-@click.option("--warmup", type=click.IntRange(1), help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
-@click.option("--backlog", type=click.IntRange(1), metavar="N", help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
+@click.option("--clients", callback=_client_counts, metavar="N,N,...",
+              help="Part 1: client counts (pgbench -c N -j 2) [default: 1,4,16].")
+@click.option("--variants", callback=_variant_keys, metavar="X,Y,...",
+              help="Part 1: run only these variants, e.g. b,c for more rounds of one ratio "
+                   "[default: all, a-h; see docs/benchmarks.md].")
+@click.option("--warmup", type=click.IntRange(1),
+              help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
+@click.option("--backlog", type=click.IntRange(1), metavar="N",
+              help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
 @click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
-@click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS", help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
-@click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION", help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
-@click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...", help="Part 3: arrival rates, commands/s [default: 500,2000].")
+@click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS",
+              help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
+@click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+              help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
+@click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...",
+              help="Part 3: arrival rates, commands/s [default: 500,2000].")
 @click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
 @click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")
-@click.option("--matview-lines", callback=_int_list(1, 100_000_000, "10000,100000"), metavar="N,N,...", help="Part 4: order lines behind product_sales [default: 10000,100000,1000000].")
+@click.option("--matview-lines", callback=_int_list(1, 100_000_000, "10000,100000"), metavar="N,N,...",
+              help="Part 4: order lines behind product_sales [default: 10000,100000,1000000].")
 @click.option("--load-rate", type=click.IntRange(1), help="Part 4: commands/s during the debounce runs [default: 200].")
 @click.option("--load-seconds", type=click.IntRange(1), help="Part 4: seconds of each debounce run [default: 20].")
-@click.option("--history", callback=_int_list(1, 1_000_000_000, "100000,10000000"), metavar="SMALL,LARGE", help="Part 5: outbox rows of the small and the large history [default: 100000,10000000].")
-@click.option("--quick", is_flag=True, help="Every part tiny (1 round, seconds each): checks that it works, measures nothing. Options given as well override its sizes.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE", help="Also write all runs, medians, ratios and machine info here.")
-@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR", help="Write PNG plots here (part 1: throughput vs clients; part 3: latency percentiles). Needs matplotlib: pip install -e 'tools[plots]'.")
-@click.option("--dsn", metavar="DSN", help="Use this server (creates and drops databases; needs superuser) instead of a throwaway primary + replica.")
+@click.option("--history", callback=_int_list(1, 1_000_000_000, "100000,10000000"), metavar="SMALL,LARGE",
+              help="Part 5: outbox rows of the small and the large history [default: 100000,10000000].")
+@click.option("--quick", is_flag=True,
+              help="Every part tiny (1 round, seconds each): checks that it works, measures nothing. "
+                   "Options given as well override its sizes.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also write all runs, medians, ratios and machine info here.")
+@click.option("--plots", "plots_dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Write PNG plots here (part 1: throughput vs clients; part 3: latency percentiles). "
+                   "Needs matplotlib: pip install -e 'tools[plots]'.")
+@click.option("--dsn", metavar="DSN",
+              help="Use this server (creates and drops databases; needs superuser) instead of a throwaway primary + replica.")
 @click.option("--replica-dsn", metavar="DSN", help="With --dsn: its streaming replica, where part 3 watches (default: the primary).")
 @click.pass_context
-def bench(ctx: click.Context, quick: bool, json_path: Path | None, plots_dir: Path | None, **options: Any) -> None:
+# ctx positional-only, or click's typed pass_context cannot tell it from **options
+def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir: Path | None, **options: Any) -> None:
     """Measure what the design costs, each figure beside a baseline from the same run.
 
     \b
@@ -223,10 +264,7 @@ def bench(ctx: click.Context, quick: bool, json_path: Path | None, plots_dir: Pa
     if "backlog" in overrides and overrides["backlog"] < 10:
         raise click.BadParameter(f"{overrides['backlog']}: the backlog must be at least 10 events", param_hint="--backlog")
     connection = {"dsn": options["dsn"], "replica_dsn": options["replica_dsn"]}
-    if quick:
-        config = BenchConfig.quick_config(**connection, **overrides)
-    else:
-        config = BenchConfig(**connection, **overrides)
+    config = BenchConfig.quick_config(**connection, **overrides) if quick else BenchConfig(**connection, **overrides)
     words = ["cqrs-pg bench"]
     for param in ctx.command.params:
         if param.name in ("json_path", "plots_dir") or param.name is None:

@@ -96,9 +96,9 @@ def _table(echo: Callable[[str], None], conn: psycopg.Connection, title: str, qu
     rows = [[("" if v is None else str(v)) for v in row] for row in cur.fetchall()]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     echo(f"\n{title}")
-    echo("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)))
+    echo("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for r in rows:
-        echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        echo("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
 
 
 def _report(echo: Callable[[str], None], dsn: str, replica_dsn: str) -> None:

@@ -44,8 +44,12 @@ from cqrs_pg.errors import CqrsPgError
 
 logger = logging.getLogger("cqrs_pg_tools.devcluster")
 
-__all__ = ["DevCluster", "DevClusterError", "NodeInfo", "find_bindir"]
+__all__ = ["ROOT_ENV", "DevCluster", "DevClusterError", "NodeInfo", "find_bindir"]
 
+# The root of `cqrs-pg dev up/down/status` when --root is not given. export_lines() sets
+# it, so that after `eval "$(cqrs-pg dev up --root DIR)"` the later `dev status` and
+# `dev down` of that shell find the cluster without --root.
+ROOT_ENV = "CQRS_PG_DEV_ROOT"
 STATE_FILE = "cluster.json"
 _STATE_VERSION = 1
 _SETTINGS_FILE = "cqrs_pg.conf"  # shared settings: pg_basebackup copies it to every replica
@@ -186,9 +190,15 @@ class DevCluster:
             self._create(replicas, base_port, wait)
         return self.status()
 
+    def holds_cluster(self) -> bool:
+        """Whether ``root`` holds a dev cluster: its cluster.json, or the data directory of
+        a node whose cluster.json is gone."""
+        return self.root.is_dir() and ((self.root / STATE_FILE).exists() or bool(self._orphan_nodes()))
+
     def down(self, remove: bool = True) -> None:
-        """Stop every node (replicas first), then delete ``root`` if ``remove``."""
-        if not self.root.exists():
+        """Stop every node (replicas first), then delete ``root`` if ``remove``. A root
+        that holds no dev cluster (see holds_cluster) is left as it is."""
+        if not self.holds_cluster():
             return
         state = self._read_state()
         nodes = state["nodes"] if state else self._orphan_nodes()
@@ -300,10 +310,12 @@ class DevCluster:
             time.sleep(0.1)
 
     def export_lines(self, dbname: str = "postgres") -> str:
-        """Shell lines exporting CQRS_PG_DSN and (if there is a replica) CQRS_PG_REPLICA_DSN."""
+        """Shell lines exporting CQRS_PG_DSN, (if there is a replica) CQRS_PG_REPLICA_DSN,
+        and CQRS_PG_DEV_ROOT (this root, for the later `cqrs-pg dev` commands)."""
         lines = [f"export CQRS_PG_DSN={shlex.quote(self.primary_dsn(dbname))}"]
         if _replicas(self._require_state()):
             lines.append(f"export CQRS_PG_REPLICA_DSN={shlex.quote(self.replica_dsn(dbname))}")
+        lines.append(f"export {ROOT_ENV}={shlex.quote(str(self.root))}")
         return "\n".join(lines)
 
     # -- building ----------------------------------------------------------------------------
@@ -319,7 +331,7 @@ class DevCluster:
         self._check_service_user()
         ports = self._choose_ports(replicas + 1, base_port)
         names = ["primary"] + [f"replica{i}" for i in range(1, replicas + 1)]
-        nodes = [self._node_record(name, port) for name, port in zip(names, ports)]
+        nodes = [self._node_record(name, port) for name, port in zip(names, ports, strict=True)]
         for node in nodes:
             sock = Path(node["sockdir"]) / f".s.PGSQL.{node['port']}"
             if len(str(sock)) > _MAX_SOCKET_PATH:
@@ -776,9 +788,10 @@ def _conninfo(**params: str) -> str:
     """A libpq key=value conninfo, values quoted where libpq needs it."""
     parts = []
     for key, value in params.items():
+        quoted = value
         if value == "" or re.search(r"[\s'\\]", value):
-            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-        parts.append(f"{key}={value}")
+            quoted = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        parts.append(f"{key}={quoted}")
     return " ".join(parts)
 
 
