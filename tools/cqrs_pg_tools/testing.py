@@ -48,6 +48,7 @@ from psycopg.types.json import Jsonb
 
 import cqrs_pg
 from cqrs_pg.daemon import Listener, ListenerConfig
+from cqrs_pg.db import scalar  # re-exported: the tests read single values with it too
 from cqrs_pg.migrate import migrate
 from cqrs_pg.projections import handler_for, run_batch
 from cqrs_pg_tools.devcluster import DevCluster, find_bindir
@@ -135,12 +136,6 @@ def wait_until(predicate: Callable[[], object], what: str = "a condition", timeo
 
 
 # -- databases ----------------------------------------------------------------------------
-
-
-def scalar(conn: psycopg.Connection, query: str, params: tuple[Any, ...] = ()) -> Any:
-    row = conn.execute(query, params).fetchone()
-    assert row is not None
-    return row[0]
 
 
 def outbox_count(conn: psycopg.Connection) -> int:
