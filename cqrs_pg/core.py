@@ -154,6 +154,20 @@ $$;
 """
 
 
+def forward_only(revision: str) -> None:
+    """The downgrade() of every revision after the baseline: refuses, unless the
+    downgrade goes to base, whose baseline downgrade removes everything (itself included)."""
+    from alembic import context
+
+    destination = context.get_revision_argument()
+    if destination in ("base", None) or (isinstance(destination, str) and destination.endswith("@base")):
+        return
+    raise ConfigError(
+        f"{revision} cannot be downgraded: migrations are forward-only after their baseline; "
+        "downgrade to base (`cqrs-pg migrate --to base`) removes everything"
+    )
+
+
 def uninstall(target: Any) -> None:
     """Removes the engine: rebuild shadow schemas, schema cqrs with everything in it (drop
     your own objects that use it first: CASCADE would take your capture triggers and your

@@ -77,6 +77,29 @@ def test_the_example_alone_goes_and_leaves_the_engine_clean(empty_db: Database) 
     assert current_revisions(empty_db.dsn) == [head_revisions()["cqrs"]]
 
 
+def test_a_revision_after_the_baseline_upgrades_data_and_refuses_to_go_back(empty_db: Database) -> None:
+    """A database at the baseline with projections and events upgrades in place (existing
+    projections keep their checkpoints and run with the default policy); going back to a
+    revision after base is refused in one line and changes nothing."""
+    heads = head_revisions()
+    assert heads["cqrs"] != "cqrs_0001", "the test needs a revision after the baseline"
+    migrate(empty_db.dsn, "cqrs_0001")
+    with empty_db.connect() as conn:
+        conn.execute("CREATE TABLE public.t (id bigint PRIMARY KEY)")
+        conn.execute("CREATE FUNCTION public.apply_t(a bigint, b bigint) RETURNS void LANGUAGE sql AS ''")
+        conn.execute("SELECT cqrs.register_projection('t', 'sql', 'public.apply_t', search_path => 'public',"
+                     " tables => ARRAY['public.t']::regclass[])")
+        conn.execute("UPDATE cqrs.projections SET last_position = 7")
+        migrate(empty_db.dsn)
+        assert current_revisions(empty_db.dsn) == [heads["cqrs"]]
+        assert conn.execute("SELECT last_position, on_error, state FROM cqrs.projections").fetchone() == (7, "halt", "running")
+        with pytest.raises(ConfigError, match="forward-only") as refused:
+            migrate(empty_db.dsn, "cqrs_0001")
+        assert "\n" not in str(refused.value)
+        assert current_revisions(empty_db.dsn) == [heads["cqrs"]]
+        conn.execute("DROP TABLE public.t CASCADE")
+
+
 def test_alembic_command_line_uses_cqrs_pg_dsn(empty_db: Database) -> None:
     """`alembic` from the repository root, configured only by CQRS_PG_DSN."""
     env = {**os.environ, "CQRS_PG_DSN": empty_db.dsn}

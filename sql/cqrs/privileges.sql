@@ -16,7 +16,7 @@ GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 -- projection's handler writes its tables as this role: grant those with the projection.
 -- prune_receipts: an operator's cron job may run as the daemon's role.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
-GRANT SELECT ON cqrs.projections TO cqrs_listener;
+GRANT SELECT ON cqrs.projections, cqrs.parked TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
     cqrs.claim_batch(text, integer, boolean, boolean),
@@ -27,6 +27,10 @@ GRANT EXECUTE ON FUNCTION
     cqrs.take_mark(text),
     cqrs.mark_usable(text, interval),
     cqrs.projection_status(),
+    cqrs.projection_failed(text, bigint, text, text, integer),
+    cqrs.claim_parked(text),
+    cqrs.apply_parked(text, bigint),
+    cqrs.parked_failed(text, bigint, text, text),
     cqrs.fence_blockers(),
     cqrs.fence_status(),
     cqrs.work_pending(text[]),

@@ -6,7 +6,8 @@
 -- not find it after its last batch, cqrs.run_projection). It also keeps what
 -- cqrs._read_limit found: the final position, and mark_position (NULL: none) as this
 -- transaction's mark, with this transaction's xid, in place of the stored one when that
--- may be replaced (cqrs._mark_replaceable). Shared by every reader of the batch protocol.
+-- may be replaced (cqrs._mark_replaceable). A halted projection whose checkpoint passes
+-- the event it halted at runs again. Shared by every reader of the batch protocol.
 CREATE OR REPLACE FUNCTION cqrs._advance_checkpoint(
     projection text, rebuild boolean, to_position bigint, n bigint, refreshed boolean,
     final_position bigint, fence xid8, mark_position bigint)
@@ -40,6 +41,13 @@ BEGIN
            horizon_position = CASE WHEN new_horizon IS NULL THEN c.horizon_position ELSE to_position END,
            refreshed_at = CASE WHEN refreshed THEN now() ELSE c.refreshed_at END,
            updated_at = now(),
+           -- past the event it halted at: running again
+           state = CASE WHEN to_position >= c.failed_position THEN 'running' ELSE c.state END,
+           failed_position = CASE WHEN to_position >= c.failed_position THEN NULL ELSE c.failed_position END,
+           failed_error = CASE WHEN to_position >= c.failed_position THEN NULL ELSE c.failed_error END,
+           failed_sqlstate = CASE WHEN to_position >= c.failed_position THEN NULL ELSE c.failed_sqlstate END,
+           failed_attempts = CASE WHEN to_position >= c.failed_position THEN NULL ELSE c.failed_attempts END,
+           failed_at = CASE WHEN to_position >= c.failed_position THEN NULL ELSE c.failed_at END,
            final_position = greatest(c.final_position, _advance_checkpoint.final_position),
            mark_xmax = CASE WHEN _advance_checkpoint.mark_position IS NOT NULL
                                  AND cqrs._mark_replaceable(c.mark_xmax, fence, now_xmax)

@@ -1,5 +1,7 @@
 -- Per projection: checkpoint (and the transaction of the last event at or before it),
--- events not yet applied and the age of the oldest of them.
+-- events not yet applied and the age of the oldest of them; its state ('running',
+-- 'halted') with the event it halted at and the error, and its events set aside (parked,
+-- skipped: cqrs.parked).
 -- jit off: the planner cannot know how far behind a projection is, and its guess for a
 -- big outbox (a third of it) set off JIT compilation that cost 150 ms (measured).
 CREATE OR REPLACE FUNCTION cqrs.projection_status()
@@ -13,7 +15,17 @@ RETURNS TABLE (
     events_behind bigint,
     seconds_behind double precision,
     updated_at timestamptz,
-    refreshed_at timestamptz)
+    refreshed_at timestamptz,
+    state text,
+    on_error text,
+    failed_position bigint,
+    failed_event_type text,
+    failed_error text,
+    failed_sqlstate text,
+    failed_attempts integer,
+    failed_at timestamptz,
+    parked bigint,
+    skipped bigint)
 LANGUAGE sql
 STABLE
 SECURITY DEFINER
@@ -25,7 +37,12 @@ AS $$
            p.last_position, p.horizon, p.applied_events,
            behind.n,
            coalesce(extract(epoch FROM clock_timestamp() - behind.oldest), 0)::double precision,
-           p.updated_at, p.refreshed_at
+           p.updated_at, p.refreshed_at,
+           p.state, p.on_error, p.failed_position,
+           (SELECT o.event_type FROM cqrs.outbox o WHERE o.position = p.failed_position),
+           p.failed_error, p.failed_sqlstate, p.failed_attempts, p.failed_at,
+           (SELECT count(*) FROM cqrs.parked k WHERE k.projection = p.name AND k.outcome = 'parked'),
+           (SELECT count(*) FROM cqrs.parked k WHERE k.projection = p.name AND k.outcome = 'skipped')
       FROM cqrs.projections p
      CROSS JOIN LATERAL (
            SELECT count(*) AS n, min(o.occurred_at) AS oldest

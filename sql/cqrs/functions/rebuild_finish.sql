@@ -86,8 +86,17 @@ BEGIN
            horizon = greatest(c.horizon, cqrs._horizon(r.last_position, lim.fence)),
            final_position = greatest(c.final_position, r.final_position, lim.final_position),
            tables = swapped,
-           updated_at = now()
+           updated_at = now(),
+           -- the rebuild applied every event up to its checkpoint: a halt at one of them
+           -- is over, and its parked and skipped events are in the new read model
+           state = CASE WHEN r.last_position >= c.failed_position THEN 'running' ELSE c.state END,
+           failed_position = CASE WHEN r.last_position >= c.failed_position THEN NULL ELSE c.failed_position END,
+           failed_error = CASE WHEN r.last_position >= c.failed_position THEN NULL ELSE c.failed_error END,
+           failed_sqlstate = CASE WHEN r.last_position >= c.failed_position THEN NULL ELSE c.failed_sqlstate END,
+           failed_attempts = CASE WHEN r.last_position >= c.failed_position THEN NULL ELSE c.failed_attempts END,
+           failed_at = CASE WHEN r.last_position >= c.failed_position THEN NULL ELSE c.failed_at END
      WHERE c.name = projection;
+    DELETE FROM cqrs.parked k WHERE k.projection = rebuild_finish.projection AND k.position <= r.last_position;
     DELETE FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection;
     RETURN r.applied_events;
 END

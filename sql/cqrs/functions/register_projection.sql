@@ -5,7 +5,10 @@
 -- kind 'python' is applied by the daemon with a Python handler registered under the same
 -- name (cqrs_pg.projections.register), its unqualified table names resolved through
 -- search_path, seeing only events of event_types (NULL: all), writing the tables listed
--- in `tables` (what cqrs-pg rebuild rebuilds). A new projection starts from the first
+-- in `tables` (what cqrs-pg rebuild rebuilds). on_error: what the daemon does with an
+-- event that still fails after its retries, 'halt' (stay at it until `cqrs-pg retry` or
+-- `cqrs-pg skip`) or 'park' (set it aside, listed by `cqrs-pg parked`, and go on; not for
+-- a matview, whose refresh covers every event). A new projection starts from the first
 -- event.
 CREATE OR REPLACE FUNCTION cqrs.register_projection(
     name text,
@@ -14,12 +17,29 @@ CREATE OR REPLACE FUNCTION cqrs.register_projection(
     matview regclass DEFAULT NULL,
     event_types text[] DEFAULT NULL,
     search_path text DEFAULT NULL,
-    tables regclass[] DEFAULT NULL)
+    tables regclass[] DEFAULT NULL,
+    on_error text DEFAULT 'halt')
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- at most 50 characters: a rebuild's shadow schema is named cqrs_rebuild_<name>
+    PERFORM cqrs._require_text('name', name, 50);
+    IF kind IS NULL OR kind NOT IN ('sql', 'matview', 'python') THEN
+        PERFORM cqrs._fail('CQ001', format('kind must be ''sql'', ''matview'' or ''python'', not %L', kind));
+    END IF;
+    IF kind = 'sql' AND (apply_function IS NULL OR search_path IS NULL OR tables IS NULL) THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'sql projection %L needs apply_function, search_path and tables', name));
+    ELSIF kind = 'python' AND search_path IS NULL THEN
+        PERFORM cqrs._fail('CQ001', format('python projection %L needs search_path', name));
+    ELSIF kind = 'matview' AND matview IS NULL THEN
+        PERFORM cqrs._fail('CQ001', format('matview projection %L needs matview', name));
+    END IF;
+    IF EXISTS (SELECT 1 FROM cqrs.projections c WHERE c.name = register_projection.name) THEN
+        PERFORM cqrs._fail('CQ003', format('projection %L is already registered', name));
+    END IF;
     IF apply_function IS NOT NULL AND NOT EXISTS (
         SELECT 1 FROM pg_proc f
          WHERE f.oid = apply_function
@@ -27,8 +47,15 @@ BEGIN
         PERFORM cqrs._fail('CQ001', format(
             'apply function %s must take (from_position bigint, to_position bigint)', apply_function));
     END IF;
-    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables)
-    VALUES (name, kind, apply_function, matview, event_types, search_path, tables);
+    IF on_error IS NULL OR on_error NOT IN ('halt', 'park') THEN
+        PERFORM cqrs._fail('CQ001', format('on_error must be ''halt'' or ''park'', not %L', on_error));
+    END IF;
+    IF kind = 'matview' AND on_error = 'park' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'matview projection %L cannot park events (a refresh covers them all): use on_error ''halt''', name));
+    END IF;
+    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error)
+    VALUES (name, kind, apply_function, matview, event_types, search_path, tables, on_error);
     -- a view's row of cqrs.refreshing, there before its first refresh (cqrs._exempt_from_fence)
     INSERT INTO cqrs.refreshing (projection) SELECT register_projection.name WHERE register_projection.kind = 'matview';
 END

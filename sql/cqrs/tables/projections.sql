@@ -28,9 +28,28 @@ CREATE TABLE cqrs.projections (
     mark_position    bigint,
     refreshed_at     timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- what the daemon does with an event that still fails after its retries: 'halt' (stay
+    -- at it until an operator retries or skips it) or 'park' (set it aside in cqrs.parked
+    -- and go on)
+    on_error         text NOT NULL DEFAULT 'halt',
+    -- 'halted': the event at failed_position, the first after the checkpoint, failed
+    -- failed_attempts times, the last with failed_error (failed_sqlstate: NULL for a python
+    -- handler's exception); applying past it, cqrs.skip_event or cqrs.retry_projection
+    -- makes it 'running' again
+    state            text NOT NULL DEFAULT 'running',
+    failed_position  bigint,
+    failed_error     text,
+    failed_sqlstate  text,
+    failed_attempts  integer,
+    failed_at        timestamptz,
     CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview', 'python')),
     CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
     -- python: a handler registered by name in the daemon (cqrs_pg.projections.register)
     CONSTRAINT projections_python_has_search_path CHECK (kind <> 'python' OR search_path IS NOT NULL),
-    CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL)
+    CONSTRAINT projections_matview_has_view CHECK (kind <> 'matview' OR matview IS NOT NULL),
+    CONSTRAINT projections_on_error CHECK (on_error IN ('halt', 'park')),
+    -- a view's refresh covers every event: none can be set aside
+    CONSTRAINT projections_matview_halts CHECK (kind <> 'matview' OR on_error = 'halt'),
+    CONSTRAINT projections_state CHECK (state IN ('running', 'halted')),
+    CONSTRAINT projections_halted_at CHECK ((state = 'halted') = (failed_position IS NOT NULL))
 );
