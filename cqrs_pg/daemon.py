@@ -30,7 +30,7 @@ import psycopg
 from cqrs_pg.db import connect, redact, require_migrated, scalar
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable
 from cqrs_pg.metrics import Metrics
-from cqrs_pg.projections import handler_for, run_batch
+from cqrs_pg.projections import handler_for, read_events, run_batch
 
 logger = logging.getLogger("cqrs_pg.daemon")
 
@@ -39,6 +39,22 @@ CHANNEL = "cqrs_outbox"
 WAIT_SLICE = 0.25
 # Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
 LAG_INTERVAL = 5.0
+# Read the registrations (projections added, removed, halted, retried) this often.
+REGISTRY_INTERVAL = 1.0
+# The longest wait before a failing batch is tried again.
+MAX_BACKOFF = 30.0
+# What the daemon serves: each projection's kind, schemas, state, and whether parked
+# events wait to be applied again (cqrs-pg retry).
+REGISTRY_SQL = (
+    "SELECT p.name, p.kind, p.search_path, p.state,"
+    " EXISTS (SELECT 1 FROM cqrs.parked k WHERE k.projection = p.name AND k.retry)"
+    " FROM cqrs.projections p ORDER BY p.name"
+)
+CHECKPOINT_SQL = "SELECT last_position FROM cqrs.projections WHERE name = %s"
+FAILED_SQL = "SELECT outcome, position, event_type FROM cqrs.projection_failed(%s, %s, %s, %s, %s)"
+CLAIM_PARKED_SQL = "SELECT position, busy, search_path FROM cqrs.claim_parked(%s)"
+APPLY_PARKED_SQL = "SELECT cqrs.apply_parked(%s, %s)"
+PARKED_FAILED_SQL = "SELECT cqrs.parked_failed(%s, %s, %s, %s)"
 # One batch of a sql projection, or a materialized view's refresh.
 RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
 # The fence, and whether committed events wait above it (held back by an open transaction).
@@ -96,6 +112,17 @@ class ListenerConfig:
     # Warn when committed events have waited this long behind an open transaction, and
     # again every stall_warning seconds while they still wait.
     stall_warning: float = 30.0
+    # A batch that fails is tried again retry_attempts times, retry_backoff seconds later,
+    # doubling; then narrowed, halving, to the event that fails, which gets retry_attempts
+    # tries too before the projection's policy (on_error) halts it there or parks the event.
+    # The other projections go on meanwhile.
+    retry_attempts: int = 3
+    retry_backoff: float = 0.2
+    # The daemon's own timeouts on its connections, whatever the database's defaults: a
+    # statement (a batch, a refresh) or a lock wait that takes longer is a projection's
+    # error, retried as above; 0: none.
+    statement_timeout: float = 600.0
+    lock_timeout: float = 60.0
     # Serve Prometheus metrics on this port (0: any free port; None: not served).
     metrics_port: int | None = None
     metrics_addr: str = "0.0.0.0"
@@ -123,6 +150,35 @@ class Progress:
     def merge(self, other: Progress) -> None:
         self.add(other.applied, other.retry_after, other.more)
         self.work = max(self.work, other.work)
+
+
+@dataclass
+class Registration:
+    kind: str
+    search_path: str | None
+    state: str
+    # parked events wait to be applied again (cqrs-pg retry)
+    retry_parked: bool
+
+
+@dataclass
+class Trouble:
+    """A projection whose batches fail: where it is on the way from retrying its batch to
+    acting on the one event that fails."""
+
+    # batch size of the next try: the configured one, then halved down to 1
+    size: int
+    first_size: int
+    # failed tries at this size (counted at the full size, and at one event)
+    attempts: int = 0
+    narrowing: bool = False
+    next_try: float = 0.0
+    # events applied since the first failure: past first_size, the failing batch is passed
+    passed: int = 0
+    # the checkpoint when the last try began
+    after: int | None = None
+    error: str = ""
+    sqlstate: str | None = None
 
 
 @dataclass
@@ -157,6 +213,15 @@ class Listener:
         self._count_lock = threading.Lock()
         # the last round stopped at a full batch: the next needs no fresh mark
         self._catching_up = False
+        # the registrations as last read, and what this daemon serves of them
+        self._registry: dict[str, Registration] = {}
+        self._registry_due = 0.0
+        self._names: list[str] = []
+        # projections whose batches fail, and those halted (not run until retried or
+        # skipped, or until this process restarts: a new daemon tries the event once more)
+        self._trouble: dict[str, Trouble] = {}
+        self._halted: set[str] = set()
+        self._started = False
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -237,29 +302,22 @@ class Listener:
 
     def _serve(self, conn: psycopg.Connection) -> None:
         cfg = self.config
+        _own_timeouts(conn, cfg)
         conn.execute(f"LISTEN {CHANNEL}")
-        names = cfg.projections or [r[0] for r in conn.execute("SELECT name FROM cqrs.projections ORDER BY name")]
-        registered = {r[0]: (r[1], r[2]) for r in conn.execute("SELECT name, kind, search_path FROM cqrs.projections")}
-        unknown = set(names) - set(registered)
-        if unknown:
-            raise CqrsPgError(f"unknown projection(s): {', '.join(sorted(unknown))}")
-        self._python = {name: registered[name][1] for name in names if registered[name][0] == "python"}
-        # matview projections: name -> seconds its last refresh took
-        self._matviews = {name: 0.0 for name in names if registered[name][0] == "matview"}
-        logger.info("projections: %s", ", ".join(names))
-        with self._count_lock:
-            for name in names:
-                self.applied.setdefault(name, 0)
+        self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)
         sleeping = False
         slept_at = 0.0
         last_event = time.monotonic()
         while not self.stopping:
             started = time.monotonic()
+            if started >= self._registry_due:
+                self._read_registry(conn)
+            names = self._serving()
             progress = self._run_all(conn, names)
             now = time.monotonic()
             self._observe(conn, names, now, applied=progress.applied)
-            if progress.pending == len(names):
+            if names and progress.pending == len(names):
                 continue  # only refreshes running, none ended within WAIT_SLICE
             if progress.applied:
                 if sleeping:
@@ -293,6 +351,70 @@ class Listener:
                 self._heartbeat(conn, sleeping=False)
                 sleeping = False
                 last_event = time.monotonic()
+
+    def _read_registry(self, conn: psycopg.Connection, first: bool = False) -> None:
+        """The registrations as they are now: projections registered since are picked up,
+        removed ones let go, halted ones set aside (and, when this process has just started,
+        tried once more), retried ones run again."""
+        self._registry_due = time.monotonic() + REGISTRY_INTERVAL
+        registry = {
+            name: Registration(kind, search_path, state, bool(retry))
+            for name, kind, search_path, state, retry in conn.execute(REGISTRY_SQL)
+        }
+        wanted = self.config.projections
+        if first and wanted:
+            unknown = set(wanted) - set(registry)
+            if unknown:
+                raise CqrsPgError(f"unknown projection(s): {', '.join(sorted(unknown))}")
+        names = [name for name in registry if wanted is None or name in wanted]
+        gone = [name for name in self._names if name not in registry]
+        for name in gone:
+            logger.info("%s: its registration was removed: let go", name, extra={"projection": name})
+            self._trouble.pop(name, None)
+            self._halted.discard(name)
+            self.metrics.halted(name, False)
+        if first or not self._started:
+            logger.info("projections: %s", ", ".join(names) if names else "none registered yet: waiting for one")
+        else:
+            for name in names:
+                if name not in self._names:
+                    logger.info("%s: registered: picked up", name, extra={"projection": name})
+        for name in names:
+            reg = registry[name]
+            if reg.state == "halted":
+                if not self._started:
+                    # A new daemon tries the event once more (a fix may have been deployed);
+                    # failing, the projection halts there again. It never skips it.
+                    size = 1 if reg.kind != "matview" else self.config.batch_size
+                    self._trouble[name] = Trouble(size=size, first_size=size, narrowing=True)
+                elif name not in self._trouble:
+                    self._halt(name)
+            elif name in self._halted:
+                logger.info("%s: running again", name, extra={"projection": name})
+                self._halted.discard(name)
+                self.metrics.halted(name, False)
+        self._started = True
+        self._registry = registry
+        self._names = names
+        self._python = {name: registry[name].search_path or "" for name in names if registry[name].kind == "python"}
+        self._matviews = {name: self._matviews.get(name, 0.0) for name in names if registry[name].kind == "matview"}
+        with self._count_lock:
+            for name in names:
+                self.applied.setdefault(name, 0)
+
+    @property
+    def serving(self) -> list[str]:
+        """The projections it serves now (halted ones included)."""
+        return list(self._names)
+
+    def _serving(self) -> list[str]:
+        """The projections to run this round: registered, asked for, not halted."""
+        return [name for name in self._names if name not in self._halted]
+
+    def _halt(self, name: str) -> None:
+        if name not in self._halted:
+            self._halted.add(name)
+            self.metrics.halted(name, True)
 
     def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:
         """Awake after recent events: look for work every linger_poll with one cheap query
@@ -352,7 +474,10 @@ class Listener:
             except BaseException as exc:  # noqa: BLE001 - re-raised below, once every ended turn is collected
                 failure = failure or exc
         if failure is not None:
-            raise failure
+            raise failure  # a turn catches every projection's error: this is a stop (KeyboardInterrupt) or a bug
+        for name in list(self._workers):
+            if name not in self._names and name not in self._running:
+                self._close_worker(name)  # let go
         self._catching_up = progress.more
         return progress
 
@@ -363,55 +488,188 @@ class Listener:
         wait(running)
 
     def _turn(self, name: str) -> Progress:
-        """Up to batches_per_turn batches of one projection, on its own connection."""
-        cfg = self.config
+        """Up to batches_per_turn batches of one projection, on its own connection. Any
+        error stays with this projection (_failed); the others go on."""
         progress = Progress()
-        conn = self._worker_conn(name)
+        trouble = self._trouble.get(name)
+        if trouble is not None and trouble.next_try > time.monotonic():
+            progress.retry_after = trouble.next_try - time.monotonic()
+            return progress
+        size = self.config.batch_size if trouble is None else trouble.size
+        conn: psycopg.Connection | None = None
         try:
-            for _ in range(cfg.batches_per_turn):
-                if self.stopping:
-                    break
-                started, worked = time.monotonic(), progress.work
-                if name in self._python:
-                    handler = handler_for(name)
-                    if handler is None:
-                        self._no_handler(name)
-                        break
-                    batch = run_batch(conn, name, handler, cfg.batch_size)
-                    applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
-                    progress.work += batch.work_seconds
-                else:
-                    params = (name, cfg.batch_size, self._refresh_interval(name))
-                    if name in self._matviews:  # a refresh keeps to its own budget
-                        row = conn.execute(RUN_SQL, params).fetchone()
-                    else:
-                        with conn.transaction():  # to time the work apart from the commit
-                            row = conn.execute(RUN_SQL, params).fetchone()
-                            progress.work += time.monotonic() - started
-                    assert row is not None
-                    applied, more, busy, retry_after = row
-                progress.add(applied, retry_after, bool(more) and not busy)
-                if name in self._matviews and applied:
-                    self._matviews[name] = time.monotonic() - started  # the refresh's cost
-                if applied:
-                    with self._count_lock:
-                        self.applied[name] = self.applied.get(name, 0) + applied
-                        self.batches += 1
-                    seconds = time.monotonic() - started
-                    self.metrics.batch(name, applied, seconds)
-                    logger.debug(
-                        "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
-                        extra={
-                            "projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3),
-                            "work_ms": round((progress.work - worked) * 1000, 3),  # commit left out
-                        },
-                    )
-                if not more or busy:
-                    break
-        except BaseException:
-            self._close_worker(name)
-            raise
+            conn = self._worker_conn(name)
+            registration = self._registry.get(name)
+            if registration is not None and registration.retry_parked:
+                self._apply_parked(conn, name)
+                registration.retry_parked = False
+            if trouble is not None:
+                row = conn.execute(CHECKPOINT_SQL, (name,)).fetchone()
+                if row is None:
+                    raise _Gone(name)
+                trouble.after = row[0]
+            self._batches(conn, name, size, progress, once=trouble is not None)
+        except _Gone:
+            self._registry_due = 0.0  # removed: let go at the next read of the registrations
+        except Exception as exc:  # noqa: BLE001 - any error of one projection stays with it
+            if conn is None or conn.broken or conn.closed or isinstance(exc, DatabaseUnavailable):
+                # not the projection's error: its connection is lost (the main one will
+                # notice too when the server is down); a new one next round
+                self._close_worker(name)
+                logger.warning("%s: connection lost (%s); reconnecting", name, _first_line(exc),
+                               extra={"projection": name})
+                progress.retry_after = self.config.poll_interval
+            elif isinstance(exc, psycopg.Error) and exc.sqlstate == "CQ002":
+                self._registry_due = 0.0  # the registration is gone
+            else:
+                self._failed(conn, name, exc, size)
+                failing = self._trouble.get(name)
+                if failing is not None:
+                    progress.retry_after = max(0.0, failing.next_try - time.monotonic())
+            return progress
+        if trouble is not None and self._trouble.get(name) is trouble and progress.applied:
+            # a try that applied nothing (a view not due yet, events behind the fence)
+            # proves nothing: the trouble stays
+            trouble.passed += progress.applied
+            if trouble.passed >= trouble.first_size or not progress.more:
+                del self._trouble[name]  # past the batch that failed: a passing problem
+                logger.info("%s: applying again after %d failed tr%s", name, trouble.attempts,
+                            "y" if trouble.attempts == 1 else "ies", extra={"projection": name})
         return progress
+
+    def _batches(self, conn: psycopg.Connection, name: str, size: int, progress: Progress, once: bool) -> None:
+        cfg = self.config
+        for _ in range(1 if once else cfg.batches_per_turn):
+            if self.stopping:
+                break
+            started, worked = time.monotonic(), progress.work
+            if name in self._python:
+                handler = handler_for(name)
+                if handler is None:
+                    self._no_handler(name)
+                    break
+                batch = run_batch(conn, name, handler, size)
+                applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
+                progress.work += batch.work_seconds
+            else:
+                params = (name, size, self._refresh_interval(name))
+                if name in self._matviews:  # a refresh keeps to its own budget
+                    row = conn.execute(RUN_SQL, params).fetchone()
+                else:
+                    with conn.transaction():  # to time the work apart from the commit
+                        row = conn.execute(RUN_SQL, params).fetchone()
+                        progress.work += time.monotonic() - started
+                assert row is not None
+                applied, more, busy, retry_after = row
+            progress.add(applied, retry_after, bool(more) and not busy)
+            if name in self._matviews and applied:
+                self._matviews[name] = time.monotonic() - started  # the refresh's cost
+            if applied:
+                with self._count_lock:
+                    self.applied[name] = self.applied.get(name, 0) + applied
+                    self.batches += 1
+                seconds = time.monotonic() - started
+                self.metrics.batch(name, applied, seconds)
+                logger.debug(
+                    "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
+                    extra={
+                        "projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3),
+                        "work_ms": round((progress.work - worked) * 1000, 3),  # commit left out
+                    },
+                )
+            if not more or busy:
+                break
+
+    def _failed(self, conn: psycopg.Connection, name: str, exc: Exception, size: int) -> None:
+        """A batch of `name` failed: try it again later, narrow it, or act on the one event
+        that fails by the projection's policy."""
+        cfg = self.config
+        error, sqlstate = _describe(exc)
+        self.metrics.projection_error(name)
+        trouble = self._trouble.get(name)
+        if trouble is None:
+            trouble = self._trouble[name] = Trouble(size=size, first_size=size)
+        trouble.error, trouble.sqlstate = error, sqlstate
+        now = time.monotonic()
+        single = size == 1 or name in self._matviews  # a refresh cannot be narrowed
+        if not single and trouble.narrowing:
+            trouble.size = max(1, size // 2)
+            trouble.next_try = now
+            logger.info("%s: batch of %d failed again; trying %d events (%s)", name, size, trouble.size, error,
+                        extra={"projection": name, "error": error, "sqlstate": sqlstate})
+            return
+        trouble.attempts += 1
+        if trouble.attempts < cfg.retry_attempts:
+            backoff = min(cfg.retry_backoff * 2 ** (trouble.attempts - 1), MAX_BACKOFF)
+            trouble.next_try = now + backoff
+            logger.warning(
+                "%s: %s failed (try %d of %d), trying again in %.1fs: %s", name,
+                "its event" if size == 1 else f"a batch of up to {size} events", trouble.attempts,
+                cfg.retry_attempts, backoff, error,
+                extra={"projection": name, "error": error, "sqlstate": sqlstate, "attempts": trouble.attempts},
+            )
+            return
+        if not single:
+            # The batch fails every time: find the event that fails, halving the batch.
+            trouble.narrowing, trouble.attempts = True, 0
+            trouble.size, trouble.next_try = max(1, size // 2), now
+            logger.warning("%s: a batch of up to %d events failed %d times: narrowing it to the event that fails",
+                           name, size, cfg.retry_attempts, extra={"projection": name, "error": error})
+            return
+        # The one event after the checkpoint fails every time: act by the policy.
+        del self._trouble[name]
+        row = conn.execute(FAILED_SQL, (name, trouble.after, error, sqlstate, trouble.attempts)).fetchone()
+        assert row is not None
+        outcome, position, event_type = row
+        extra = {"projection": name, "position": position, "event_type": event_type, "error": error,
+                 "sqlstate": sqlstate, "attempts": trouble.attempts}
+        if outcome == "halted":
+            self._halt(name)
+            logger.error(
+                "%s: halted at event %s (%s) after %d tries: %s%s; the other projections go on. Once fixed: "
+                "`cqrs-pg retry %s`; to leave the event out: `cqrs-pg skip %s --position %s`",
+                name, position, event_type, trouble.attempts, error, f" [SQLSTATE {sqlstate}]" if sqlstate else "",
+                name, name, position, extra=extra,
+            )
+        elif outcome == "parked":
+            self.metrics.parked(name)
+            logger.warning(
+                "%s: parked event %s (%s) after %d tries and went on: %s%s (`cqrs-pg parked %s`)",
+                name, position, event_type, trouble.attempts, error, f" [SQLSTATE {sqlstate}]" if sqlstate else "",
+                name, extra=extra,
+            )
+
+    def _apply_parked(self, conn: psycopg.Connection, name: str) -> None:
+        """Apply the parked events `cqrs-pg retry` queued, one transaction each; one that
+        fails again stays parked with its new error."""
+        while not self.stopping:
+            position: int | None = None
+            try:
+                with conn.transaction():
+                    row = conn.execute(CLAIM_PARKED_SQL, (name,)).fetchone()
+                    assert row is not None
+                    position, busy, search_path = row
+                    if busy or position is None:
+                        return
+                    if name in self._python:
+                        handler = handler_for(name)
+                        if handler is None:
+                            self._no_handler(name)
+                            return
+                        conn.execute("SELECT set_config('search_path', %s, true)",
+                                     (f"pg_catalog, {search_path}, pg_temp",))
+                        events = read_events(conn, name, position - 1, position)
+                        if events:
+                            handler(conn, events)
+                    conn.execute(APPLY_PARKED_SQL, (name, position))
+                logger.info("%s: parked event %s applied", name, position, extra={"projection": name, "position": position})
+            except Exception as exc:
+                if position is None or conn.broken or conn.closed:
+                    raise
+                error, sqlstate = _describe(exc)
+                conn.execute(PARKED_FAILED_SQL, (name, position, error, sqlstate))
+                logger.warning("%s: parked event %s failed again and stays parked: %s", name, position, error,
+                               extra={"projection": name, "position": position, "error": error, "sqlstate": sqlstate})
 
     def _refresh_interval(self, name: str) -> float:
         """refresh_interval, or longer for a view whose last refresh took more than
@@ -422,7 +680,9 @@ class Listener:
     def _worker_conn(self, name: str) -> psycopg.Connection:
         conn = self._workers.get(name)
         if conn is None or conn.closed:
-            conn = self._workers[name] = connect(self.config.dsn, application_name=f"cqrs-pg listen: {name}")
+            conn = connect(self.config.dsn, application_name=f"cqrs-pg listen: {name}")
+            _own_timeouts(conn, self.config)
+            self._workers[name] = conn
         return conn
 
     def _close_worker(self, name: str) -> None:
@@ -551,6 +811,28 @@ class Listener:
                 conn.execute("SELECT cqrs.listener_exit(%s)", (self.config.listener_id,))
         except psycopg.Error:
             pass
+
+
+class _Gone(Exception):
+    """The projection's registration was removed."""
+
+
+def _own_timeouts(conn: psycopg.Connection, cfg: ListenerConfig) -> None:
+    """The daemon's timeouts on one of its connections, whatever the database's defaults:
+    its statements and lock waits bounded by its own settings, and idle connections (the
+    listening one waits between polls) never ended."""
+    conn.execute(
+        "SELECT set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false),"
+        " set_config('idle_in_transaction_session_timeout', '0', false), set_config('idle_session_timeout', '0', false)",
+        (f"{round(cfg.statement_timeout * 1000)}ms", f"{round(cfg.lock_timeout * 1000)}ms"),
+    )
+
+
+def _describe(exc: Exception) -> tuple[str, str | None]:
+    """A projection's error in one line, and its SQLSTATE (None: not from the server)."""
+    if isinstance(exc, psycopg.Error):
+        return (exc.diag.message_primary or _first_line(exc)), exc.sqlstate
+    return f"{type(exc).__name__}: {_first_line(exc)}", None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,6 +21,9 @@ NAMES = (
     "cqrs_pg_lag_seconds",
     "cqrs_pg_fence_blocked_seconds",
     "cqrs_pg_reconnects_total",
+    "cqrs_pg_projection_halted",
+    "cqrs_pg_projection_errors_total",
+    "cqrs_pg_events_parked_total",
 )
 
 BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 50000)
@@ -56,6 +59,18 @@ class Metrics:
             registry=r,
         )
         self._reconnects = Counter("cqrs_pg_reconnects", "Connections re-established after one was lost.", registry=r)
+        self._halted = Gauge(
+            "cqrs_pg_projection_halted",
+            "1 while the projection is halted at an event that fails (cqrs-pg status names it), else 0.",
+            ["projection"], registry=r,
+        )
+        self._errors = Counter(
+            "cqrs_pg_projection_errors", "Failed tries of a projection's batch or refresh.", ["projection"], registry=r
+        )
+        self._parked = Counter(
+            "cqrs_pg_events_parked", "Events a projection set aside after they failed (cqrs-pg parked).",
+            ["projection"], registry=r,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -76,6 +91,15 @@ class Metrics:
 
     def reconnected(self) -> None:
         self._reconnects.inc()
+
+    def halted(self, projection: str, halted: bool) -> None:
+        self._halted.labels(projection).set(1 if halted else 0)
+
+    def projection_error(self, projection: str) -> None:
+        self._errors.labels(projection).inc()
+
+    def parked(self, projection: str) -> None:
+        self._parked.labels(projection).inc()
 
     # -- serving --------------------------------------------------------------------------
 

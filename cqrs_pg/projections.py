@@ -119,13 +119,19 @@ def run_batch(
             return BatchResult(0, False, bool(busy), time.monotonic() - started)
         # local to this transaction, like the SET clause of a sql projection's apply call
         conn.execute("SELECT set_config('search_path', %s, true)", (f"pg_catalog, {search_path}, pg_temp",))
-        with conn.cursor(row_factory=class_row(Event)) as cur:
-            events = cur.execute(EVENTS_SQL, (name, from_position, to_position)).fetchall()
+        events = read_events(conn, name, from_position, to_position)
         if events:
             handler(conn, events)
         conn.execute(COMPLETE_SQL, (name, to_position, n, max_events, rebuild))
         work = time.monotonic() - started
     return BatchResult(int(n), n >= max_events, False, work)
+
+
+def read_events(conn: psycopg.Connection, name: str, from_position: int, to_position: int) -> list[Event]:
+    """The events after from_position up to to_position that python projection `name`
+    sees, in the transaction that claimed them."""
+    with conn.cursor(row_factory=class_row(Event)) as cur:
+        return cur.execute(EVENTS_SQL, (name, from_position, to_position)).fetchall()
 
 
 def _qualname(handler: Handler) -> str:

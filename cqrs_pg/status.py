@@ -44,7 +44,9 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             conn,
             "SELECT name, kind, last_tx::text AS last_tx, last_position, horizon::text AS horizon, applied_events,"
             " events_behind, round(seconds_behind::numeric, 3)::float AS seconds_behind,"
-            " updated_at::text AS updated_at, refreshed_at::text AS refreshed_at FROM cqrs.projection_status()",
+            " updated_at::text AS updated_at, refreshed_at::text AS refreshed_at, state, on_error,"
+            " failed_position, failed_event_type, failed_error, failed_sqlstate, failed_attempts,"
+            " failed_at::text AS failed_at, parked, skipped FROM cqrs.projection_status()",
         )
         # The transaction at the fence is the one with the oldest xid, listed first.
         blockers = _rows(
@@ -118,6 +120,13 @@ def problems(report: dict[str, Any], t: Thresholds) -> list[str]:
     """What is unhealthy, one line each, by the thresholds (and unusable replicas)."""
     found = []
     for p in report["projections"]:
+        if p["state"] == "halted":
+            found.append(
+                f"projection {p['name']}: halted at event {p['failed_position']} ({p['failed_event_type']}) after "
+                f"{p['failed_attempts']} tries: {p['failed_error']}"
+                + (f" [SQLSTATE {p['failed_sqlstate']}]" if p["failed_sqlstate"] else "")
+                + f"; `cqrs-pg retry {p['name']}` once fixed, or `cqrs-pg skip {p['name']} --position {p['failed_position']}`"
+            )
         if t.max_events_behind is not None and p["events_behind"] > t.max_events_behind:
             found.append(f"projection {p['name']}: {p['events_behind']} events behind (max {t.max_events_behind})")
         if t.max_seconds_behind is not None and p["seconds_behind"] > t.max_seconds_behind:
@@ -148,12 +157,18 @@ def _lag(name: str, r: dict[str, Any], t: Thresholds) -> list[str]:
 
 
 def render(status: dict[str, Any]) -> str:
-    lines = ["projection       kind     applied    behind  seconds behind  checkpoint (position)"]
+    lines = ["projection       kind     state    applied    behind  seconds behind  checkpoint  parked"]
     for p in status["projections"]:
         lines.append(
-            f"{p['name']:<16} {p['kind']:<8} {p['applied_events']:>8} {p['events_behind']:>9}"
-            f" {p['seconds_behind']:>15.3f}  {p['last_position']}"
+            f"{p['name']:<16} {p['kind']:<8} {p['state']:<8} {p['applied_events']:>8} {p['events_behind']:>9}"
+            f" {p['seconds_behind']:>15.3f}  {p['last_position']:>10}  {p['parked']:>6}"
         )
+    for p in status["projections"]:
+        if p["state"] == "halted":
+            lines.append(
+                f"  {p['name']} halted at event {p['failed_position']} ({p['failed_event_type']}), "
+                f"{p['failed_attempts']} tries, since {p['failed_at']}: {p['failed_error']}"
+            )
     lines.append("")
     for r in status["replicas"]:
         if not r["reachable"]:

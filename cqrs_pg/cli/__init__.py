@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from cqrs_pg import __version__
+from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.db import DSN_ENV, REPLICA_DSN_ENV, require_dsn
 from cqrs_pg.errors import CqrsPgError
 
@@ -163,6 +164,40 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
     "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
     "under load grows instead. 1: off.",
 )
+@click.option(
+    "--retry-attempts",
+    default=ListenerConfig.retry_attempts,
+    show_default=True,
+    type=click.IntRange(1),
+    metavar="N",
+    help="Tries of a failing batch, and then of the one event that fails, before the projection's policy "
+    "halts it there or parks the event; the other projections go on.",
+)
+@click.option(
+    "--retry-backoff",
+    default=ListenerConfig.retry_backoff,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="Wait before trying a failed batch again; doubles with each try (at most 30 s).",
+)
+@click.option(
+    "--statement-timeout",
+    default=ListenerConfig.statement_timeout,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="The daemon's own statement_timeout, whatever the database's: a batch or refresh that takes longer "
+    "is that projection's error (retried, then its policy). 0: none.",
+)
+@click.option(
+    "--lock-timeout",
+    default=ListenerConfig.lock_timeout,
+    show_default=True,
+    type=click.FloatRange(0),
+    metavar="SECONDS",
+    help="The daemon's own lock_timeout: a batch that waits longer for a lock is that projection's error. 0: none.",
+)
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
@@ -202,6 +237,10 @@ def listen(
     refresh_budget: float,
     batch_delay: float,
     apply_budget: float,
+    retry_attempts: int,
+    retry_backoff: float,
+    statement_timeout: float,
+    lock_timeout: float,
     projections: tuple[str, ...],
     log_level: str,
     log_format: str,
@@ -215,8 +254,12 @@ def listen(
     one per projection, and runs the projections in parallel. On SIGTERM/SIGINT it
     finishes the batch in hand and exits 0. Safe to kill at any moment: each batch
     commits together with its checkpoint.
+
+    A projection's failure never ends it: a failing batch is retried, narrowed to the
+    event that fails, and that event halts its projection (see `cqrs-pg status`,
+    `retry`, `skip`) or is parked, by the projection's policy; the others go on.
+    Projections registered or removed while it runs are picked up or let go.
     """
-    from cqrs_pg.daemon import Listener, ListenerConfig
     from cqrs_pg.logs import setup_logging
     from cqrs_pg.projections import import_modules
 
@@ -231,6 +274,10 @@ def listen(
             refresh_budget=refresh_budget,
             batch_delay=batch_delay,
             apply_budget=apply_budget,
+            retry_attempts=retry_attempts,
+            retry_backoff=retry_backoff,
+            statement_timeout=statement_timeout,
+            lock_timeout=lock_timeout,
             projections=list(projections) or None,
             stall_warning=stall_warning,
             metrics_port=metrics_port,
@@ -295,6 +342,62 @@ def status(
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
     if not report["healthy"]:
         raise SystemExit(UNHEALTHY)
+
+
+@main.command()
+@connection_options
+@click.argument("projection", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def parked(dsn: str | None, replica_dsn: str | None, projection: str | None, as_json: bool) -> None:
+    """List the events projections set aside or operators skipped.
+
+    Each with its projection, position, event type, outcome (parked: its projection's
+    policy is park and it failed after every retry; skipped: `cqrs-pg skip`), the error
+    and SQLSTATE it failed with, the tries, and when. `cqrs-pg retry PROJECTION` applies
+    the parked ones again.
+    """
+    from cqrs_pg.failures import parked as list_parked
+    from cqrs_pg.failures import render
+
+    rows = list_parked(require_dsn(dsn), projection)
+    click.echo(json.dumps(rows, indent=2, default=str) if as_json else render(rows))
+
+
+@main.command()
+@connection_options
+@click.argument("projection")
+def retry(dsn: str | None, replica_dsn: str | None, projection: str) -> None:
+    """Try a halted projection's failing event again; apply its parked events again.
+
+    A running daemon picks it up within a second or two. Refused, changing nothing, when
+    the projection is not halted and has no parked events.
+    """
+    from cqrs_pg.failures import retry as run_retry
+
+    halted_at, queued = run_retry(require_dsn(dsn), projection)
+    done = []
+    if halted_at is not None:
+        done.append(f"running again from event {halted_at}, the one it halted at")
+    if queued:
+        done.append(f"{queued} parked event{'' if queued == 1 else 's'} queued to be applied again")
+    click.echo(f"{projection}: {'; '.join(done)} (a running daemon picks it up)")
+
+
+@main.command()
+@connection_options
+@click.argument("projection")
+@click.option("--position", required=True, type=click.IntRange(1), metavar="N",
+              help="The event the projection is halted at (cqrs-pg status names it).")
+def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: int) -> None:
+    """Leave out the event a halted projection stopped at, and go on after it.
+
+    The event is recorded as skipped (`cqrs-pg parked` lists it) and never applied.
+    Refused, changing nothing, for any other position or a projection that is not halted.
+    """
+    from cqrs_pg.failures import skip as run_skip
+
+    run_skip(require_dsn(dsn), projection, position)
+    click.echo(f"{projection}: event {position} skipped (listed by `cqrs-pg parked`); it goes on after it")
 
 
 @main.command()
