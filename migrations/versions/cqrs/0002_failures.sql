@@ -3,6 +3,10 @@
 -- set aside or skipped in cqrs.parked; the daemon reports failures with
 -- cqrs.projection_failed and applies parked events again with cqrs.claim_parked and
 -- cqrs.apply_parked; operators run cqrs.retry_projection and cqrs.skip_event.
+-- A projection (and a rebuild) is held by a row lock, which only the engine's owner can
+-- take, no longer by an advisory lock any login could take; cqrs.projection_status names
+-- the session holding one. Diagnostics show a session's state and query only to a caller
+-- who may see them (cqrs._may_see).
 
 ALTER TABLE cqrs.projections
     ADD COLUMN on_error text NOT NULL DEFAULT 'halt',
@@ -40,6 +44,160 @@ CREATE TABLE cqrs.parked (
     CONSTRAINT parked_outcome CHECK (outcome IN ('parked', 'skipped')),
     CONSTRAINT parked_retry CHECK (outcome = 'parked' OR NOT retry)
 );
+
+-- sql/cqrs/functions/_text_problem.sql
+-- What is wrong with a text argument, as a CQ001 message; NULL when nothing is. Wrong:
+-- null, blank (once trimmed by cqrs._trim), longer than max_length as given (spaces
+-- around it included: a command keeps its arguments as given in cqrs.commands, so no
+-- padding may carry more than the bound there) or holding a control character. cqrs._require_text raises it; a command raises it itself, so that the
+-- error's CONTEXT names only the command.
+CREATE OR REPLACE FUNCTION cqrs._text_problem(argument text, value text, max_length integer)
+RETURNS text
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    trimmed text := cqrs._trim(value);
+    bad integer;
+BEGIN
+    IF trimmed IS NULL THEN
+        RETURN format('%s must not be null', argument);
+    ELSIF trimmed = '' THEN
+        RETURN format('%s must not be blank, got %L', argument, left(value, 40));
+    ELSIF length(value) > max_length THEN
+        RETURN format('%s must be at most %s characters, spaces around it included, got %s: %L',
+                      argument, max_length, length(value), left(trimmed, 40) || '...');
+    END IF;
+    bad := regexp_instr(trimmed, '[\u0001-\u001f\u007f-\u009f]');
+    IF bad > 0 THEN
+        RETURN format('%s must not contain control characters, got U+%s at position %s: %L',
+                      argument, lpad(upper(to_hex(ascii(substr(trimmed, bad, 1)))), 4, '0'),
+                      bad, left(trimmed, 40));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- sql/cqrs/functions/_lock_space.sql
+-- The key spaces of the engine's advisory locks, named once: the first key of
+-- pg_advisory_xact_lock(key1, key2); the second is the hash of what is locked.
+--   command     a command_id's twin waits for the first (cqrs._begin_command)
+-- (Projections and rebuilds are locked by row, cqrs._lock: an advisory key is open to
+-- every login.)
+-- No SET clause, so the planner inlines it and folds the constant.
+CREATE OR REPLACE FUNCTION cqrs._lock_space(space text)
+RETURNS integer
+LANGUAGE sql
+IMMUTABLE
+AS $$
+    SELECT CASE space WHEN 'command' THEN 1668444017 END;
+$$;
+
+-- sql/cqrs/functions/_lock.sql
+-- Takes this transaction's lock on `name` in `space`, released at commit: waiting for it,
+-- or (wait false) only if it is free. Returns whether it holds the lock.
+--   projection  one runner at a time applies a projection (a daemon's batch, a swap): a
+--               row lock on its row of cqrs.projections
+--   rebuild     one transaction at a time fills a projection's rebuild: a row lock on its
+--               row of cqrs.rebuilds
+--   command     a command_id's twin waits for the first (cqrs._begin_command): an
+--               advisory lock (cqrs._lock_space)
+-- Row locks, because only a role that may UPDATE those tables (the engine's owner) can
+-- take them: an advisory lock is open to every login, which could hold a projection's
+-- and stop it. FOR NO KEY UPDATE leaves foreign keys to the row (cqrs.parked) free.
+CREATE OR REPLACE FUNCTION cqrs._lock(space text, name text, wait boolean)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF space = 'projection' THEN
+        IF wait THEN
+            PERFORM 1 FROM cqrs.projections c WHERE c.name = _lock.name FOR NO KEY UPDATE;
+        ELSE
+            PERFORM 1 FROM cqrs.projections c WHERE c.name = _lock.name FOR NO KEY UPDATE SKIP LOCKED;
+        END IF;
+        RETURN FOUND;
+    ELSIF space = 'rebuild' THEN
+        IF wait THEN
+            PERFORM 1 FROM cqrs.rebuilds r WHERE r.projection = _lock.name FOR NO KEY UPDATE;
+        ELSE
+            PERFORM 1 FROM cqrs.rebuilds r WHERE r.projection = _lock.name FOR NO KEY UPDATE SKIP LOCKED;
+        END IF;
+        RETURN FOUND;
+    ELSIF wait THEN
+        PERFORM pg_advisory_xact_lock(cqrs._lock_space(space), hashtext(name));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(cqrs._lock_space(space), hashtext(name));
+END
+$$;
+
+-- sql/cqrs/functions/_holds_lock.sql
+-- Whether this transaction holds the lock of cqrs._lock on `name` in `space` (projection
+-- or rebuild): a batch may be read and completed only by the transaction that claimed it
+-- (cqrs.claim_batch). It does when the row version it sees was locked (xmax) or written
+-- (xmin) by this transaction or one of its subtransactions (a savepoint's): an xid whose
+-- lock this backend holds until the transaction ends.
+CREATE OR REPLACE FUNCTION cqrs._holds_lock(space text, name text)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM (SELECT c.xmin, c.xmax FROM cqrs.projections c
+                 WHERE space = 'projection' AND c.name = _holds_lock.name
+                 UNION ALL
+                SELECT r.xmin, r.xmax FROM cqrs.rebuilds r
+                 WHERE space = 'rebuild' AND r.projection = _holds_lock.name) x
+          JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid IN (x.xmin, x.xmax)
+         WHERE l.pid = pg_backend_pid() AND l.granted AND l.mode = 'ExclusiveLock');
+$$;
+
+-- sql/cqrs/functions/_may_see.sql
+-- Whether the login calling a SECURITY DEFINER diagnostic may see what pg_stat_activity
+-- shows only to members of a session's role or of pg_read_all_stats (its state, times and
+-- query): such a function, run as the owner, must not show the caller more.
+CREATE OR REPLACE FUNCTION cqrs._may_see(session_role oid)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT session_role IS NOT NULL
+           AND (pg_has_role(session_user, session_role, 'USAGE')
+                OR pg_has_role(session_user, 'pg_read_all_stats', 'USAGE'));
+$$;
+
+-- sql/cqrs/functions/listener_heartbeat.sql
+-- A daemon says it is alive until now() + ttl, and whether it is about to sleep (then
+-- commands ring the doorbell for it). Also forgets daemons that died long ago. Bounded,
+-- since any login of cqrs_listener may call it: an id of at most 200 characters, a ttl
+-- from 1 second to 1 day (a sleeping row costs every command a NOTIFY until it expires).
+CREATE OR REPLACE FUNCTION cqrs.listener_heartbeat(listener_id text, sleeping boolean, ttl interval)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM cqrs._require_text('listener_id', listener_id, 200);
+    IF ttl IS NULL OR ttl < interval '1 second' OR ttl > interval '1 day' THEN
+        PERFORM cqrs._fail('CQ001', format('ttl must be from 1 second to 1 day, got %s', coalesce(ttl::text, 'NULL')));
+    END IF;
+    IF sleeping IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'sleeping must not be null');
+    END IF;
+    DELETE FROM cqrs.listeners l WHERE l.expires_at < now() - interval '1 hour';
+    INSERT INTO cqrs.listeners AS l (listener_id, pid, sleeping, expires_at)
+    VALUES (listener_id, pg_backend_pid(), sleeping, now() + ttl)
+    ON CONFLICT ON CONSTRAINT listeners_pkey DO UPDATE
+        SET pid = excluded.pid, sleeping = excluded.sleeping, expires_at = excluded.expires_at;
+END
+$$;
 
 -- sql/cqrs/functions/_advance_checkpoint.sql
 -- Moves a reader's checkpoint, in the caller's transaction (the one that applied the
@@ -171,7 +329,9 @@ $$;
 -- Per projection: checkpoint (and the transaction of the last event at or before it),
 -- events not yet applied and the age of the oldest of them; its state ('running',
 -- 'halted') with the event it halted at and the error, and its events set aside (parked,
--- skipped: cqrs.parked).
+-- skipped: cqrs.parked); and the session that holds it now (its row lock, cqrs._lock), if
+-- any: normally a daemon applying a batch, else what stops it. Of that session, state and
+-- seconds only when the caller's login may see them in pg_stat_activity.
 -- jit off: the planner cannot know how far behind a projection is, and its guess for a
 -- big outbox (a third of it) set off JIT compilation that cost 150 ms (measured).
 CREATE OR REPLACE FUNCTION cqrs.projection_status()
@@ -195,7 +355,12 @@ RETURNS TABLE (
     failed_attempts integer,
     failed_at timestamptz,
     parked bigint,
-    skipped bigint)
+    skipped bigint,
+    held_by_pid integer,
+    held_by_user name,
+    held_by_application text,
+    held_by_state text,
+    held_seconds double precision)
 LANGUAGE sql
 STABLE
 SECURITY DEFINER
@@ -212,8 +377,17 @@ AS $$
            (SELECT o.event_type FROM cqrs.outbox o WHERE o.position = p.failed_position),
            p.failed_error, p.failed_sqlstate, p.failed_attempts, p.failed_at,
            (SELECT count(*) FROM cqrs.parked k WHERE k.projection = p.name AND k.outcome = 'parked'),
-           (SELECT count(*) FROM cqrs.parked k WHERE k.projection = p.name AND k.outcome = 'skipped')
+           (SELECT count(*) FROM cqrs.parked k WHERE k.projection = p.name AND k.outcome = 'skipped'),
+           holder.pid, holder.usename, holder.application_name,
+           CASE WHEN cqrs._may_see(holder.usesysid) THEN holder.state END,
+           CASE WHEN cqrs._may_see(holder.usesysid)
+                THEN extract(epoch FROM clock_timestamp() - holder.xact_start)::double precision END
       FROM cqrs.projections p
+      LEFT JOIN LATERAL (
+           SELECT a.pid, a.usename, a.usesysid, a.application_name, a.state, a.xact_start
+             FROM pg_stat_activity a
+            WHERE a.backend_xid = p.xmax AND p.xmax <> '0'::xid
+            LIMIT 1) holder ON true
      CROSS JOIN LATERAL (
            SELECT count(*) AS n, min(o.occurred_at) AS oldest
              FROM cqrs.outbox o
@@ -546,6 +720,234 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/run_projection.sql
+-- Applies the next batch of one projection in the caller's transaction and advances its
+-- checkpoint in that same transaction (sql and matview projections; a python projection
+-- is run by the daemon with cqrs.claim_batch and cqrs.complete_batch). Returns what it did:
+--   applied      events applied (or, for a matview, covered by the refresh)
+--   more         a full batch was applied: call again at once
+--   busy         another daemon is running this projection right now
+--   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
+--
+-- Events are read in position order, which is each aggregate's version order, and only up
+-- to the final position (cqrs._read_limit): no transaction can add an event there any
+-- more, so none can appear behind the checkpoint. A transaction that commits late is
+-- delayed, never skipped, and writers take no lock for it. See sql/cqrs/DESIGN.md.
+CREATE OR REPLACE FUNCTION cqrs.run_projection(
+    projection text,
+    max_events integer DEFAULT 10000,
+    refresh_interval interval DEFAULT '1 second')
+RETURNS TABLE (applied bigint, more boolean, busy boolean, retry_after double precision)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    lim record;
+    b record;
+    relevant boolean := false;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
+            projection));
+    END IF;
+
+    -- Before any lock, with no xid yet: the position _read_limit reads can be a mark, and
+    -- an idle projection is found by reading alone (no xid to hold readers back, no WAL).
+    SELECT * INTO lim FROM cqrs._read_limit();
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    IF b.n = 0 AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
+                                       lim.pending_position)
+       AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
+        RETURN;
+    END IF;
+    -- A view's refresh is left out of every reader's fence (it writes no events), which
+    -- only a transaction without an xid can be: before the lock gives it one.
+    IF p.kind = 'matview' AND b.n > 0 AND NOT coalesce(p.refreshed_at > now() - refresh_interval, false) THEN
+        PERFORM cqrs._exempt_from_fence(projection);
+    END IF;
+
+    -- One runner per projection at a time, across daemons: the projection's row lock
+    -- (cqrs._lock), which no role but the engine's owner can take. Released at commit,
+    -- after our checkpoint is visible, so the next holder reads the checkpoint we wrote.
+    IF NOT cqrs._lock('projection', projection, false) THEN
+        RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    -- a view's refresh covers every event up to the final position
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+
+    IF b.n = 0 THEN
+        -- Nothing to apply: write only to leave a mark that lets the events committed
+        -- meanwhile be read soon, or for a horizon that the last batch put off.
+        IF cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
+                               lim.pending_position)
+           OR (p.horizon_position < p.last_position
+               AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+            PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
+                                             lim.final_position, lim.fence, lim.mark_position);
+        END IF;
+        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
+        RETURN;
+    END IF;
+
+    IF p.kind = 'sql' THEN
+        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_position, b.end_position);
+    ELSE
+        SELECT EXISTS (
+            SELECT 1
+              FROM cqrs.outbox o
+             WHERE o.position > p.last_position
+               AND o.position <= b.end_position
+               AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
+          INTO relevant;
+        IF relevant THEN
+            IF p.refreshed_at > now() - refresh_interval THEN
+                RETURN QUERY SELECT 0::bigint, false, false,
+                    extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
+                RETURN;
+            END IF;
+            -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
+            -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
+            -- is replayed on replicas to cancel their queries.
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
+        END IF;
+    END IF;
+
+    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.n, relevant,
+                                     lim.final_position, lim.fence, lim.mark_position);
+    RETURN QUERY SELECT b.n, p.kind = 'sql' AND b.n >= max_events, false, NULL::double precision;
+END
+$$;
+
+-- sql/cqrs/functions/claim_batch.sql
+-- A python projection's batch, step 1 of 3, in one transaction with the other two: for
+-- the daemon (rebuild false) or for a rebuild of the projection (rebuild true, into its
+-- shadow tables). Takes the lock (the projection's: busy when another daemon holds it,
+-- and nothing else is returned; a rebuild's: waiting for it) and returns the next batch
+-- after the checkpoint: from_position, to_position (NULL when there is nothing to apply,
+-- n = 0), and the search_path the handler's unqualified table names must resolve in (the
+-- projection's schemas, or only the rebuild's shadow schema). The caller then reads the
+-- batch (cqrs.batch_events), lets the handler write, and calls cqrs.complete_batch. How
+-- far reading may go is stored now, for complete_batch to check the batch against.
+-- final (a rebuild's): also take the projection's lock, waiting for a daemon's batch, so
+-- the live tables stand still until this transaction, which catches the shadow up and
+-- then calls cqrs.rebuild_finish, commits.
+CREATE OR REPLACE FUNCTION cqrs.claim_batch(
+    projection text, max_events integer DEFAULT 10000, rebuild boolean DEFAULT false, final boolean DEFAULT false)
+RETURNS TABLE (from_position bigint, to_position bigint, n bigint, busy boolean, search_path text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    r cqrs.rebuilds;
+    lim record;
+    b record;
+    checkpoint bigint;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    p := cqrs._projection(projection);
+    IF p.kind <> 'python' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a %s projection: %s applies it', projection, p.kind,
+            CASE WHEN rebuild THEN 'cqrs.rebuild_step' ELSE 'cqrs.run_projection' END));
+    END IF;
+    IF rebuild THEN
+        -- before the locks below give this transaction an xid: its position read can be a mark
+        SELECT * INTO lim FROM cqrs._read_limit();
+        -- the rebuild's lock (its row), then the projection's: the order of cqrs.rebuild_finish
+        IF NOT cqrs._lock('rebuild', projection, true) THEN
+            PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+        END IF;
+        SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = claim_batch.projection;
+        IF final THEN
+            PERFORM cqrs._lock('projection', projection, true);
+        END IF;
+        checkpoint := r.last_position;
+    ELSE
+        -- as in cqrs.run_projection: read before any lock (no xid: a mark), and an idle
+        -- projection is found by reading alone
+        SELECT * INTO lim FROM cqrs._read_limit();
+        SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
+        IF b.n = 0
+           AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
+           AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+            RETURN QUERY SELECT p.last_position, NULL::bigint, 0::bigint, false, p.search_path;
+            RETURN;
+        END IF;
+        -- the lock of cqrs.run_projection: released at commit, after our checkpoint is visible
+        IF NOT cqrs._lock('projection', projection, false) THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::bigint, 0::bigint, true, NULL::text;
+            RETURN;
+        END IF;
+        SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+        checkpoint := p.last_position;
+    END IF;
+    SELECT * INTO b FROM cqrs._next_batch(checkpoint, lim.final_position, max_events);
+    -- as in run_projection, an idle projection writes nothing
+    IF rebuild OR b.n > 0
+       OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
+       OR (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+        PERFORM cqrs._advance_checkpoint(projection, rebuild, checkpoint, 0, false,
+                                         lim.final_position, lim.fence, lim.mark_position);
+    END IF;
+    RETURN QUERY SELECT checkpoint, b.end_position, b.n, false,
+                        CASE WHEN rebuild THEN quote_ident(r.shadow_schema) ELSE p.search_path END;
+END
+$$;
+
+-- sql/cqrs/functions/fence_blockers.sql
+-- Open transactions that hold an xid, oldest xid first, in any database of the cluster:
+-- each one holds every projection's fence back until it ends (a view's refresh, which the
+-- fence leaves out, is not listed). Its state, times and query only where the caller's
+-- login may see them in pg_stat_activity (cqrs._may_see): NULL elsewhere.
+CREATE OR REPLACE FUNCTION cqrs.fence_blockers()
+RETURNS TABLE (
+    pid integer,
+    database name,
+    username name,
+    application_name text,
+    state text,
+    xid xid,
+    xact_start timestamptz,
+    query_start timestamptz,
+    seconds double precision,
+    query text)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT u.* FROM (
+    SELECT a.pid, a.datname, a.usename, a.application_name,
+           CASE WHEN seen THEN a.state END,
+           a.backend_xid,
+           CASE WHEN seen THEN a.xact_start END, CASE WHEN seen THEN a.query_start END,
+           CASE WHEN seen THEN extract(epoch FROM clock_timestamp() - a.xact_start)::double precision END,
+           CASE WHEN seen THEN left(a.query, 200) END
+      FROM pg_stat_activity a
+     CROSS JOIN LATERAL cqrs._may_see(a.usesysid) seen
+     WHERE a.backend_xid IS NOT NULL
+       AND a.pid <> pg_backend_pid()
+       AND NOT cqrs._left_out_of_fence(a.backend_xid)
+    UNION ALL
+    SELECT NULL, x.database, x.owner, 'prepared transaction ' || x.gid, 'prepared',
+           x.transaction, x.prepared, NULL,
+           extract(epoch FROM clock_timestamp() - x.prepared)::double precision, NULL
+      FROM pg_prepared_xacts x) u
+     ORDER BY age(u.backend_xid) DESC;
+$$;
+
 -- privileges: as sql/cqrs/privileges.sql grants them
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cqrs FROM PUBLIC;
 GRANT SELECT ON cqrs.parked TO cqrs_listener;
@@ -556,3 +958,9 @@ GRANT EXECUTE ON FUNCTION
     cqrs.apply_parked(text, bigint),
     cqrs.parked_failed(text, bigint, text, text)
 TO cqrs_listener;
+
+-- sql/cqrs/version.sql
+-- The engine's version: its newest revision of migrations/versions/cqrs/, which every
+-- revision sets. cqrs_pg reads it (cqrs_pg.core.installed_version) and refuses to run
+-- against an engine older or newer than its own, naming both.
+COMMENT ON SCHEMA cqrs IS 'cqrs_pg engine 0002';

@@ -1,6 +1,7 @@
 -- What is wrong with a text argument, as a CQ001 message; NULL when nothing is. Wrong:
--- null, blank, longer than max_length (once trimmed by cqrs._trim) or holding a control
--- character. cqrs._require_text raises it; a command raises it itself, so that the
+-- null, blank (once trimmed by cqrs._trim), longer than max_length as given (spaces
+-- around it included: a command keeps its arguments as given in cqrs.commands, so no
+-- padding may carry more than the bound there) or holding a control character. cqrs._require_text raises it; a command raises it itself, so that the
 -- error's CONTEXT names only the command.
 CREATE OR REPLACE FUNCTION cqrs._text_problem(argument text, value text, max_length integer)
 RETURNS text
@@ -16,9 +17,9 @@ BEGIN
         RETURN format('%s must not be null', argument);
     ELSIF trimmed = '' THEN
         RETURN format('%s must not be blank, got %L', argument, left(value, 40));
-    ELSIF length(trimmed) > max_length THEN
-        RETURN format('%s must be at most %s characters, got %s: %L',
-                      argument, max_length, length(trimmed), left(trimmed, 40) || '...');
+    ELSIF length(value) > max_length THEN
+        RETURN format('%s must be at most %s characters, spaces around it included, got %s: %L',
+                      argument, max_length, length(value), left(trimmed, 40) || '...');
     END IF;
     bad := regexp_instr(trimmed, '[\u0001-\u001f\u007f-\u009f]');
     IF bad > 0 THEN

@@ -34,24 +34,32 @@ BEGIN
     IF rebuild THEN
         -- before the locks below give this transaction an xid: its position read can be a mark
         SELECT * INTO lim FROM cqrs._read_limit();
-        -- the rebuild's row, then the projection's lock: the order of cqrs.rebuild_finish
-        SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = claim_batch.projection FOR UPDATE;
-        IF NOT FOUND THEN
+        -- the rebuild's lock (its row), then the projection's: the order of cqrs.rebuild_finish
+        IF NOT cqrs._lock('rebuild', projection, true) THEN
             PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
         END IF;
-        PERFORM cqrs._lock('rebuild', projection, true);
+        SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = claim_batch.projection;
         IF final THEN
             PERFORM cqrs._lock('projection', projection, true);
         END IF;
         checkpoint := r.last_position;
     ELSE
+        -- as in cqrs.run_projection: read before any lock (no xid: a mark), and an idle
+        -- projection is found by reading alone
+        SELECT * INTO lim FROM cqrs._read_limit();
+        SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
+        IF b.n = 0
+           AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
+           AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+            RETURN QUERY SELECT p.last_position, NULL::bigint, 0::bigint, false, p.search_path;
+            RETURN;
+        END IF;
         -- the lock of cqrs.run_projection: released at commit, after our checkpoint is visible
         IF NOT cqrs._lock('projection', projection, false) THEN
             RETURN QUERY SELECT NULL::bigint, NULL::bigint, 0::bigint, true, NULL::text;
             RETURN;
         END IF;
         SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-        SELECT * INTO lim FROM cqrs._read_limit();
         checkpoint := p.last_position;
     END IF;
     SELECT * INTO b FROM cqrs._next_batch(checkpoint, lim.final_position, max_events);

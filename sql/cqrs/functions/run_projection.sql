@@ -33,24 +33,38 @@ BEGIN
             projection));
     END IF;
 
-    -- One runner per projection at a time, across daemons. An advisory lock rather than a
-    -- row lock: checking an idle projection must not take an xid (that would hold back
-    -- every reader) or write WAL. The lock is released only after our commit is visible,
-    -- so the next holder reads the checkpoint we wrote.
+    -- Before any lock, with no xid yet: the position _read_limit reads can be a mark, and
+    -- an idle projection is found by reading alone (no xid to hold readers back, no WAL).
+    SELECT * INTO lim FROM cqrs._read_limit();
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    IF b.n = 0 AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
+                                       lim.pending_position)
+       AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
+        RETURN;
+    END IF;
+    -- A view's refresh is left out of every reader's fence (it writes no events), which
+    -- only a transaction without an xid can be: before the lock gives it one.
+    IF p.kind = 'matview' AND b.n > 0 AND NOT coalesce(p.refreshed_at > now() - refresh_interval, false) THEN
+        PERFORM cqrs._exempt_from_fence(projection);
+    END IF;
+
+    -- One runner per projection at a time, across daemons: the projection's row lock
+    -- (cqrs._lock), which no role but the engine's owner can take. Released at commit,
+    -- after our checkpoint is visible, so the next holder reads the checkpoint we wrote.
     IF NOT cqrs._lock('projection', projection, false) THEN
         RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    SELECT * INTO lim FROM cqrs._read_limit();
     -- a view's refresh covers every event up to the final position
     SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
 
     IF b.n = 0 THEN
         -- Nothing to apply: write only to leave a mark that lets the events committed
-        -- meanwhile be read soon, or for a horizon that the last batch put off (idle:
-        -- nothing).
+        -- meanwhile be read soon, or for a horizon that the last batch put off.
         IF cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
                                lim.pending_position)
            OR (p.horizon_position < p.last_position
@@ -78,8 +92,7 @@ BEGIN
                     extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
                 RETURN;
             END IF;
-            -- Out of every reader's fence while it runs: it writes no events.
-            PERFORM cqrs._exempt_from_fence(projection);
+            -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
             -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
             -- is replayed on replicas to cancel their queries.
             EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);

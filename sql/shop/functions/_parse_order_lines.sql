@@ -50,7 +50,10 @@ BEGIN
         EXIT WHEN problem IS NOT NULL;
         sku := cqrs._trim(line ->> 'sku');
         quantity := (line -> 'quantity')::numeric;
-        IF quantity <> trunc(quantity) OR quantity < 1 OR quantity > 2147483647 THEN
+        -- as given: a whole number written with a thousand zeros after its point would be
+        -- kept so in the command's receipt
+        IF length((line -> 'quantity')::text) > 20 OR quantity <> trunc(quantity) OR quantity < 1
+           OR quantity > 2147483647 THEN
             problem := format('lines[%s].quantity must be a whole number from 1 to 2147483647, got %s',
                               i, left((line -> 'quantity')::text, 40));
         ELSIF sku = ANY (skus) THEN
