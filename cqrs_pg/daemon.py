@@ -9,34 +9,49 @@ in one transaction too (cqrs_pg.projections.run_batch).
 One connection (the main thread) listens, beats the heart and watches the fence; each
 projection runs on a connection of its own, in a thread of its own, so a catch-up uses
 every core, and a materialized view's refresh (a whole recompute) does not delay the
-other projections' next batch.
+other projections' next batch. When the next round starts is cqrs_pg.pacing's: the
+daemon's states and its pacing policy, a pure function.
 See sql/cqrs/DESIGN.md, also for the wake-up protocol.
+
+Threads, and what each owns:
+- the main thread: the listening connection and everything read or sent on it (the
+  registrations, heartbeat, marks, fence watch, lag gauges, summary line); the pacing
+  state; which projections are served (``_registry``, ``_names``, ``_python``,
+  ``_matviews``); starting turns and collecting them (``_running``); closing the
+  connections of projections let go, never while their turn runs.
+- a projection's turn (a pool thread, one turn per projection at a time): that
+  projection's connection (``_workers[name]``) and its entry of ``_trouble``. The main
+  thread touches those only while no turn of that projection runs, or drops an entry of a
+  projection whose registration is gone (the turn then ends as for any removed projection).
+- shared: ``applied`` and ``batches`` (under ``_count_lock``), ``_halted`` (a turn adds the
+  projection it halts, the main thread removes those running again), ``_held`` (a turn
+  adds its projection when another session holds it and removes it when not; the main
+  thread reads it and updates the entries), the metrics (thread-safe), and the stop event.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import socket
 import threading
 import time
-import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 
+from cqrs_pg.config import ListenerConfig
 from cqrs_pg.db import connect, redact, require_migrated, scalar
-from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable
+from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable, StandbyError
 from cqrs_pg.metrics import Metrics
+from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, pace
 from cqrs_pg.projections import handler_for, read_events, run_batch
+
+__all__ = ["CHANNEL", "Listener", "ListenerConfig"]
 
 logger = logging.getLogger("cqrs_pg.daemon")
 
 CHANNEL = "cqrs_outbox"
-# Wait for notifications in slices this long, so a stop request is seen promptly.
-WAIT_SLICE = 0.25
 # Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
 LAG_INTERVAL = 5.0
 # Read the registrations (projections added, removed, halted, retried) this often.
@@ -65,68 +80,16 @@ PENDING_SQL = "SELECT cqrs.work_pending(%s)"
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
 MARK_USABLE_SQL = "SELECT cqrs.mark_usable(%s, make_interval(secs => %s))"
+# Projections held by another session: their checkpoints, and who holds them.
+HELD_SQL = (
+    "SELECT name, last_position, events_behind, held_by_pid, held_by_user, held_by_application, held_by_state,"
+    " held_seconds FROM cqrs.projection_status() WHERE name = ANY(%s)"
+)
 # The transaction at the fence: the open one with the oldest xid.
 BLOCKER_SQL = (
     "SELECT pid, database, application_name, state, seconds, query_start, query, count(*) OVER ()"
     " FROM cqrs.fence_blockers() ORDER BY age(xid) DESC, seconds DESC LIMIT 1"
 )
-
-
-@dataclass
-class ListenerConfig:
-    dsn: str
-    batch_size: int = 5000
-    # Fallback when no doorbell rings: correctness never depends on NOTIFY.
-    poll_interval: float = 1.0
-    # Stay awake this long after the last event, so a busy stream of commands never has to
-    # ring the doorbell at all; meanwhile look for work every linger_poll with one cheap
-    # query (cqrs.work_pending) and start a round as soon as there is some.
-    linger: float = 0.2
-    linger_poll: float = 0.002
-    # While events keep coming, start a round at most once per batch_delay: batches grow
-    # with the load instead of the daemon spinning on tiny ones, whose fixed cost (round
-    # trips, planning, a commit each) would compete with the commands. After a quiet spell
-    # the next event starts a round at once.
-    batch_delay: float = 0.01
-    # ... and no sooner than w / apply_budget after it started, w being the longest time a
-    # projection of the round worked on its batches before committing (the commit waits
-    # for the disk, not the CPU). On a loaded server that work waits for the CPU too:
-    # rounds come less often, their batches grow and the per-batch fixed cost falls, so
-    # the daemon leaves the commands their CPU; latency under load grows instead (never
-    # past poll_interval).
-    apply_budget: float = 0.25
-    # Before a round, take a mark (cqrs.take_mark) and wait up to this long for the
-    # transactions running then to end: the round then reads everything committed up to
-    # its start, not only what earlier marks cover (sql/cqrs/DESIGN.md). A mark is also
-    # taken as each wait between rounds begins: usable by the time the next round starts,
-    # whatever this wait finds.
-    mark_wait: float = 0.01
-    refresh_interval: float = 1.0
-    # A materialized view's refresh recomputes all of it: keep the share of time spent
-    # refreshing it at most this, by waiting longer between refreshes than
-    # refresh_interval when the last one took more than refresh_budget of it.
-    refresh_budget: float = 0.1
-    # Batches per projection before giving the others a turn.
-    batches_per_turn: int = 10
-    projections: list[str] | None = None
-    # Warn when committed events have waited this long behind an open transaction, and
-    # again every stall_warning seconds while they still wait.
-    stall_warning: float = 30.0
-    # A batch that fails is tried again retry_attempts times, retry_backoff seconds later,
-    # doubling; then narrowed, halving, to the event that fails, which gets retry_attempts
-    # tries too before the projection's policy (on_error) halts it there or parks the event.
-    # The other projections go on meanwhile.
-    retry_attempts: int = 3
-    retry_backoff: float = 0.2
-    # The daemon's own timeouts on its connections, whatever the database's defaults: a
-    # statement (a batch, a refresh) or a lock wait that takes longer is a projection's
-    # error, retried as above; 0: none.
-    statement_timeout: float = 600.0
-    lock_timeout: float = 60.0
-    # Serve Prometheus metrics on this port (0: any free port; None: not served).
-    metrics_port: int | None = None
-    metrics_addr: str = "0.0.0.0"
-    listener_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
 
 
 @dataclass
@@ -182,6 +145,16 @@ class Trouble:
 
 
 @dataclass
+class Held:
+    """A projection this daemon found held by another session since `since` (monotonic):
+    normally another daemon's batch; warned about when its checkpoint stands still."""
+
+    since: float
+    position: int | None = None
+    warned_at: float | None = None
+
+
+@dataclass
 class Stall:
     """Committed events held back by the fence, which has stayed at one value since `since`."""
 
@@ -221,7 +194,15 @@ class Listener:
         # skipped, or until this process restarts: a new daemon tries the event once more)
         self._trouble: dict[str, Trouble] = {}
         self._halted: set[str] = set()
+        # projections found held by another session (a turn adds, and removes once it
+        # applies; the main thread watches them)
+        self._held: dict[str, Held] = {}
         self._started = False
+        self.state = State.LINGERING
+        # the periodic summary: when it is due, and the counts it last reported
+        self._summary_due = time.monotonic() + config.summary_interval
+        self._summarized: dict[str, int] = {}
+        self._held_check_due = 0.0
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -290,7 +271,7 @@ class Listener:
                         self._finish_turns()
                         self._close_workers()
                         self._leave(conn)
-            except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+            except (psycopg.OperationalError, DatabaseUnavailable, StandbyError) as exc:
                 if not connected_once:
                     raise  # a wrong DSN is reported at once; only lost connections are retried
                 if self.stopping:
@@ -301,12 +282,14 @@ class Listener:
         logger.info("%s", self.summary(), extra={"applied_by_projection": dict(self.applied), "batches": self.batches})
 
     def _serve(self, conn: psycopg.Connection) -> None:
+        """Rounds of every projection's turn, each followed by the state the pacing policy
+        (cqrs_pg.pacing) gives; the transitions are all here."""
         cfg = self.config
         _own_timeouts(conn, cfg)
         conn.execute(f"LISTEN {CHANNEL}")
         self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)
-        sleeping = False
+        sleeping = False  # what the heartbeat last told commands
         slept_at = 0.0
         last_event = time.monotonic()
         while not self.stopping:
@@ -315,42 +298,48 @@ class Listener:
                 self._read_registry(conn)
             names = self._serving()
             progress = self._run_all(conn, names)
-            now = time.monotonic()
-            self._observe(conn, names, now, applied=progress.applied)
-            if names and progress.pending == len(names):
-                continue  # only refreshes running, none ended within WAIT_SLICE
+            ended = time.monotonic()
+            self._observe(conn, names, ended, applied=progress.applied)
             if progress.applied:
+                last_event = ended
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
-                last_event = now
-                if progress.more:
-                    continue
-                spacing = min(max(cfg.batch_delay, progress.work / cfg.apply_budget), cfg.poll_interval)
+            done = Round(started=started, ended=ended, last_event=last_event, applied=progress.applied,
+                         more=progress.more, work=progress.work, pending=progress.pending, serving=len(names),
+                         retry_after=progress.retry_after)
+            step = self._enter(pace(cfg, done))
+            if step.state is State.BUSY:
                 self._mark(conn)  # usable by the next round: whatever commits meanwhile waits less
-                self._stop.wait(max(0.0, started + spacing - time.monotonic()))
-                # linger counts from here: a long spacing is no quiet spell
-                now = last_event = time.monotonic()
-            timeout = cfg.poll_interval if progress.retry_after is None else min(cfg.poll_interval, progress.retry_after)
-            if progress.pending:  # awake while a refresh runs
-                self._linger(conn, names, now + min(timeout, WAIT_SLICE))
+                self._stop.wait(max(0.0, step.until - time.monotonic()))
+                last_event = time.monotonic()
+                step = self._enter(after_busy(cfg, done, last_event))
+            if step.state in (State.DRAINING, State.REFRESHING):
                 continue
-            if now - last_event < cfg.linger:
-                self._linger(conn, names, min(last_event + cfg.linger, now + timeout))
+            if step.state is State.LINGERING:
+                self._linger(conn, names, step.until)
                 continue
-            if not sleeping or now - slept_at > self._ttl / 3:
+            # asleep
+            if not sleeping or time.monotonic() - slept_at > self._ttl / 3:
                 # Going to sleep: ask commands to ring, then look once more, because a
                 # command that read "awake" just before may have committed since.
                 self._heartbeat(conn, sleeping=True)
-                sleeping, slept_at = True, now
+                sleeping, slept_at = True, time.monotonic()
                 if self._run_all(conn, names, every=True).applied:
                     continue
-            if self._wait(conn, timeout):
+            if self._wait(conn, max(0.0, step.until - time.monotonic())):
                 # Awake at once: every command rings until commands read this, and the
                 # first rounds may find nothing yet (events above the fence).
                 self._heartbeat(conn, sleeping=False)
                 sleeping = False
                 last_event = time.monotonic()
+
+    def _enter(self, step: Pace) -> Pace:
+        """The daemon is now in step.state (read by the summary line)."""
+        if step.state is not self.state:
+            logger.debug("state: %s", step.state.value, extra={"state": step.state.value})
+            self.state = step.state
+        return step
 
     def _read_registry(self, conn: psycopg.Connection, first: bool = False) -> None:
         """The registrations as they are now: projections registered since are picked up,
@@ -532,7 +521,7 @@ class Listener:
             # proves nothing: the trouble stays
             trouble.passed += progress.applied
             if trouble.passed >= trouble.first_size or not progress.more:
-                del self._trouble[name]  # past the batch that failed: a passing problem
+                self._trouble.pop(name, None)  # past the batch that failed: a passing problem
                 logger.info("%s: applying again after %d failed tr%s", name, trouble.attempts,
                             "y" if trouble.attempts == 1 else "ies", extra={"projection": name})
         return progress
@@ -562,6 +551,10 @@ class Listener:
                 assert row is not None
                 applied, more, busy, retry_after = row
             progress.add(applied, retry_after, bool(more) and not busy)
+            if busy:
+                self._held.setdefault(name, Held(since=time.monotonic()))
+            else:
+                self._held.pop(name, None)
             if name in self._matviews and applied:
                 self._matviews[name] = time.monotonic() - started  # the refresh's cost
             if applied:
@@ -617,7 +610,7 @@ class Listener:
                            name, size, cfg.retry_attempts, extra={"projection": name, "error": error})
             return
         # The one event after the checkpoint fails every time: act by the policy.
-        del self._trouble[name]
+        self._trouble.pop(name, None)
         row = conn.execute(FAILED_SQL, (name, trouble.after, error, sqlstate, trouble.attempts)).fetchone()
         assert row is not None
         outcome, position, event_type = row
@@ -714,11 +707,69 @@ class Listener:
             ):
                 if name in served:
                     self.metrics.lag(name, events, seconds)
+        if self._held and now >= self._held_check_due:
+            self._held_check_due = now + min(1.0, self.config.stall_warning / 4)
+            self._check_held(conn, now)
+        if self.config.summary_interval and now >= self._summary_due:
+            self._summary_due = now + self.config.summary_interval
+            self._log_summary(conn, names)
         # Look for a stall only when a round applied nothing (or one is under way, to see
         # it end), and at most every few tenths of a second: never on every batch.
         if (not applied or self.stall is not None) and now >= self._fence_check_due:
             self._fence_check_due = now + min(0.25, self.config.stall_warning / 4)
             self._check_fence(conn, now)
+
+    def _check_held(self, conn: psycopg.Connection, now: float) -> None:
+        """Projections another session has held for stall_warning while their checkpoint
+        stood still and events waited: a WARNING naming that session (another daemon's
+        long batch or refresh, or something that should not hold it)."""
+        rows = conn.execute(HELD_SQL, (list(self._held),)).fetchall()
+        for name, position, behind, pid, user, application, state, seconds in rows:
+            held = self._held.get(name)
+            if held is None:
+                continue
+            if held.position != position or not behind:
+                held.position, held.since, held.warned_at = position, now, None  # moving, or nothing waits
+                continue
+            stuck = now - held.since
+            if stuck < self.config.stall_warning or (
+                held.warned_at is not None and now - held.warned_at < self.config.stall_warning
+            ):
+                continue
+            held.warned_at = now
+            who = (f"pid {pid} (user {user}, application {application!r}"
+                   + (f", {state}, transaction open {seconds:.0f}s" if state is not None else "") + ")"
+                   if pid is not None else "a session no longer found")
+            logger.warning(
+                "%s: held by %s for %.0fs while %d events wait: it applies nothing meanwhile", name, who, stuck,
+                behind,
+                extra={"projection": name, "pid": pid, "username": user, "application_name": application,
+                       "state": state, "held_seconds": round(stuck, 3), "events_behind": behind},
+            )
+
+    def _log_summary(self, conn: psycopg.Connection, names: list[str]) -> None:
+        """At INFO, one line: events applied since the last, how far behind, the state."""
+        with self._count_lock:
+            applied = {name: n - self._summarized.get(name, 0) for name, n in self.applied.items()}
+            self._summarized = dict(self.applied)
+        served = set(names)
+        behind = [
+            (events, seconds, name) for name, events, seconds in conn.execute(
+                "SELECT name, events_behind, seconds_behind FROM cqrs.projection_status()"
+            ) if name in served
+        ]
+        events, seconds, slowest = max(behind, key=lambda b: (b[1], b[0]), default=(0, 0.0, None))
+        halted = sorted(self._halted)
+        total = sum(applied.values())
+        logger.info(
+            "%s: applied %d event%s in %.0fs%s; %s%s", self.state.value, total, "" if total == 1 else "s",
+            self.config.summary_interval,
+            f" ({', '.join(f'{name} {n}' for name, n in applied.items() if n)})" if total else "",
+            f"behind: {events} events, {seconds:.1f}s ({slowest})" if slowest and events else "caught up",
+            f"; halted: {', '.join(halted)}" if halted else "",
+            extra={"state": self.state.value, "applied": total, "applied_by_projection": applied,
+                   "events_behind": events, "seconds_behind": round(seconds, 3), "halted": halted},
+        )
 
     def _check_fence(self, conn: psycopg.Connection, now: float) -> None:
         row = conn.execute(FENCE_SQL).fetchone()

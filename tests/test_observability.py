@@ -172,6 +172,30 @@ def test_json_logs(db: Database, daemons: Callable[..., Daemon]) -> None:
     assert over["level"] == "INFO" and over["stalled_seconds"] > 0
 
 
+def test_the_periodic_summary_says_what_it_applied_and_how_far_behind(db: Database,
+                                                                      daemons: Callable[..., Daemon]) -> None:
+    """At INFO, one line per --summary-interval: events applied since the last line per
+    projection, the state, and how far behind (caught up, here)."""
+    with db.connect() as conn:
+        daemon = daemons(db, "--log-format", "json", "--summary-interval", "0.5")
+        daemon.wait_registered(conn)
+        db.wait_caught_up(some_commands(conn), timeout=15, replica=False)
+        new_events = outbox_count(conn)
+
+        def summaries() -> list[dict[str, object]]:
+            records = [json.loads(line) for line in daemon.output.splitlines() if line.startswith("{")]
+            return [r for r in records if "applied_by_projection" in r and "state" in r]
+
+        wait_until(lambda: sum(sum(r["applied_by_projection"].values()) for r in summaries())  # type: ignore[union-attr]
+                   == new_events * len(PROJECTIONS) and summaries()[-1]["applied"] == 0, "summaries of every event")
+        assert daemon.signal(signal.SIGTERM) == 0, daemon.output
+    lines = summaries()
+    assert all(r["level"] == "INFO" and r["state"] in {"asleep", "lingering", "busy", "draining", "refreshing"}
+               for r in lines)
+    assert any(r["applied"] > 0 and "applied" in str(r["message"]) for r in lines)
+    assert lines[-1]["events_behind"] == 0 and "caught up" in str(lines[-1]["message"])
+
+
 # -- 3. Prometheus metrics ----------------------------------------------------------------
 
 

@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import click
 
 from cqrs_pg import __version__
-from cqrs_pg.daemon import Listener, ListenerConfig
+from cqrs_pg.config import ListenerConfig, option_settings
+from cqrs_pg.daemon import Listener
 from cqrs_pg.db import DSN_ENV, REPLICA_DSN_ENV, require_dsn
 from cqrs_pg.errors import CqrsPgError
 
@@ -117,87 +118,26 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
         click.echo(f"migrated {describe(before)} -> {describe(after)}")
 
 
+def listen_settings(func: F) -> F:
+    """The daemon's settings as options, each with its default and help from
+    cqrs_pg.config; their bounds are checked there, once."""
+    for f in reversed(option_settings()):
+        integral = f.type in ("int", "int | None")
+        func = click.option(
+            f"--{f.name.replace('_', '-')}",
+            f.name,
+            default=f.default,
+            show_default=f.default is not None,
+            type=click.INT if integral else click.FLOAT,
+            metavar=f.metadata["metavar"],
+            help=f.metadata["help"],
+        )(func)
+    return func
+
+
 @main.command()
 @connection_options
-@click.option("--batch-size", default=5000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
-@click.option(
-    "--poll-interval",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(0.01),
-    help="Seconds between polls when no NOTIFY arrives.",
-)
-@click.option(
-    "--refresh-interval",
-    default=1.0,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="Refresh materialized views at most this often (seconds).",
-)
-@click.option(
-    "--refresh-budget",
-    default=0.1,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
-    metavar="FRACTION",
-    help="At most this share of the time refreshing one materialized view: after a refresh that took "
-    "t seconds the next waits at least t/FRACTION (a refresh recomputes the whole view).",
-)
-@click.option(
-    "--batch-delay",
-    default=0.01,
-    show_default=True,
-    type=click.FloatRange(0),
-    metavar="SECONDS",
-    help="While events keep coming, start a round of batches at most once per this many seconds: "
-    "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
-    "0: every event as soon as it can, at more CPU.",
-)
-@click.option(
-    "--apply-budget",
-    default=0.25,
-    show_default=True,
-    type=click.FloatRange(0, 1, min_open=True),
-    metavar="FRACTION",
-    help="While events keep coming, rounds of batches take at most this share of the time: after a round "
-    "whose batches took t seconds of work (commits left out) the next starts t/FRACTION after it (at most "
-    "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
-    "under load grows instead. 1: off.",
-)
-@click.option(
-    "--retry-attempts",
-    default=ListenerConfig.retry_attempts,
-    show_default=True,
-    type=click.IntRange(1),
-    metavar="N",
-    help="Tries of a failing batch, and then of the one event that fails, before the projection's policy "
-    "halts it there or parks the event; the other projections go on.",
-)
-@click.option(
-    "--retry-backoff",
-    default=ListenerConfig.retry_backoff,
-    show_default=True,
-    type=click.FloatRange(0),
-    metavar="SECONDS",
-    help="Wait before trying a failed batch again; doubles with each try (at most 30 s).",
-)
-@click.option(
-    "--statement-timeout",
-    default=ListenerConfig.statement_timeout,
-    show_default=True,
-    type=click.FloatRange(0),
-    metavar="SECONDS",
-    help="The daemon's own statement_timeout, whatever the database's: a batch or refresh that takes longer "
-    "is that projection's error (retried, then its policy). 0: none.",
-)
-@click.option(
-    "--lock-timeout",
-    default=ListenerConfig.lock_timeout,
-    show_default=True,
-    type=click.FloatRange(0),
-    metavar="SECONDS",
-    help="The daemon's own lock_timeout: a batch that waits longer for a lock is that projection's error. 0: none.",
-)
+@listen_settings
 @click.option("--projection", "projections", multiple=True, metavar="NAME", help="Run only this projection (repeatable; default: all).")
 @click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
@@ -206,20 +146,6 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
     show_default=True,
     type=click.Choice(["text", "json"]),
     help="json: one JSON object per line.",
-)
-@click.option(
-    "--stall-warning",
-    default=30.0,
-    show_default=True,
-    type=click.FloatRange(0, min_open=True),
-    metavar="SECONDS",
-    help="Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
-)
-@click.option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    metavar="PORT",
-    help="Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).",
 )
 @click.option(
     "--import",
@@ -231,22 +157,11 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
 def listen(
     dsn: str | None,
     replica_dsn: str | None,
-    batch_size: int,
-    poll_interval: float,
-    refresh_interval: float,
-    refresh_budget: float,
-    batch_delay: float,
-    apply_budget: float,
-    retry_attempts: int,
-    retry_backoff: float,
-    statement_timeout: float,
-    lock_timeout: float,
     projections: tuple[str, ...],
     log_level: str,
     log_format: str,
-    stall_warning: float,
-    metrics_port: int | None,
     imports: tuple[str, ...],
+    **settings: Any,
 ) -> None:
     """Run the projection daemon until SIGTERM or SIGINT.
 
@@ -263,26 +178,10 @@ def listen(
     from cqrs_pg.logs import setup_logging
     from cqrs_pg.projections import import_modules
 
+    config = ListenerConfig(dsn=require_dsn(dsn), projections=list(projections) or None, **settings)
     setup_logging(log_level, log_format)
     import_modules(imports)
-    listener = Listener(
-        ListenerConfig(
-            dsn=require_dsn(dsn),
-            batch_size=batch_size,
-            poll_interval=poll_interval,
-            refresh_interval=refresh_interval,
-            refresh_budget=refresh_budget,
-            batch_delay=batch_delay,
-            apply_budget=apply_budget,
-            retry_attempts=retry_attempts,
-            retry_backoff=retry_backoff,
-            statement_timeout=statement_timeout,
-            lock_timeout=lock_timeout,
-            projections=list(projections) or None,
-            stall_warning=stall_warning,
-            metrics_port=metrics_port,
-        )
-    )
+    listener = Listener(config)
 
     def _stop(signum: int, _frame: object) -> None:
         logging.getLogger("cqrs_pg.daemon").info("received %s: finishing", signal.Signals(signum).name)

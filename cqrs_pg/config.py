@@ -1,0 +1,182 @@
+"""The daemon's configuration, defined once: each setting's default, bounds and help live
+on its field here. `ListenerConfig` checks every bound when it is made (from Python or from
+the command line: `cqrs-pg listen` builds its options from these fields, without bounds
+of its own), so a bad value is refused in one line naming the setting and its option."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cqrs_pg.errors import ConfigError
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    metavar: str | None = None,
+    option: bool = True,
+) -> Any:
+    """A setting: its default, its bounds (minimum and maximum inclusive, `above`
+    exclusive) and the help of its `listen` option (option False: none)."""
+    return field(
+        default=default,
+        metadata={"help": help, "minimum": minimum, "maximum": maximum, "above": above, "metavar": metavar,
+                  "option": option},
+    )
+
+
+@dataclass
+class ListenerConfig:
+    dsn: str
+    batch_size: int = setting(5000, "Events per batch and transaction.", minimum=1, metavar="N")
+    # Fallback when no doorbell rings: correctness never depends on NOTIFY.
+    poll_interval: float = setting(1.0, "Seconds between polls when no NOTIFY arrives.", minimum=0.01,
+                                   maximum=3600, metavar="SECONDS")
+    # Stay awake this long after the last event, so a busy stream of commands never has to
+    # ring the doorbell at all; meanwhile look for work every linger_poll with one cheap
+    # query (cqrs.work_pending) and start a round as soon as there is some.
+    linger: float = setting(0.2, "Stay awake this long after the last event.", minimum=0, option=False)
+    linger_poll: float = setting(0.002, "Look for work this often while lingering.", above=0, option=False)
+    # While events keep coming, start a round at most once per batch_delay: batches grow
+    # with the load instead of the daemon spinning on tiny ones, whose fixed cost (round
+    # trips, planning, a commit each) would compete with the commands. After a quiet spell
+    # the next event starts a round at once.
+    batch_delay: float = setting(
+        0.01,
+        "While events keep coming, start a round of batches at most once per this many seconds: "
+        "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
+        "0: every event as soon as it can, at more CPU.",
+        minimum=0, metavar="SECONDS",
+    )
+    # ... and no sooner than w / apply_budget after it started, w being the longest time a
+    # projection of the round worked on its batches before committing (the commit waits
+    # for the disk, not the CPU). On a loaded server that work waits for the CPU too:
+    # rounds come less often, their batches grow and the per-batch fixed cost falls, so
+    # the daemon leaves the commands their CPU; latency under load grows instead (never
+    # past poll_interval).
+    apply_budget: float = setting(
+        0.25,
+        "While events keep coming, rounds of batches take at most this share of the time: after a round "
+        "whose batches took t seconds of work (commits left out) the next starts t/FRACTION after it (at most "
+        "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
+        "under load grows instead. 1: off.",
+        above=0, maximum=1, metavar="FRACTION",
+    )
+    # Before a round, take a mark (cqrs.take_mark) and wait up to this long for the
+    # transactions running then to end: the round then reads everything committed up to
+    # its start, not only what earlier marks cover (sql/cqrs/DESIGN.md). A mark is also
+    # taken as each wait between rounds begins: usable by the time the next round starts,
+    # whatever this wait finds.
+    mark_wait: float = setting(0.01, "Wait this long for running transactions before a round.", minimum=0,
+                               option=False)
+    refresh_interval: float = setting(1.0, "Refresh materialized views at most this often (seconds).", minimum=0,
+                                      metavar="SECONDS")
+    # A materialized view's refresh recomputes all of it: keep the share of time spent
+    # refreshing it at most this, by waiting longer between refreshes than
+    # refresh_interval when the last one took more than refresh_budget of it.
+    refresh_budget: float = setting(
+        0.1,
+        "At most this share of the time refreshing one materialized view: after a refresh that took "
+        "t seconds the next waits at least t/FRACTION (a refresh recomputes the whole view).",
+        above=0, maximum=1, metavar="FRACTION",
+    )
+    # Batches per projection before giving the others a turn.
+    batches_per_turn: int = setting(10, "Batches per projection before the others' turn.", minimum=1, option=False)
+    projections: list[str] | None = None
+    # Warn when committed events have waited this long behind an open transaction, and
+    # again every stall_warning seconds while they still wait.
+    stall_warning: float = setting(
+        30.0,
+        "Warn, naming the blocking backend, when committed events have waited this long behind an open transaction.",
+        above=0, metavar="SECONDS",
+    )
+    # A batch that fails is tried again retry_attempts times, retry_backoff seconds later,
+    # doubling; then narrowed, halving, to the event that fails, which gets retry_attempts
+    # tries too before the projection's policy (on_error) halts it there or parks the event.
+    # The other projections go on meanwhile.
+    retry_attempts: int = setting(
+        3,
+        "Tries of a failing batch, and then of the one event that fails, before the projection's policy "
+        "halts it there or parks the event; the other projections go on.",
+        minimum=1, metavar="N",
+    )
+    retry_backoff: float = setting(
+        0.2, "Wait before trying a failed batch again; doubles with each try (at most 30 s).", minimum=0,
+        metavar="SECONDS",
+    )
+    # The daemon's own timeouts on its connections, whatever the database's defaults: a
+    # statement (a batch, a refresh) or a lock wait that takes longer is a projection's
+    # error, retried as above; 0: none.
+    statement_timeout: float = setting(
+        600.0,
+        "The daemon's own statement_timeout, whatever the database's: a batch or refresh that takes longer "
+        "is that projection's error (retried, then its policy). 0: none.",
+        minimum=0, metavar="SECONDS",
+    )
+    lock_timeout: float = setting(
+        60.0,
+        "The daemon's own lock_timeout: a batch that waits longer for a lock is that projection's error. 0: none.",
+        minimum=0, metavar="SECONDS",
+    )
+    # At INFO, a one-line summary this often: events applied since the last, lag, state.
+    summary_interval: float = setting(
+        60.0, "Log a one-line summary (events applied, lag, state) this often at INFO; 0: never.", minimum=0,
+        metavar="SECONDS",
+    )
+    # Serve Prometheus metrics on this port (0: any free port; None: not served).
+    metrics_port: int | None = setting(
+        None, "Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).", minimum=0, maximum=65535,
+        metavar="PORT",
+    )
+    metrics_addr: str = "0.0.0.0"
+    listener_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            bounds = f.metadata
+            value = getattr(self, f.name)
+            if "help" not in bounds or value is None:
+                continue
+            problem = _out_of_bounds(value, bounds["minimum"], bounds["maximum"], bounds["above"])
+            if problem is None and f.type in ("int", "int | None") and not isinstance(value, int):
+                problem = "a whole number"
+
+            if problem is not None:
+                where = f" (listen --{f.name.replace('_', '-')})" if bounds["option"] else ""
+                raise ConfigError(f"{f.name}{where} must be {problem}, not {value!r}")
+        if not isinstance(self.dsn, str) or not self.dsn.strip():
+            raise ConfigError("dsn must be a libpq conninfo or URI, not empty")
+        if not self.listener_id.strip() or len(self.listener_id) > 200:
+            raise ConfigError(f"listener_id must be 1 to 200 characters, not {len(self.listener_id)}")
+
+
+def _out_of_bounds(value: Any, minimum: float | None, maximum: float | None, above: float | None) -> str | None:
+    """What value must be, when it is not (None: within its bounds)."""
+    wanted = []
+    if above is not None:
+        wanted.append(f"above {above:g}")
+    if minimum is not None:
+        wanted.append(f"at least {minimum:g}")
+    if maximum is not None:
+        wanted.append(f"at most {maximum:g}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "a finite number " + " and ".join(wanted) if wanted else "a finite number"
+    if (above is not None and value <= above) or (minimum is not None and value < minimum) or (
+        maximum is not None and value > maximum
+    ):
+        return " and ".join(wanted)
+    return None
+
+
+def option_settings() -> list[Any]:
+    """The settings `cqrs-pg listen` offers as options, in their order here."""
+    return [f for f in fields(ListenerConfig) if f.metadata.get("option")]

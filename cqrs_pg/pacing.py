@@ -1,0 +1,92 @@
+"""When the daemon's next round starts: its states and the pacing policy, as a pure
+function of what the last round found and the clock, so that it is tested with a clock
+of the test's own (tests/test_pacing.py) and the loop (cqrs_pg.daemon) only acts on it.
+
+A round runs every projection's turn once (a few batches each). After it the daemon is in
+one of these states:
+
+- ``draining``: a batch came back full, so more is waiting now: the next round at once.
+- ``refreshing``: only materialized views' refreshes are running: collect them.
+- ``busy``: events were applied: the next round no sooner than ``batch_delay`` after the
+  last one started, and no sooner than its work divided by ``apply_budget`` (at most
+  ``poll_interval``): batches grow with the load, the daemon's share of the CPU stays
+  bounded. The daemon is lingering once that wait is over.
+- ``lingering``: events came recently: awake, looking for work every ``linger_poll`` with
+  one cheap query until ``linger`` after the last event, and starting a round as soon as
+  there is some.
+- ``asleep``: quiet: commands ring the doorbell (NOTIFY) and the daemon waits for it, or
+  for ``poll_interval`` (correctness never depends on the doorbell), or for a failing
+  projection's next try.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from cqrs_pg.config import ListenerConfig
+
+# Wait for notifications, or for a running refresh, in slices this long, so a stop
+# request is seen promptly.
+WAIT_SLICE = 0.25
+
+
+class State(enum.Enum):
+    DRAINING = "draining"
+    REFRESHING = "refreshing"
+    BUSY = "busy"
+    LINGERING = "lingering"
+    ASLEEP = "asleep"
+
+
+@dataclass(frozen=True)
+class Round:
+    """What a round found, and when (monotonic seconds)."""
+
+    started: float
+    ended: float
+    # when the daemon last applied an event (this round's end if it applied any)
+    last_event: float
+    applied: int = 0
+    # some projection stopped at a full batch
+    more: bool = False
+    # seconds the longest sql or python turn worked, commits left out
+    work: float = 0.0
+    # turns still running (refreshes), and the projections served
+    pending: int = 0
+    serving: int = 0
+    # the soonest a failing projection is tried again, in seconds from ended
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Pace:
+    """The state the daemon is in after a round, and until when it stays there (a
+    monotonic deadline; the round itself ends it early in lingering, the doorbell in
+    asleep)."""
+
+    state: State
+    until: float
+
+
+def pace(cfg: ListenerConfig, r: Round) -> Pace:
+    """The pacing policy: the state after round r and when the next round starts."""
+    if r.serving and r.pending == r.serving:
+        return Pace(State.REFRESHING, r.ended)
+    if r.applied and r.more:
+        return Pace(State.DRAINING, r.ended)
+    if r.applied:
+        spacing = min(max(cfg.batch_delay, r.work / cfg.apply_budget), cfg.poll_interval)
+        return Pace(State.BUSY, max(r.ended, r.started + spacing))
+    timeout = cfg.poll_interval if r.retry_after is None else min(cfg.poll_interval, r.retry_after)
+    if r.pending:  # awake while a refresh runs, to collect it
+        return Pace(State.LINGERING, r.ended + min(timeout, WAIT_SLICE))
+    if r.ended - r.last_event < cfg.linger:
+        return Pace(State.LINGERING, min(r.last_event + cfg.linger, r.ended + timeout))
+    return Pace(State.ASLEEP, r.ended + timeout)
+
+
+def after_busy(cfg: ListenerConfig, r: Round, now: float) -> Pace:
+    """Once a busy wait is over: lingering, from now (a long spacing is no quiet spell)."""
+    return pace(cfg, Round(started=r.started, ended=now, last_event=now, pending=r.pending, serving=r.serving,
+                           retry_after=r.retry_after))

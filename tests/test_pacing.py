@@ -1,0 +1,121 @@
+"""The daemon's pacing policy (cqrs_pg.pacing) with a clock of the test's own, and its
+configuration checked once, where it is defined (cqrs_pg.config)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cqrs_pg.config import ListenerConfig, option_settings
+from cqrs_pg.errors import ConfigError
+from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, pace
+from cqrs_pg_tools.testing import assert_one_line_error, cli
+
+CFG = ListenerConfig(dsn="host=unused", batch_delay=0.01, apply_budget=0.25, poll_interval=1.0, linger=0.2)
+T0 = 1000.0  # the fake clock's start
+
+
+def round_(ended: float = T0 + 0.005, started: float = T0, last_event: float | None = None, **found: object) -> Round:
+    applied = bool(found.get("applied"))
+    return Round(started=started, ended=ended, last_event=ended if applied else (last_event or T0 - 60), **found)  # type: ignore[arg-type]
+
+
+def test_a_full_batch_drains_at_once() -> None:
+    assert pace(CFG, round_(applied=5000, more=True, work=0.4)) == Pace(State.DRAINING, T0 + 0.005)
+
+
+def test_a_light_round_waits_the_batch_delay_from_its_start() -> None:
+    assert pace(CFG, round_(applied=3, work=0.001)) == Pace(State.BUSY, T0 + 0.01)
+    # a round that took longer than the delay: the next one at once
+    assert pace(CFG, round_(ended=T0 + 0.05, applied=3, work=0.001)) == Pace(State.BUSY, T0 + 0.05)
+
+
+def test_heavy_work_spaces_rounds_by_the_apply_budget_up_to_the_poll_interval() -> None:
+    assert pace(CFG, round_(applied=300, work=0.05)) == Pace(State.BUSY, pytest.approx(T0 + 0.05 / 0.25))
+    assert pace(CFG, round_(applied=300, work=2.0)) == Pace(State.BUSY, T0 + CFG.poll_interval)
+    off = ListenerConfig(dsn="x", apply_budget=1.0, batch_delay=0.0)
+    assert pace(off, round_(applied=300, work=0.05)) == Pace(State.BUSY, pytest.approx(T0 + 0.05))
+
+
+def test_after_a_busy_wait_it_lingers_from_then() -> None:
+    busy = round_(applied=1, work=0.001)
+    now = T0 + 0.01
+    assert after_busy(CFG, busy, now) == Pace(State.LINGERING, pytest.approx(now + CFG.linger))
+
+
+def test_recent_events_linger_then_sleep() -> None:
+    last = T0 - 0.05
+    assert pace(CFG, round_(last_event=last)) == Pace(State.LINGERING, pytest.approx(last + CFG.linger))
+    assert pace(CFG, round_(last_event=T0 - 0.5)) == Pace(State.ASLEEP, T0 + 0.005 + CFG.poll_interval)
+
+
+def test_a_failing_projections_next_try_shortens_the_sleep() -> None:
+    assert pace(CFG, round_(retry_after=0.3)) == Pace(State.ASLEEP, pytest.approx(T0 + 0.305))
+    assert pace(CFG, round_(retry_after=30.0)) == Pace(State.ASLEEP, T0 + 0.005 + CFG.poll_interval)
+
+
+def test_running_refreshes_are_collected() -> None:
+    assert pace(CFG, round_(pending=2, serving=2)) == Pace(State.REFRESHING, T0 + 0.005)
+    assert pace(CFG, round_(pending=1, serving=3)) == Pace(State.LINGERING, pytest.approx(T0 + 0.005 + WAIT_SLICE))
+
+
+def test_a_simulated_day_never_spins_nor_oversleeps() -> None:
+    """Rounds driven by the policy on the fake clock, events arriving in bursts and
+    silences: rounds that apply events never start closer together than batch_delay
+    (unless draining a full batch), the daemon never waits past poll_interval, and it
+    falls asleep only after linger without events."""
+    rng = random.Random(7)
+    clock, last_event, backlog = T0, T0, 0
+    for _ in range(5000):
+        backlog += rng.choice([0, 0, 0, 1, 3, 40, 9000])
+        started = clock
+        applied = min(backlog, CFG.batch_size)
+        backlog -= applied
+        work = applied * 0.00002
+        clock += 0.001 + work
+        if applied:
+            last_event = clock
+        step = pace(CFG, Round(started=started, ended=clock, last_event=last_event, applied=applied,
+                               more=applied == CFG.batch_size, work=work, serving=3))
+        assert step.until >= clock - 1e-9
+        assert step.until - clock <= CFG.poll_interval + 1e-9
+        if step.state is State.BUSY:
+            assert step.until - started >= CFG.batch_delay - 1e-9
+        if step.state is State.ASLEEP:
+            assert clock - last_event >= CFG.linger
+        if step.state is State.LINGERING and rng.random() < 0.5:
+            step = Pace(step.state, clock + (step.until - clock) * rng.random())  # work found early
+        clock = step.until
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("batch_size", 0, "batch_size (listen --batch-size) must be at least 1, not 0"),
+        ("batch_size", 2.5, "batch_size (listen --batch-size) must be a whole number, not 2.5"),
+        ("apply_budget", 0.0, "must be above 0 and at most 1, not 0.0"),
+        ("apply_budget", 1.5, "must be above 0 and at most 1, not 1.5"),
+        ("poll_interval", float("nan"), "poll_interval (listen --poll-interval) must be a finite number"),
+        ("retry_backoff", -1.0, "retry_backoff (listen --retry-backoff) must be at least 0, not -1.0"),
+        ("linger_poll", 0.0, "linger_poll must be above 0, not 0.0"),
+        ("metrics_port", 70000, "at most 65535, not 70000"),
+    ],
+)
+def test_a_bad_setting_is_refused_where_it_is_defined(setting: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        ListenerConfig(dsn="host=unused", **{setting: value})  # type: ignore[arg-type]
+    assert message in str(refused.value)
+
+
+def test_listen_options_come_from_the_config_and_are_checked_there() -> None:
+    """One definition: every option's default is the config's, and the command line
+    refuses a bad value with the config's one line."""
+    help_text = " ".join(cli("listen", "--help").stdout.split())
+    for f in option_settings():
+        option = f"--{f.name.replace('_', '-')}"
+        assert option in help_text
+        if f.default is not None:
+            assert f"{option} {f.metadata['metavar']}" in help_text
+    refused = cli("listen", "--batch-size", "0", "--dsn", "host=unused")
+    assert_one_line_error(refused, "batch_size (listen --batch-size) must be at least 1, not 0")
