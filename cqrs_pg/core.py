@@ -11,7 +11,7 @@ migration, and builds its own aggregates and projections on it::
     from cqrs_pg import core
 
     def upgrade():
-        core.install(op, "0001")
+        core.install(op, "0002")
 
     def downgrade():
         core.uninstall(op)
@@ -106,6 +106,22 @@ def engine_sql(version: str = LATEST, after: str | None = None) -> str:
     that version)."""
     files = _engine_files()
     return "\n".join(revision_sql(files[step]) for step in _steps(after, version))
+
+
+# What sql/cqrs/version.sql writes: the schema's comment names the engine's version.
+VERSION_COMMENT = "cqrs_pg engine "
+
+
+def installed_version(conn: psycopg.Connection) -> str | None:
+    """The version of the engine installed in conn's database ("0001", ...; None: none).
+    The baseline, 0001, did not record its version: an engine without one is 0001."""
+    row = conn.execute(
+        "SELECT to_regnamespace('cqrs') IS NOT NULL, obj_description(to_regnamespace('cqrs'), 'pg_namespace')"
+    ).fetchone()
+    if row is None or not row[0]:
+        return None
+    comment = row[1] or ""
+    return comment[len(VERSION_COMMENT):].strip() if comment.startswith(VERSION_COMMENT) else VERSIONS[0]
 
 
 def run_sql(target: Any, text: str) -> None:

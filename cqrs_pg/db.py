@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.abc import Params
 
-from cqrs_pg.errors import ConfigError, DatabaseUnavailable, NotMigrated
+from cqrs_pg.errors import ConfigError, DatabaseUnavailable, NotMigrated, StandbyError
 
 DSN_ENV = "CQRS_PG_DSN"
 REPLICA_DSN_ENV = "CQRS_PG_REPLICA_DSN"
@@ -46,11 +46,30 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-
 
 
 def require_migrated(conn: psycopg.Connection) -> None:
-    """NotMigrated unless the cqrs schema is installed in this database."""
-    row = conn.execute("SELECT to_regclass('cqrs.projections') IS NOT NULL").fetchone()
-    if not row or not row[0]:
-        db = conn.info.dbname
+    """The engine, at this cqrs_pg's version, on a primary: else one line saying what to
+    run (NotMigrated, or StandbyError on a standby)."""
+    from cqrs_pg import __version__, core
+
+    row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+    if row and row[0]:
+        raise StandbyError(
+            f"{conn.info.host}:{conn.info.port} is a standby (in recovery): use CQRS_PG_DSN, the primary"
+        )
+    db = conn.info.dbname
+    installed = core.installed_version(conn)
+    if installed is None:
         raise NotMigrated(f"database {db!r} has no cqrs_pg schema: run `cqrs-pg migrate` (or `alembic upgrade cqrs@head`) first")
+    if installed != core.LATEST:
+        if installed in core.VERSIONS and core.VERSIONS.index(installed) < core.VERSIONS.index(core.LATEST):
+            raise NotMigrated(
+                f"the cqrs engine in database {db!r} is version {installed}, older than this cqrs_pg {__version__}'s "
+                f"{core.LATEST}: run `cqrs-pg migrate` (a project of your own: a migration calling "
+                f"cqrs_pg.core.upgrade(op, {installed!r}, {core.LATEST!r}))"
+            )
+        raise NotMigrated(
+            f"the cqrs engine in database {db!r} is version {installed}, newer than this cqrs_pg {__version__} "
+            f"knows (up to {core.LATEST}): upgrade cqrs_pg (`python3 -m pip install -U cqrs_pg`)"
+        )
 
 
 def scalar(conn: psycopg.Connection, query: str, params: Params | None = None) -> Any:

@@ -23,7 +23,11 @@ class DatabaseUnavailable(CqrsPgError):
 
 
 class NotMigrated(CqrsPgError):
-    """The database has no cqrs_pg schema (or an older one)."""
+    """The database has no cqrs_pg engine, or one of another version than this cqrs_pg's."""
+
+
+class StandbyError(CqrsPgError):
+    """A command that needs the primary was pointed at a standby."""
 
 
 class ReplicaUnavailable(CqrsPgError):

@@ -20,7 +20,7 @@ from alembic.util import CommandError
 
 from cqrs_pg.core import migrations_dir
 from cqrs_pg.db import connect
-from cqrs_pg.errors import ConfigError, CqrsPgError
+from cqrs_pg.errors import ConfigError, CqrsPgError, StandbyError
 
 EXAMPLES = ("shop",)
 
@@ -36,6 +36,10 @@ def alembic_config(dsn: str) -> Config:
 
 def _version_rows(dsn: str) -> list[str]:
     with connect(dsn, application_name="cqrs-pg migrate") as conn:
+        standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        if standby and standby[0]:
+            raise StandbyError(
+                f"{conn.info.host}:{conn.info.port} is a standby (in recovery): use CQRS_PG_DSN, the primary")
         exists = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
         if not exists or not exists[0]:
             return []

@@ -19,6 +19,8 @@ that raises rolls the whole batch back. See docs/adding-a-projection.md.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -75,12 +77,22 @@ def unregister(name: str) -> None:
 
 
 def import_modules(modules: Iterable[str]) -> None:
-    """Import modules that register handlers (`cqrs-pg listen --import MODULE`)."""
+    """Import modules that register handlers (`cqrs-pg listen --import MODULE`), found as
+    `python -m` finds them: from the current directory first, then the installed ones. A
+    module that cannot be found, or fails while it is imported, is one line."""
+    modules = list(modules)
+    if modules and os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as exc:
             raise CqrsPgError(f"cannot import {module!r} (--import): {exc}") from exc
+        except Exception as exc:  # the module's own error, reported in one line
+            where = ""
+            if isinstance(exc, SyntaxError) and exc.filename:
+                where = f" ({exc.filename}, line {exc.lineno})"
+            raise CqrsPgError(f"importing {module!r} (--import) failed: {type(exc).__name__}: {exc}{where}") from exc
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             " events_behind, round(seconds_behind::numeric, 3)::float AS seconds_behind,"
             " updated_at::text AS updated_at, refreshed_at::text AS refreshed_at, state, on_error,"
             " failed_position, failed_event_type, failed_error, failed_sqlstate, failed_attempts,"
-            " failed_at::text AS failed_at, parked, skipped FROM cqrs.projection_status()",
+            " failed_at::text AS failed_at, parked, skipped, held_by_pid, held_by_user, held_by_application,"
+            " held_by_state, round(held_seconds::numeric, 3)::float AS held_seconds FROM cqrs.projection_status()",
         )
         # The transaction at the fence is the one with the oldest xid, listed first.
         blockers = _rows(
@@ -164,6 +165,15 @@ def render(status: dict[str, Any]) -> str:
             f" {p['seconds_behind']:>15.3f}  {p['last_position']:>10}  {p['parked']:>6}"
         )
     for p in status["projections"]:
+        if p["held_by_pid"] is not None and not (
+            (p["held_by_application"] or "").startswith("cqrs-pg listen") and (p["held_seconds"] or 0) < 5
+        ):
+            lines.append(
+                f"  {p['name']} held by pid {p['held_by_pid']} (user {p['held_by_user']}, application "
+                f"{p['held_by_application']!r}"
+                + (f", {p['held_by_state']}, open {p['held_seconds']:.1f}s" if p["held_by_state"] is not None else "")
+                + ")"
+            )
         if p["state"] == "halted":
             lines.append(
                 f"  {p['name']} halted at event {p['failed_position']} ({p['failed_event_type']}), "

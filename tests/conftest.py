@@ -9,10 +9,12 @@ import from it, never from here nor from each other."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from psycopg import sql
 
 from cqrs_pg_tools.devcluster import DevCluster
 from cqrs_pg_tools.testing import (
@@ -74,3 +76,26 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     yield start
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def login_as(db: Database) -> Iterator[Callable[..., str]]:
+    """login_as(group) -> the name of a fresh LOGIN role that is a member of group only;
+    login_as(None): of no role at all. Dropped after the test."""
+    made: list[str] = []
+
+    def make(group: str | None) -> str:
+        name = f"{group or 'nobody'}_{uuid.uuid4().hex[:8]}"
+        with db.connect() as conn:
+            if group is None:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+            else:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(sql.Identifier(name), sql.Identifier(group)))
+        made.append(name)
+        return name
+
+    yield make
+    with db.connect() as conn:
+        for name in made:
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))

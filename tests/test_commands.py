@@ -683,6 +683,38 @@ def test_error_matrix_covers_every_command_and_code() -> None:
     assert {p.values[1](world).command for p in ERROR_CASES} == set(SIGNATURES)
 
 
+def test_padding_around_a_valid_value_is_bounded_as_given(scratch_conn: psycopg.Connection) -> None:
+    """Bounds apply to an argument as given, spaces around it included, so no command
+    stores more than its documented bound in any table (receipts keep arguments as given):
+    each padded value is refused with CQ001 and leaves nothing behind; at the bound, padded
+    or not, it is accepted."""
+    conn = scratch_conn
+    customer_id, sku, _ = fresh(conn)
+    pad = " " * 5000
+    before_counts, before = counts(conn), state(conn)
+    for command, args in [
+        ("register_customer", (f"p-{uuid.uuid4().hex[:6]}@example.com", f"{pad}Padded{pad}")),
+        ("register_customer", (f"{pad}p-{uuid.uuid4().hex[:6]}@example.com", "Padded")),
+        ("rename_customer", (customer_id, f"Padded{pad}", None)),
+        ("add_product", (f"{pad}P-{uuid.uuid4().hex[:6]}", "P", 1, 1)),
+        ("add_product", (f"P-{uuid.uuid4().hex[:6]}", f"P{pad}", 1, 1)),
+        ("restock", (f"{sku}{pad}", 1)),
+        ("change_price", (f"{pad}{sku}", 1)),
+        ("place_order", (customer_id, [{"sku": f"{sku}{pad}", "quantity": 1}])),
+        # a whole number, written with 5,000 zeros after its point (jsonb keeps them)
+        ("place_order", (customer_id, Jsonb(None, dumps=lambda _: f'[{{"sku": "{sku}", "quantity": 1.{"0" * 5000}}}]'))),
+    ]:
+        exc = fails(conn, command, uuid.uuid4(), *args)
+        assert exc.sqlstate == "CQ001", (command, exc)
+        assert "characters" in str(exc) or "whole number" in str(exc), (command, exc)
+        assert counts(conn) == before_counts and state(conn) == before, command
+    at_bound = run(conn, "register_customer", f"p-{uuid.uuid4().hex[:6]}@example.com", " " + "n" * 198 + " ")
+    assert customer(conn, at_bound.aggregate_id)["name"] == "n" * 198
+    padded = conn.execute("SELECT count(*) FROM cqrs.commands WHERE arguments::text LIKE '%' || repeat(' ', 1000) || '%'"
+                          " OR arguments::text LIKE '%' || repeat('0', 1000) || '%'").fetchone()[0]
+    assert padded == 0
+
+
 def test_sql_lookalikes_are_stored_literally(scratch_conn: psycopg.Connection) -> None:
     """Valid strings that look like SQL, format() directives or dollar quotes are data:
     stored, returned and put in events exactly as sent."""

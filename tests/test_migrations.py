@@ -229,3 +229,11 @@ def test_group_roles_exist_and_cannot_log_in(db: Database) -> None:
     assert roles == {"cqrs_writer": False, "cqrs_reader": False, "cqrs_listener": False}
 
 
+
+
+def test_the_engine_records_the_newest_revision_as_its_version(db: Database) -> None:
+    """sql/cqrs/version.sql names the newest revision, so every new revision sets it: a
+    database at head reads as this package's version."""
+    with db.connect() as conn:
+        assert core.installed_version(conn) == core.LATEST
+    assert f"'{core.VERSION_COMMENT}{core.LATEST}'" in (REPO / "sql" / "cqrs" / "version.sql").read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -17,24 +16,6 @@ from cqrs_pg.daemon import Listener, ListenerConfig
 from cqrs_pg.status import collect
 from cqrs_pg_tools.testing import Database
 from cqrs_pg_tools.verify import all_mismatches
-
-
-@pytest.fixture
-def login_as(db: Database) -> Iterator:  # type: ignore[type-arg]
-    """login_as(group) -> the name of a fresh LOGIN role that is a member of group only."""
-    made: list[str] = []
-
-    def make(group: str) -> str:
-        name = f"{group}_{uuid.uuid4().hex[:8]}"
-        with db.connect() as conn:
-            conn.execute(sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(sql.Identifier(name), sql.Identifier(group)))
-        made.append(name)
-        return name
-
-    yield make
-    with db.connect() as conn:
-        for name in made:
-            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
 
 
 def test_writer_reader_and_listener_roles_run_the_loop(db: Database, login_as) -> None:  # type: ignore[no-untyped-def]
