@@ -286,6 +286,13 @@ class Listener:
         (cqrs_pg.pacing) gives; the transitions are all here."""
         cfg = self.config
         _own_timeouts(conn, cfg)
+        adopted = scalar(conn, "SELECT cqrs.adopt_cluster()")
+        if adopted:
+            logger.warning(
+                "found transaction ids of another cluster (a logical dump and restore): rebased %d rows "
+                "(horizons, marks, receipts); every projection goes on from its checkpoint", adopted,
+                extra={"rebased": adopted},
+            )
         conn.execute(f"LISTEN {CHANNEL}")
         self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)

@@ -12,6 +12,7 @@ projection's lock before the swap. A materialized view is rebuilt by a refresh.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -55,6 +56,20 @@ def _rebuild_from_log(
     started = time.monotonic()
     total = scalar(conn, "SELECT count(*) FROM cqrs.outbox")
     conn.execute("SELECT cqrs.rebuild_begin(%s)", (projection,))
+    try:
+        return _fill_and_swap(conn, projection, handler, batch_size, echo, started, total)
+    except BaseException:
+        # Failed or stopped here: abandon its shadow tables (the live ones are untouched),
+        # so that the next rebuild starts at once. Only a process that dies leaves an
+        # interrupted rebuild behind, for `cqrs-pg rebuild --abort`.
+        with contextlib.suppress(psycopg.Error):
+            if not conn.closed and not conn.broken:
+                conn.execute("SELECT cqrs.rebuild_abort(%s)", (projection,))
+        raise
+
+
+def _fill_and_swap(conn: psycopg.Connection, projection: str, handler: Handler | None, batch_size: int,
+                   echo: Callable[[str], None], started: float, total: int) -> int:
     echo(f"rebuilding {projection} from {total} events in a shadow schema; readers keep the old one")
     done, next_report = 0, started + 1.0
     while True:
@@ -96,3 +111,16 @@ def _refresh(conn: psycopg.Connection, projection: str, echo: Callable[[str], No
     conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW CONCURRENTLY {}").format(sql.SQL(matview)))
     echo(f"refreshed {matview} (a materialized view is rebuilt by a refresh)")
     return 0
+
+
+def abort(dsn: str, projection: str) -> None:
+    """Abandons an interrupted rebuild (cqrs.rebuild_abort): one line when there is none,
+    or when it is still running."""
+    with connect(dsn, application_name="cqrs-pg rebuild") as conn:
+        require_migrated(conn)
+        try:
+            conn.execute("SELECT cqrs.rebuild_abort(%s)", (projection,))
+        except psycopg.Error as exc:
+            if exc.sqlstate and exc.sqlstate.startswith("CQ"):
+                raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
+            raise

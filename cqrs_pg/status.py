@@ -66,6 +66,12 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             " FROM pg_stat_replication ORDER BY application_name, client_addr",
         )
         primary_lsn = scalar(conn, "SELECT pg_current_wal_lsn()::text")
+        xids_moved = bool(scalar(conn, "SELECT cqrs._xids_moved()"))
+        rebuilds = _rows(
+            conn,
+            "SELECT projection, started_at::text AS started_at, last_position, applied_events, pid, running"
+            " FROM cqrs.rebuild_status()",
+        )
     hosts = replica_hosts(replica_dsn, target_session_attrs=None) if replica_dsn else []
     replicas = [_replica(host.label, host.conninfo, primary_lsn) for host in hosts]
     report: dict[str, Any] = {
@@ -76,6 +82,8 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
         "fence_blocker": blockers[0] if blockers else None,
         "fence_blockers": blockers,
         "replicas": replicas,
+        "xids_moved": xids_moved,
+        "rebuilds": rebuilds,
         "replication": senders,
     }
     report["problems"] = problems(report, thresholds)
@@ -120,6 +128,11 @@ def _replica(label: str, conninfo: str, primary_lsn: str) -> dict[str, Any]:
 def problems(report: dict[str, Any], t: Thresholds) -> list[str]:
     """What is unhealthy, one line each, by the thresholds (and unusable replicas)."""
     found = []
+    if report.get("xids_moved"):
+        found.append(
+            "the engine holds transaction ids of another cluster (a logical dump and restore): read-your-writes "
+            "answers false until they are rebased; start `cqrs-pg listen`, or run SELECT cqrs.adopt_cluster()"
+        )
     for p in report["projections"]:
         if p["state"] == "halted":
             found.append(
@@ -179,6 +192,13 @@ def render(status: dict[str, Any]) -> str:
                 f"  {p['name']} halted at event {p['failed_position']} ({p['failed_event_type']}), "
                 f"{p['failed_attempts']} tries, since {p['failed_at']}: {p['failed_error']}"
             )
+    for b in status.get("rebuilds", []):
+        lines.append(
+            f"  rebuild of {b['projection']} since {b['started_at']}: "
+            + (f"running (pid {b['pid']}), at position {b['last_position']}" if b["running"] else
+               f"interrupted at position {b['last_position']}: `cqrs-pg rebuild --abort {b['projection']}`, "
+               "then rebuild again")
+        )
     lines.append("")
     for r in status["replicas"]:
         if not r["reachable"]:

@@ -16,6 +16,10 @@ OUR_SCHEMAS = ["cqrs", "shop", "shop_read", "shop_proj"]
 # compatibility warnings. fatal_errors off: report every finding, not just the first.
 OPTIONS = "fatal_errors => false, all_warnings => true"
 COLUMNS = "functionid::regprocedure::text, lineno, statement, sqlstate, message, detail, level"
+# Findings reviewed and accepted, by function and message: rebuild_finish executes the
+# statements cqrs._table_extras builds from the catalogs (every name and literal quoted by
+# format()), which the check cannot trace into a text variable.
+ACCEPTED = {("cqrs.rebuild_finish(text,integer)", "text type variable is not sanitized")}
 
 
 
@@ -66,7 +70,7 @@ def test_every_plpgsql_function_is_clean(checked: psycopg.Connection) -> None:
     functions = plpgsql_functions(conn)
     assert len(functions) > 30
     search_paths = dict(conn.execute(
-        "SELECT apply_function::oid, search_path FROM cqrs.projections WHERE apply_function IS NOT NULL").fetchall())
+        "SELECT apply_function::regproc::oid, search_path FROM cqrs.projections WHERE apply_function IS NOT NULL").fetchall())
     found: list[tuple[Any, ...]] = []
     unattached = []
     for oid, name, is_trigger in functions:
@@ -85,6 +89,7 @@ def test_every_plpgsql_function_is_clean(checked: psycopg.Connection) -> None:
             found += findings(conn, oid, trigger)
     conn.close()
     assert unattached == [], "trigger functions no table uses cannot be checked"
+    found = [f for f in found if (f[0], f[4]) not in ACCEPTED]
     assert found == [], "\n".join(map(str, found))
 
 

@@ -138,11 +138,15 @@ def produced_fields(report: dict[str, Any]) -> set[str]:
 
 
 def test_every_json_field_is_documented(db: Database) -> None:
-    with psycopg.connect(db.dsn) as blocker:  # an open transaction holding an xid
-        blocker.execute("SELECT * FROM shop.register_customer(gen_random_uuid(), 'docs@example.com', 'D')")
-        _, report = status(db)
-        blocker.rollback()
+    with psycopg.connect(db.dsn, autocommit=True) as rebuilding:  # a rebuild under way
+        rebuilding.execute("SELECT cqrs.rebuild_begin('customer_stats')")
+        with psycopg.connect(db.dsn) as blocker:  # an open transaction holding an xid
+            blocker.execute("SELECT * FROM shop.register_customer(gen_random_uuid(), 'docs@example.com', 'D')")
+            _, report = status(db)
+            blocker.rollback()
+        rebuilding.execute("SELECT cqrs.rebuild_abort('customer_stats')")
     assert report["fence_blocker"] is not None and report["replicas"] and report["replication"]
+    assert report["rebuilds"]
     assert produced_fields(report) == documented_fields()
 
 

@@ -310,7 +310,10 @@ def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: in
     metavar="MODULE",
     help="Import this module first: it registers the python projection's handler (repeatable), as for listen.",
 )
-def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...]) -> None:
+@click.option("--abort", is_flag=True,
+              help="Abandon an interrupted rebuild of PROJECTION instead (its shadow tables go; the live ones stay).")
+def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...],
+            abort: bool) -> None:
     """Rebuild one read model from the whole event log, without downtime.
 
     The new tables are built in a shadow schema while the daemon keeps the live ones
@@ -320,9 +323,20 @@ def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_siz
     projection is rebuilt by its handler (give its module with --import, as to listen);
     a materialized view (product_sales) by a refresh. Run it as the role that ran the
     migrations.
+
+    What deployers added to a table (grants, comment, row-level security and policies,
+    triggers, publications, replica identity, sequences) goes over to the new one; what
+    cannot (a dependent view, a foreign key from another table) refuses the rebuild
+    before it starts. One rebuild of a projection at a time; an interrupted one shows in
+    `cqrs-pg status` and is abandoned with --abort.
     """
     from cqrs_pg.projections import import_modules
+    from cqrs_pg.rebuild import abort as run_abort
     from cqrs_pg.rebuild import rebuild as run_rebuild
 
+    if abort:
+        run_abort(require_dsn(dsn), projection)
+        click.echo(f"abandoned the rebuild of {projection}: its shadow tables are gone, the live ones untouched")
+        return
     import_modules(imports)
     run_rebuild(require_dsn(dsn), projection, batch_size, click.echo)

@@ -6,7 +6,11 @@
 -- A projection (and a rebuild) is held by a row lock, which only the engine's owner can
 -- take, no longer by an advisory lock any login could take; cqrs.projection_status names
 -- the session holding one. Diagnostics show a session's state and query only to a caller
--- who may see them (cqrs._may_see).
+-- who may see them (cqrs._may_see). cqrs.projections names functions and relations by
+-- text, so that pg_dump / pg_restore and pg_upgrade carry it; transaction ids another
+-- cluster stored (a logical restore) are rebased by cqrs.adopt_cluster. A rebuild carries
+-- what deployers added to a table or refuses before it starts; a second one is refused, an
+-- interrupted one shows (cqrs.rebuild_status) and is abandoned with cqrs.rebuild_abort.
 
 ALTER TABLE cqrs.projections
     ADD COLUMN on_error text NOT NULL DEFAULT 'halt',
@@ -20,6 +24,20 @@ ALTER TABLE cqrs.projections
     ADD CONSTRAINT projections_matview_halts CHECK (kind <> 'matview' OR on_error = 'halt'),
     ADD CONSTRAINT projections_state CHECK (state IN ('running', 'halted')),
     ADD CONSTRAINT projections_halted_at CHECK ((state = 'halted') = (failed_position IS NOT NULL));
+
+-- Functions and relations by schema-qualified name: a logical restore loads this table
+-- before it creates every view it could name, and pg_upgrade refuses a regproc column.
+-- Printed with only pg_catalog on the search_path, every name is schema-qualified.
+SELECT set_config('cqrs.saved_search_path', current_setting('search_path'), true);
+SELECT set_config('search_path', 'pg_catalog', true);
+ALTER TABLE cqrs.projections
+    ALTER COLUMN apply_function TYPE text USING apply_function::text,
+    ALTER COLUMN matview TYPE text USING matview::text,
+    ALTER COLUMN tables TYPE text[] USING tables::text[];
+SELECT set_config('search_path', current_setting('cqrs.saved_search_path'), true);
+
+-- a rebuild records the session that began it: running or interrupted
+ALTER TABLE cqrs.rebuilds ADD COLUMN pid integer, ADD COLUMN backend_start timestamptz;
 
 -- new arguments or columns: replaced, not redefined in place
 DROP FUNCTION cqrs.register_projection(text, text, regproc, regclass, text[], text, regclass[]);
@@ -199,6 +217,97 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_xids_moved.sql
+-- Whether the engine holds transaction ids of another cluster's, ahead of this one's (a
+-- logical restore: cqrs.adopt_cluster). A healthy cluster's stored ids are all below its
+-- next xid. Reads the small tables only (as the owner: status runs it as the listener).
+CREATE OR REPLACE FUNCTION cqrs._xids_moved()
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT 1 FROM cqrs.projections c
+                    WHERE c.horizon >= pg_snapshot_xmax(pg_current_snapshot())
+                       OR c.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()))
+        OR EXISTS (SELECT 1 FROM cqrs.rebuilds r WHERE r.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()))
+        OR EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()));
+$$;
+
+-- sql/cqrs/functions/adopt_cluster.sql
+-- After a logical dump and restore (pg_dump / pg_restore) into another cluster, the
+-- transaction ids the engine stored — horizons, marks, receipts' tokens — are the old
+-- cluster's. Where they are ahead of this cluster's (at or above its next xid), they would
+-- say transactions not yet applied were (cqrs.caught_up) and hold marks that never become
+-- usable. This rebases them: horizons back to the start (each recomputed at the next batch
+-- or poll), those marks dropped, the old daemons' rows forgotten, old receipts' tokens to
+-- one every horizon passes. Positions are untouched: reading goes on exactly where each
+-- projection's checkpoint is, so no event is skipped or applied twice. Returns the rows
+-- it changed (0: the ids had not moved). The daemon calls it as it connects; an operator
+-- may call it at once after a restore.
+CREATE OR REPLACE FUNCTION cqrs.adopt_cluster()
+RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    next_xid xid8 := pg_snapshot_xmax(pg_current_snapshot());
+    changed bigint := 0::bigint;
+    n bigint;
+BEGIN
+    IF NOT cqrs._xids_moved() THEN
+        RETURN 0::bigint;
+    END IF;
+    -- one adopter at a time; what a concurrent daemon changes meanwhile is rebased after it
+    LOCK TABLE cqrs.projections IN SHARE ROW EXCLUSIVE MODE;
+    UPDATE cqrs.projections c
+       SET horizon = '3', horizon_position = 0,
+           mark_xmax = CASE WHEN c.mark_xmax >= next_xid THEN NULL ELSE c.mark_xmax END,
+           mark_position = CASE WHEN c.mark_xmax >= next_xid THEN NULL ELSE c.mark_position END,
+           updated_at = now()
+     WHERE c.horizon >= next_xid OR c.mark_xmax >= next_xid;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    UPDATE cqrs.rebuilds r SET mark_xmax = NULL, mark_position = NULL WHERE r.mark_xmax >= next_xid;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    DELETE FROM cqrs.listeners l WHERE l.mark_xmax >= next_xid;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    UPDATE cqrs.commands m SET token = 3 WHERE m.token >= next_xid::text::bigint;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN changed + n;
+END
+$$;
+
+-- sql/cqrs/functions/caught_up.sql
+-- True once the projection (NULL: every projection) has applied every event of the
+-- transaction that returned token. Reads only cqrs.projections, which replicates with
+-- the read tables, so it answers correctly on a streaming replica. A horizon at or above
+-- this cluster's next xid is another cluster's (a logical restore not yet adopted,
+-- cqrs.adopt_cluster): it proves nothing, so the answer is false until then.
+CREATE OR REPLACE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM cqrs._require_range('token', token, 0);
+    IF projection IS NOT NULL THEN
+        PERFORM cqrs._projection(projection);
+    END IF;
+    RETURN NOT EXISTS (
+        SELECT 1
+          FROM cqrs.projections p
+         WHERE (projection IS NULL OR p.name = projection)
+           AND (p.horizon <= token::text::xid8 OR p.horizon >= pg_snapshot_xmax(pg_current_snapshot())));
+END
+$$;
+
 -- sql/cqrs/functions/_advance_checkpoint.sql
 -- Moves a reader's checkpoint, in the caller's transaction (the one that applied the
 -- batch): a projection's row, or with rebuild its rebuild's. to_position: the new
@@ -318,8 +427,9 @@ BEGIN
         PERFORM cqrs._fail('CQ001', format(
             'matview projection %L cannot park events (a refresh covers them all): use on_error ''halt''', name));
     END IF;
+    -- kept by name, schema-qualified (this function's search_path holds no other schema)
     INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error)
-    VALUES (name, kind, apply_function, matview, event_types, search_path, tables, on_error);
+    VALUES (name, kind, apply_function::text, matview::text, event_types, search_path, tables::text[], on_error);
     -- a view's row of cqrs.refreshing, there before its first refresh (cqrs._exempt_from_fence)
     INSERT INTO cqrs.refreshing (projection) SELECT register_projection.name WHERE register_projection.kind = 'matview';
 END
@@ -593,7 +703,7 @@ BEGIN
             'event %s of projection %L is not parked for another try', apply_parked.position, projection));
     END IF;
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, apply_parked.position - 1, apply_parked.position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, apply_parked.position - 1, apply_parked.position);
     END IF;
     UPDATE cqrs.projections c SET applied_events = c.applied_events + 1, updated_at = now() WHERE c.name = projection;
 END
@@ -615,14 +725,237 @@ AS $$
      WHERE k.projection = parked_failed.projection AND k.position = parked_failed.position;
 $$;
 
+-- sql/cqrs/functions/_rebuild_problem.sql
+-- What keeps a rebuild from replacing table t by a new one, as a CQ003 message; NULL when
+-- nothing does. The swap drops the old table: objects that depend on it (a view, a foreign
+-- key from a table the projection does not own) would have to go with it, and a
+-- publication's row filter or column list, or a partition hierarchy, is not carried over.
+-- Everything else deployers add is (cqrs._table_extras).
+CREATE OR REPLACE FUNCTION cqrs._rebuild_problem(projection text, t regclass, owned regclass[])
+RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('cannot rebuild projection %L: %s depends on its table %s; %s', projection, what, t, todo)
+      FROM (
+        SELECT format('%s %s', CASE v.relkind WHEN 'm' THEN 'materialized view' ELSE 'view' END, v.oid::regclass) AS what,
+               'drop it before the rebuild and create it again after' AS todo
+          FROM pg_depend d
+          JOIN pg_rewrite w ON d.classid = 'pg_rewrite'::regclass AND w.oid = d.objid
+          JOIN pg_class v ON v.oid = w.ev_class
+         WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = t AND v.oid <> t
+        UNION ALL
+        SELECT format('the foreign key %I of %s', c.conname, c.conrelid::regclass),
+               'drop it before the rebuild and add it again after'
+          FROM pg_constraint c
+         WHERE c.contype = 'f' AND c.confrelid = t AND c.conrelid <> ALL (owned)
+        UNION ALL
+        SELECT format('publication %I (with a row filter or column list)', pb.pubname),
+               'drop the table from it before the rebuild and add it again after'
+          FROM pg_publication_rel pr JOIN pg_publication pb ON pb.oid = pr.prpubid
+         WHERE pr.prrelid = t AND (pr.prqual IS NOT NULL OR pr.prattrs IS NOT NULL)
+        UNION ALL
+        SELECT 'a partition or inheritance hierarchy', 'a partitioned or inherited table cannot be rebuilt'
+          FROM pg_class c
+         WHERE c.oid = t AND (c.relkind = 'p' OR c.relispartition
+                              OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = t OR i.inhparent = t))
+      ) problems
+     LIMIT 1;
+$$;
+
+-- sql/cqrs/functions/_table_extras.sql
+-- What deployers added to table t beyond its columns, constraints, indexes, storage
+-- parameters and grants (which a rebuild's copy has already): its comment, row-level
+-- security (enabled, forced) and policies, user triggers, publication membership and
+-- replica identity, as the statements that add them to a table of the same name. A
+-- rebuild reads them before it drops t and runs them on the new table once it has t's name.
+CREATE OR REPLACE FUNCTION cqrs._table_extras(t regclass)
+RETURNS text[]
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(statement ORDER BY ord, statement), '{}')
+      FROM (
+        SELECT 1 AS ord, format('COMMENT ON TABLE %s IS %L', t, d.description) AS statement
+          FROM pg_description d
+         WHERE d.classoid = 'pg_class'::regclass AND d.objoid = t AND d.objsubid = 0
+        UNION ALL
+        SELECT 2, format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', t) FROM pg_class c WHERE c.oid = t AND c.relrowsecurity
+        UNION ALL
+        SELECT 2, format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', t) FROM pg_class c WHERE c.oid = t AND c.relforcerowsecurity
+        UNION ALL
+        SELECT 3, format('CREATE POLICY %I ON %s AS %s FOR %s TO %s%s%s', pol.polname, t,
+                         CASE WHEN pol.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                         CASE pol.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                         WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                         (SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r)) END, ', ')
+                            FROM unnest(pol.polroles) r),
+                         ' USING (' || pg_get_expr(pol.polqual, pol.polrelid) || ')',
+                         ' WITH CHECK (' || pg_get_expr(pol.polwithcheck, pol.polrelid) || ')')
+          FROM pg_policy pol
+         WHERE pol.polrelid = t
+        UNION ALL
+        SELECT 4, pg_get_triggerdef(tg.oid) ||
+                  CASE tg.tgenabled WHEN 'D' THEN format('; ALTER TABLE %s DISABLE TRIGGER %I', t, tg.tgname)
+                                    WHEN 'R' THEN format('; ALTER TABLE %s ENABLE REPLICA TRIGGER %I', t, tg.tgname)
+                                    WHEN 'A' THEN format('; ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', t, tg.tgname)
+                                    ELSE '' END
+          FROM pg_trigger tg
+         WHERE tg.tgrelid = t AND NOT tg.tgisinternal
+        UNION ALL
+        SELECT 5, format('ALTER PUBLICATION %I ADD TABLE %s', pb.pubname, t)
+          FROM pg_publication_rel pr JOIN pg_publication pb ON pb.oid = pr.prpubid
+         WHERE pr.prrelid = t
+        UNION ALL
+        SELECT 6, format('ALTER TABLE %s REPLICA IDENTITY %s', t,
+                         CASE c.relreplident WHEN 'f' THEN 'FULL' WHEN 'n' THEN 'NOTHING'
+                              ELSE format('USING INDEX %I', (SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                                                             WHERE x.indrelid = t AND x.indisreplident)) END)
+          FROM pg_class c
+         WHERE c.oid = t AND c.relreplident IN ('f', 'n', 'i')
+      ) extras;
+$$;
+
+-- sql/cqrs/functions/rebuild_status.sql
+-- Rebuilds in progress or interrupted: running while the session that began it is alive
+-- (a rebuild whose process died stays until it is abandoned, cqrs.rebuild_abort).
+CREATE OR REPLACE FUNCTION cqrs.rebuild_status()
+RETURNS TABLE (projection text, started_at timestamptz, last_position bigint, applied_events bigint,
+               pid integer, running boolean)
+LANGUAGE sql
+STABLE
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r.projection, r.started_at, r.last_position, r.applied_events, r.pid,
+           EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = r.pid AND a.backend_start = r.backend_start)
+      FROM cqrs.rebuilds r
+     ORDER BY r.projection;
+$$;
+
+-- sql/cqrs/functions/rebuild_begin.sql
+-- Starts a rebuild of a sql or python projection: empty copies of its tables in a shadow
+-- schema, which its apply function (cqrs.rebuild_step) or its handler (cqrs.claim_batch,
+-- cqrs.batch_events, cqrs.complete_batch with rebuild) fills from the whole event log
+-- while the daemon keeps the live tables current and readers keep reading them. Refused
+-- (CQ003) while another rebuild of it is in progress or was interrupted (abandon that one
+-- with cqrs.rebuild_abort), and when something the swap cannot carry depends on one of its
+-- tables (cqrs._rebuild_problem).
+CREATE OR REPLACE FUNCTION cqrs.rebuild_begin(projection text)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    shadow name := ('cqrs_rebuild_' || projection)::name;
+    t regclass;
+    dup name;
+    running record;
+    problem text;
+BEGIN
+    p := cqrs._projection(projection);
+    IF p.kind NOT IN ('sql', 'python') THEN
+        PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
+                                           projection, p.kind));
+    END IF;
+    IF coalesce(cardinality(p.tables), 0) = 0 THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L names no tables (cqrs.projections.tables): there is nothing to rebuild', projection));
+    END IF;
+    SELECT * INTO running FROM cqrs.rebuild_status() x WHERE x.projection = rebuild_begin.projection;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ003', CASE WHEN running.running
+            THEN format('a rebuild of projection %L is in progress (pid %s, since %s): wait for it to finish',
+                        projection, running.pid, running.started_at)
+            ELSE format('a rebuild of projection %L begun at %s was interrupted: abandon it first '
+                        '(cqrs-pg rebuild --abort %s), then rebuild again', projection, running.started_at, projection)
+            END);
+    END IF;
+    FOREACH t IN ARRAY p.tables::regclass[] LOOP
+        problem := cqrs._rebuild_problem(projection, t, p.tables::regclass[]);
+        IF problem IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ003', problem);
+        END IF;
+    END LOOP;
+    -- one shadow schema holds a copy of each table
+    SELECT c.relname INTO dup
+      FROM unnest(p.tables::regclass[]) t_ JOIN pg_class c ON c.oid = t_
+     GROUP BY c.relname HAVING count(*) > 1 LIMIT 1;
+    IF FOUND THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L owns two tables named %I: a rebuild copies them into one shadow schema', projection, dup));
+    END IF;
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE', shadow);
+    EXECUTE format('CREATE SCHEMA %I', shadow);
+    FOREACH t IN ARRAY p.tables::regclass[] LOOP
+        -- LIKE copies columns, constraints and indexes, not storage parameters (fillfactor)
+        EXECUTE format('CREATE TABLE %I.%I (LIKE %s INCLUDING ALL)%s',
+                       shadow, (SELECT c.relname FROM pg_class c WHERE c.oid = t), t,
+                       (SELECT coalesce(' WITH (' || array_to_string(c.reloptions, ', ') || ')', '')
+                          FROM pg_class c WHERE c.oid = t));
+    END LOOP;
+    INSERT INTO cqrs.rebuilds (projection, shadow_schema, pid, backend_start)
+    SELECT projection, shadow, pg_backend_pid(), a.backend_start FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
+END
+$$;
+
+-- sql/cqrs/functions/rebuild_step.sql
+-- Applies the next batch of the event log to a sql projection's rebuild's shadow tables,
+-- up to the final position, and advances the rebuild's own checkpoint. `more`: a full
+-- batch, call again. (A python projection's handler applies its batches: cqrs.claim_batch
+-- with rebuild.)
+CREATE OR REPLACE FUNCTION cqrs.rebuild_step(projection text, max_events integer DEFAULT 10000)
+RETURNS TABLE (applied bigint, more boolean)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r cqrs.rebuilds;
+    p cqrs.projections;
+    lim record;
+    b record;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    -- before the lock below gives this transaction an xid: its position read can be a mark
+    SELECT * INTO lim FROM cqrs._read_limit();
+    SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = rebuild_step.projection FOR UPDATE;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    IF p.kind <> 'sql' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a %s projection: its handler applies the batches of its rebuild '
+            '(cqrs.claim_batch, cqrs.batch_events, cqrs.complete_batch with rebuild)', projection, p.kind));
+    END IF;
+    PERFORM cqrs._lock('rebuild', projection, true);
+    SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
+    IF b.n > 0 THEN
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);
+    END IF;
+    -- the rebuild's row is locked (this transaction writes) already: the mark costs nothing more
+    PERFORM cqrs._advance_checkpoint(projection, true, coalesce(b.end_position, r.last_position), b.n, false,
+                                     lim.final_position, lim.fence, lim.mark_position);
+    RETURN QUERY SELECT b.n, b.n >= max_events;
+END
+$$;
+
 -- sql/cqrs/functions/rebuild_finish.sql
 -- Finishes a rebuild in one transaction: with the projection's lock held (no daemon
 -- applies it meanwhile), catches the shadow up with every event up to the final position
 -- (a sql projection, in batches of max_events; a python one's handler has done so earlier
 -- in this transaction: cqrs.claim_batch with rebuild and final), then replaces each live table by
 -- its shadow copy, grants included. Readers see the old tables until commit and the new
--- ones after: never an empty, half-built or older read model. Returns the number of
--- events the new tables were built from.
+-- ones after: never an empty, half-built or older read model. What deployers added to a
+-- table — comment, row-level security and policies, triggers, publications, replica
+-- identity, sequences — goes over to its new table (cqrs._table_extras); what cannot
+-- (cqrs._rebuild_problem) refuses the swap. Returns the number of events the new tables
+-- were built from.
 CREATE OR REPLACE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -640,6 +973,13 @@ DECLARE
     grant_ record;
     old_indexes text[];
     swapped regclass[] := '{}'::regclass[];
+    shadow_t regclass;
+    problem text;
+    extras text[];
+    statement text;
+    seq record;
+    identities text[];
+    last_values bigint[];
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
     SELECT * INTO lim FROM cqrs._read_limit();
@@ -654,7 +994,7 @@ BEGIN
         EXIT WHEN p.kind <> 'sql';
         SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
         EXIT WHEN b.n = 0;
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), r.last_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);
         r.last_position := b.end_position;
         r.applied_events := r.applied_events + b.n;
     END LOOP;
@@ -666,15 +1006,49 @@ BEGIN
             projection, r.last_position, p.last_position));
     END IF;
 
-    FOREACH t IN ARRAY p.tables LOOP
+    FOREACH t IN ARRAY p.tables::regclass[] LOOP
+        -- what depends on the old table, checked again: it may have come during the rebuild
+        problem := cqrs._rebuild_problem(projection, t, p.tables::regclass[]);
+        IF problem IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ003', problem);
+        END IF;
         SELECT c.relname, n.nspname, c.relacl, c.relowner INTO tbl
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = t;
+        shadow_t := format('%I.%I', r.shadow_schema, tbl.relname)::regclass;
         old_indexes := ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
                               WHERE x.indrelid = t ORDER BY 1);
+        extras := cqrs._table_extras(t);
+        -- A serial column's sequence goes over to the new table (its copy shares it); an
+        -- identity column's new sequence goes on from the old one's last value.
+        identities := '{}';
+        last_values := '{}';
+        FOR seq IN SELECT a.attname, a.attidentity, pg_get_serial_sequence(t::text, a.attname) AS name
+                     FROM pg_attribute a
+                    WHERE a.attrelid = t AND a.attnum > 0 AND NOT a.attisdropped
+                      AND pg_get_serial_sequence(t::text, a.attname) IS NOT NULL LOOP
+            IF seq.attidentity <> '' THEN
+                identities := identities || seq.attname::text;
+                last_values := last_values || pg_sequence_last_value(seq.name::regclass);
+            ELSE
+                EXECUTE format('ALTER SEQUENCE %s OWNED BY %s.%I', seq.name, shadow_t, seq.attname);
+            END IF;
+        END LOOP;
         EXECUTE format('DROP TABLE %s', t);
-        EXECUTE format('ALTER TABLE %I.%I SET SCHEMA %I', r.shadow_schema, tbl.relname, tbl.nspname);
+        EXECUTE format('ALTER TABLE %s SET SCHEMA %I', shadow_t, tbl.nspname);
         fresh := format('%I.%I', tbl.nspname, tbl.relname)::regclass;
+        -- statements cqrs._table_extras built from the catalogs, every name and literal
+        -- quoted by format(): no caller's text
+        FOREACH statement IN ARRAY extras LOOP
+            EXECUTE statement;
+        END LOOP;
+        FOR i IN 1 .. coalesce(cardinality(identities), 0) LOOP
+            IF last_values[i] IS NOT NULL THEN
+                PERFORM setval(pg_get_serial_sequence(fresh::text, identities[i]),
+                               greatest(last_values[i],
+                                        coalesce(pg_sequence_last_value(pg_get_serial_sequence(fresh::text, identities[i])::regclass), 0)));
+            END IF;
+        END LOOP;
         FOR grant_ IN SELECT * FROM aclexplode(tbl.relacl) a WHERE a.grantee <> tbl.relowner LOOP
             -- the privilege as a keyword from a fixed list, never text from elsewhere
             EXECUTE format('GRANT %s ON %s TO %s',
@@ -703,7 +1077,7 @@ BEGIN
            applied_events = r.applied_events,
            horizon = greatest(c.horizon, cqrs._horizon(r.last_position, lim.fence)),
            final_position = greatest(c.final_position, r.final_position, lim.final_position),
-           tables = swapped,
+           tables = swapped::text[],
            updated_at = now(),
            -- the rebuild applied every event up to its checkpoint: a halt at one of them
            -- is over, and its parked and skipped events are in the new read model
@@ -717,6 +1091,34 @@ BEGIN
     DELETE FROM cqrs.parked k WHERE k.projection = rebuild_finish.projection AND k.position <= r.last_position;
     DELETE FROM cqrs.rebuilds x WHERE x.projection = rebuild_finish.projection;
     RETURN r.applied_events;
+END
+$$;
+
+-- sql/cqrs/functions/rebuild_abort.sql
+-- Abandons a rebuild of projection: its shadow schema and its row go; the live tables are
+-- untouched. Refused (CQ003) while another session that began it is still running it
+-- (the session itself may: cqrs-pg rebuild abandons its own rebuild when it fails), CQ002
+-- when there is none.
+CREATE OR REPLACE FUNCTION cqrs.rebuild_abort(projection text)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+BEGIN
+    SELECT * INTO r FROM cqrs.rebuild_status() x WHERE x.projection = rebuild_abort.projection;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ002', format('no rebuild of projection %L is in progress', projection));
+    ELSIF r.running AND r.pid <> pg_backend_pid() THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'the rebuild of projection %L is running (pid %s): stop it first (it leaves nothing live behind)',
+            projection, r.pid));
+    END IF;
+    EXECUTE format('DROP SCHEMA IF EXISTS %I CASCADE',
+                   (SELECT x.shadow_schema FROM cqrs.rebuilds x WHERE x.projection = rebuild_abort.projection));
+    DELETE FROM cqrs.rebuilds x WHERE x.projection = rebuild_abort.projection;
 END
 $$;
 
@@ -800,7 +1202,7 @@ BEGIN
     END IF;
 
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, p.last_position, b.end_position);
     ELSE
         SELECT EXISTS (
             SELECT 1
@@ -818,7 +1220,7 @@ BEGIN
             -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
             -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
             -- is replayed on replicas to cancel their queries.
-            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview::regclass);
         END IF;
     END IF;
 
@@ -952,6 +1354,9 @@ $$;
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cqrs FROM PUBLIC;
 GRANT SELECT ON cqrs.parked TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
+    cqrs.adopt_cluster(),
+    cqrs._xids_moved(),
+    cqrs.rebuild_status(),
     cqrs.projection_status(),
     cqrs.projection_failed(text, bigint, text, text, integer),
     cqrs.claim_parked(text),

@@ -23,7 +23,7 @@ BEGIN
             'event %s of projection %L is not parked for another try', apply_parked.position, projection));
     END IF;
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, apply_parked.position - 1, apply_parked.position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, apply_parked.position - 1, apply_parked.position);
     END IF;
     UPDATE cqrs.projections c SET applied_events = c.applied_events + 1, updated_at = now() WHERE c.name = projection;
 END

@@ -1,6 +1,8 @@
 -- True once the projection (NULL: every projection) has applied every event of the
 -- transaction that returned token. Reads only cqrs.projections, which replicates with
--- the read tables, so it answers correctly on a streaming replica.
+-- the read tables, so it answers correctly on a streaming replica. A horizon at or above
+-- this cluster's next xid is another cluster's (a logical restore not yet adopted,
+-- cqrs.adopt_cluster): it proves nothing, so the answer is false until then.
 CREATE OR REPLACE FUNCTION cqrs.caught_up(token bigint, projection text DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -17,6 +19,6 @@ BEGIN
         SELECT 1
           FROM cqrs.projections p
          WHERE (projection IS NULL OR p.name = projection)
-           AND p.horizon <= token::text::xid8);
+           AND (p.horizon <= token::text::xid8 OR p.horizon >= pg_snapshot_xmax(pg_current_snapshot())));
 END
 $$;

@@ -3,8 +3,11 @@
 -- (a sql projection, in batches of max_events; a python one's handler has done so earlier
 -- in this transaction: cqrs.claim_batch with rebuild and final), then replaces each live table by
 -- its shadow copy, grants included. Readers see the old tables until commit and the new
--- ones after: never an empty, half-built or older read model. Returns the number of
--- events the new tables were built from.
+-- ones after: never an empty, half-built or older read model. What deployers added to a
+-- table — comment, row-level security and policies, triggers, publications, replica
+-- identity, sequences — goes over to its new table (cqrs._table_extras); what cannot
+-- (cqrs._rebuild_problem) refuses the swap. Returns the number of events the new tables
+-- were built from.
 CREATE OR REPLACE FUNCTION cqrs.rebuild_finish(projection text, max_events integer DEFAULT 10000)
 RETURNS bigint
 LANGUAGE plpgsql
@@ -22,6 +25,13 @@ DECLARE
     grant_ record;
     old_indexes text[];
     swapped regclass[] := '{}'::regclass[];
+    shadow_t regclass;
+    problem text;
+    extras text[];
+    statement text;
+    seq record;
+    identities text[];
+    last_values bigint[];
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
     SELECT * INTO lim FROM cqrs._read_limit();
@@ -36,7 +46,7 @@ BEGIN
         EXIT WHEN p.kind <> 'sql';
         SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
         EXIT WHEN b.n = 0;
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), r.last_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);
         r.last_position := b.end_position;
         r.applied_events := r.applied_events + b.n;
     END LOOP;
@@ -48,15 +58,49 @@ BEGIN
             projection, r.last_position, p.last_position));
     END IF;
 
-    FOREACH t IN ARRAY p.tables LOOP
+    FOREACH t IN ARRAY p.tables::regclass[] LOOP
+        -- what depends on the old table, checked again: it may have come during the rebuild
+        problem := cqrs._rebuild_problem(projection, t, p.tables::regclass[]);
+        IF problem IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ003', problem);
+        END IF;
         SELECT c.relname, n.nspname, c.relacl, c.relowner INTO tbl
           FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE c.oid = t;
+        shadow_t := format('%I.%I', r.shadow_schema, tbl.relname)::regclass;
         old_indexes := ARRAY(SELECT i.relname::text FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
                               WHERE x.indrelid = t ORDER BY 1);
+        extras := cqrs._table_extras(t);
+        -- A serial column's sequence goes over to the new table (its copy shares it); an
+        -- identity column's new sequence goes on from the old one's last value.
+        identities := '{}';
+        last_values := '{}';
+        FOR seq IN SELECT a.attname, a.attidentity, pg_get_serial_sequence(t::text, a.attname) AS name
+                     FROM pg_attribute a
+                    WHERE a.attrelid = t AND a.attnum > 0 AND NOT a.attisdropped
+                      AND pg_get_serial_sequence(t::text, a.attname) IS NOT NULL LOOP
+            IF seq.attidentity <> '' THEN
+                identities := identities || seq.attname::text;
+                last_values := last_values || pg_sequence_last_value(seq.name::regclass);
+            ELSE
+                EXECUTE format('ALTER SEQUENCE %s OWNED BY %s.%I', seq.name, shadow_t, seq.attname);
+            END IF;
+        END LOOP;
         EXECUTE format('DROP TABLE %s', t);
-        EXECUTE format('ALTER TABLE %I.%I SET SCHEMA %I', r.shadow_schema, tbl.relname, tbl.nspname);
+        EXECUTE format('ALTER TABLE %s SET SCHEMA %I', shadow_t, tbl.nspname);
         fresh := format('%I.%I', tbl.nspname, tbl.relname)::regclass;
+        -- statements cqrs._table_extras built from the catalogs, every name and literal
+        -- quoted by format(): no caller's text
+        FOREACH statement IN ARRAY extras LOOP
+            EXECUTE statement;
+        END LOOP;
+        FOR i IN 1 .. coalesce(cardinality(identities), 0) LOOP
+            IF last_values[i] IS NOT NULL THEN
+                PERFORM setval(pg_get_serial_sequence(fresh::text, identities[i]),
+                               greatest(last_values[i],
+                                        coalesce(pg_sequence_last_value(pg_get_serial_sequence(fresh::text, identities[i])::regclass), 0)));
+            END IF;
+        END LOOP;
         FOR grant_ IN SELECT * FROM aclexplode(tbl.relacl) a WHERE a.grantee <> tbl.relowner LOOP
             -- the privilege as a keyword from a fixed list, never text from elsewhere
             EXECUTE format('GRANT %s ON %s TO %s',
@@ -85,7 +129,7 @@ BEGIN
            applied_events = r.applied_events,
            horizon = greatest(c.horizon, cqrs._horizon(r.last_position, lim.fence)),
            final_position = greatest(c.final_position, r.final_position, lim.final_position),
-           tables = swapped,
+           tables = swapped::text[],
            updated_at = now(),
            -- the rebuild applied every event up to its checkpoint: a halt at one of them
            -- is over, and its parked and skipped events are in the new read model

@@ -30,7 +30,7 @@ BEGIN
     PERFORM cqrs._lock('rebuild', projection, true);
     SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
     IF b.n > 0 THEN
-        PERFORM cqrs._apply_batch(p.apply_function, quote_ident(r.shadow_schema), r.last_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);
     END IF;
     -- the rebuild's row is locked (this transaction writes) already: the mark costs nothing more
     PERFORM cqrs._advance_checkpoint(projection, true, coalesce(b.end_position, r.last_position), b.n, false,

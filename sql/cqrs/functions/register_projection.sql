@@ -54,8 +54,9 @@ BEGIN
         PERFORM cqrs._fail('CQ001', format(
             'matview projection %L cannot park events (a refresh covers them all): use on_error ''halt''', name));
     END IF;
+    -- kept by name, schema-qualified (this function's search_path holds no other schema)
     INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error)
-    VALUES (name, kind, apply_function, matview, event_types, search_path, tables, on_error);
+    VALUES (name, kind, apply_function::text, matview::text, event_types, search_path, tables::text[], on_error);
     -- a view's row of cqrs.refreshing, there before its first refresh (cqrs._exempt_from_fence)
     INSERT INTO cqrs.refreshing (projection) SELECT register_projection.name WHERE register_projection.kind = 'matview';
 END

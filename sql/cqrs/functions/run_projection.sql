@@ -77,7 +77,7 @@ BEGIN
     END IF;
 
     IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function, p.search_path, p.last_position, b.end_position);
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, p.last_position, b.end_position);
     ELSE
         SELECT EXISTS (
             SELECT 1
@@ -95,7 +95,7 @@ BEGIN
             -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
             -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
             -- is replayed on replicas to cancel their queries.
-            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview);
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview::regclass);
         END IF;
     END IF;
 

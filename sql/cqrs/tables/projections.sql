@@ -1,10 +1,13 @@
 -- One row per projection: its checkpoint, advanced in the same transaction as its
 -- read-model writes, so the checkpoint replicates together with what it describes.
+-- Functions and relations are kept by schema-qualified name (text), not as regproc or
+-- regclass: a logical restore loads this table before it creates every view it could
+-- name, and pg_upgrade refuses a table with a regproc column.
 CREATE TABLE cqrs.projections (
     name             text PRIMARY KEY,
     kind             text NOT NULL,
-    apply_function   regproc,
-    matview          regclass,
+    apply_function   text,
+    matview          text,
     -- matview: refresh only for these; python: the handler sees only these (NULL: all)
     event_types      text[],
     -- sql: the schemas its apply function finds its tables in, and the tables it owns
@@ -12,7 +15,7 @@ CREATE TABLE cqrs.projections (
     -- unqualified table names resolve in, and the tables it writes (what a rebuild copies
     -- and swaps in, as for sql)
     search_path      text,
-    tables           regclass[],
+    tables           text[],
     -- the checkpoint: every event at or below last_position is applied, and no other
     last_position    bigint NOT NULL DEFAULT 0,
     applied_events   bigint NOT NULL DEFAULT 0,

@@ -8,5 +8,8 @@ CREATE TABLE cqrs.rebuilds (
     final_position bigint NOT NULL DEFAULT 0,
     mark_xmax      xid8,
     mark_position  bigint,
-    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now()
+    started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- the session that began it: running while that backend is (cqrs.rebuild_status)
+    pid            integer,
+    backend_start  timestamptz
 );
