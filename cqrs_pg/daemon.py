@@ -715,7 +715,8 @@ class Listener:
                 if name in served:
                     self.metrics.lag(name, events, seconds)
         if self._held and now >= self._held_check_due:
-            self._held_check_due = now + min(1.0, self.config.stall_warning / 4)
+            # it counts every projection's backlog: not on every round (another daemon often holds one)
+            self._held_check_due = now + max(1.0, self.config.stall_warning / 4)
             self._check_held(conn, now)
         if self.config.summary_interval and now >= self._summary_due:
             self._summary_due = now + self.config.summary_interval
