@@ -193,6 +193,37 @@ def test_a_python_handler_that_raises_halts_it_until_retried(db: Database) -> No
         projections.unregister("seen_py")
 
 
+def test_a_python_projection_parks_and_applies_again_on_retry(db: Database) -> None:
+    """Policy park for a python handler: its exception sets the event aside, the rest is
+    applied; `retry` runs the handler on the parked event alone, in its own transaction."""
+    poisoned = threading.Event()
+    poisoned.set()
+
+    def apply(conn: psycopg.Connection, events: list[Event]) -> None:
+        for e in events:
+            if poisoned.is_set() and e.payload.get("name") == "Poison":
+                raise ValueError("not yet")
+            conn.execute("INSERT INTO seen VALUES (%s, %s)", (e.position, e.event_type))
+
+    projections.register("seen_park")(apply)
+    try:
+        with db.connect() as conn:
+            install_seen(conn, "seen_park", on_error="park", kind="python")
+            before = customer(conn, "Alice")
+            poison = customer(conn, "Poison")
+            after = customer(conn, "Bob")
+            with running_daemon(db.dsn, **QUICK):
+                wait_until(lambda: caught_up(conn, ("seen_park",)), "seen_park to go on past the parked event")
+                assert seen(conn) == [p for p in seen(conn) if p != poison] and {before, after} <= set(seen(conn))
+                assert scalar(conn, "SELECT outcome || ' ' || error FROM cqrs.parked") == "parked ValueError: not yet"
+                poisoned.clear()
+                assert cli("retry", "seen_park", "--dsn", db.dsn).returncode == 0
+                wait_until(lambda: scalar(conn, "SELECT count(*) FROM cqrs.parked") == 0, "the parked event to apply")
+                assert poison in seen(conn) and row(conn, "seen_park")["state"] == "running"
+    finally:
+        projections.unregister("seen_park")
+
+
 def test_park_sets_the_event_aside_and_retry_applies_it_again(db: Database) -> None:
     """Policy park: the event is recorded with its error, SQLSTATE and tries, the projection
     goes on without halting; `retry` applies the parked event once it can be."""
