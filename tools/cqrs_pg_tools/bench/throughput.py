@@ -4,6 +4,8 @@ pgbench is the load generator (Python threads would be the bottleneck). Every va
 a database of its own, cloned from the bench's migrated and seeded template:
 
     (a) plain      the same table writes as one plain SQL statement, outbox triggers dropped
+    (i) plain txn  the same table writes as separate statements in one transaction (the
+                   statements a command runs, without its validation, receipt or events)
     (b) outbox     shop.place_order with the outbox, the doorbell (cqrs._ring_doorbell)
                    emptied, no daemon
     (c) stopped    shop.place_order as shipped, no daemon running at all
@@ -18,6 +20,11 @@ with the doorbell emptied it finds work only by polling (every --poll-interval w
 asleep, every few ms while it lingers awake after a batch). So d/g and e/h are the cost of
 the wake-up mechanism alone, the daemon's own CPU (it competes with the server for the
 cores) being on both sides; d/b and e/b include that CPU, g/b and h/b are that CPU alone.
+
+Each run also records the WAL the cluster wrote during it (pg_current_wal_insert_lsn
+before and after), per transaction: with fsync on, WAL is what group commit pays for. For
+the variants without a daemon it is the commands' own; with one, the daemon's writes are
+in it too.
 
 Variants that need different SQL get it in their own database at run time (another body
 for cqrs._ring_doorbell, or the capture triggers dropped): sql/ and migrations/ stay
@@ -58,20 +65,21 @@ from cqrs_pg_tools.bench._common import (
     parse_pgbench,
 )
 
-__all__ = ["COMMAND_SCRIPT", "PLAIN_SCRIPT", "RATIOS", "VARIANTS", "doorbell_variant", "parse_pgbench", "render", "run"]
+__all__ = ["COMMAND_SCRIPT", "PLAIN_SCRIPT", "PLAIN_TXN_SCRIPT", "RATIOS", "VARIANTS", "doorbell_variant", "parse_pgbench", "render", "run"]
 
 
 @dataclass(frozen=True)
 class Variant:
     key: str
     label: str
-    script: str  # "plain" | "command"
+    script: str  # "plain" | "plain_txn" | "command"
     capture: str  # "dropped" | "no_doorbell" | "as_is" | "always_notify"
     daemon: str  # "stopped" | "idle" | "running"
 
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("a", "plain SQL, no triggers", "plain", "dropped", "stopped"),
+    Variant("i", "plain SQL statements in one transaction, no triggers", "plain_txn", "dropped", "stopped"),
     Variant("b", "outbox, no wake-up, daemon stopped", "command", "no_doorbell", "stopped"),
     Variant("c", "outbox + wake-up, daemon stopped", "command", "as_is", "stopped"),
     Variant("d", "outbox + wake-up, daemon idle at start", "command", "as_is", "idle"),
@@ -98,6 +106,7 @@ RATIOS: tuple[tuple[str, str, float | None, str], ...] = (
     ("g", "b", None, "polling daemon idle at start vs no daemon: the daemon's own cost"),
     ("h", "b", None, "polling daemon under load vs no daemon: the daemon's own cost"),
     ("b", "a", None, "outbox (no wake-up) vs plain SQL"),
+    ("c", "i", None, "command, daemon stopped vs the same statements in one transaction"),
     ("f", "b", None, "naive NOTIFY-per-command vs no wake-up"),
 )
 
@@ -140,6 +149,22 @@ placed AS (
 INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents)
 SELECT placed.id, row_number() OVER (ORDER BY taken.sku <> 'SKU-' || (:p1)::text), taken.id, 1, taken.price_cents
   FROM placed CROSS JOIN taken;
+"""
+
+# The same writes as separate statements in one transaction, as a command's body runs
+# them (several round trips; the order's id taken first, \gset).
+PLAIN_TXN_SCRIPT = _PICK + """\
+BEGIN;
+SELECT gen_random_uuid() AS order_id \\gset
+SELECT p.id FROM shop.products p
+ WHERE p.sku IN ('SKU-' || (:p1)::text, 'SKU-' || (:p2)::text) ORDER BY p.id FOR NO KEY UPDATE;
+UPDATE shop.products p SET stock = p.stock - 1, version = p.version + 1
+ WHERE p.sku IN ('SKU-' || (:p1)::text, 'SKU-' || (:p2)::text);
+INSERT INTO shop.orders (id, customer_id, status) VALUES (:order_id::uuid, md5('c' || (:c)::text)::uuid, 'placed');
+INSERT INTO shop.order_lines (order_id, line_no, product_id, quantity, unit_price_cents)
+SELECT :order_id::uuid, CASE WHEN p.sku = 'SKU-' || (:p1)::text THEN 1 ELSE 2 END, p.id, 1, p.price_cents
+  FROM shop.products p WHERE p.sku IN ('SKU-' || (:p1)::text, 'SKU-' || (:p2)::text);
+COMMIT;
 """
 
 # The doorbell: every generated capture function (cqrs.capture_changes) calls
@@ -217,6 +242,8 @@ class Run:
     # Doorbell notifications sent by the measured run's commands: how many of its
     # transactions took NOTIFY's commit lock (counted by a connection listening on the channel).
     notifications: int | None = None
+    # WAL the cluster wrote during the measured run (the daemon's too, when one runs)
+    wal_bytes: int | None = None
 
 
 # -- the part ------------------------------------------------------------------------------
@@ -253,6 +280,7 @@ class _Throughput:
         scripts = {
             "command": self.s.script("command", COMMAND_SCRIPT),
             "plain": self.s.script("plain", PLAIN_SCRIPT),
+            "plain_txn": self.s.script("plain_txn", PLAIN_TXN_SCRIPT),
         }
         # A fresh random order of the variants for each round and client count (seeded, so a
         # run can be repeated): no variant always follows the same neighbour.
@@ -319,10 +347,12 @@ class _Throughput:
                 daemon_cpu = DaemonCpu(self.s, conn, daemon) if daemon is not None else None
                 before = _positions(conn)
             started_at = datetime.now(UTC).isoformat(timespec="seconds")
-            with NotifyCounter(self.s.connect(dbname)) as counter:
+            with NotifyCounter(self.s.connect(dbname)) as counter, self.s.connect(dbname) as wal:
+                wal0 = scalar(wal, "SELECT pg_current_wal_insert_lsn()::text")
                 busy0, ours0 = machine_cpu(), self.s.own_cpu()
                 result = self.s.pgbench(dsn, script, clients, cfg.seconds)
                 busy1, ours1 = machine_cpu(), self.s.own_cpu()
+                wal_bytes = int(scalar(wal, "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)", (wal0,)))
             proc_cpu, backend_cpu = daemon_cpu.result() if daemon_cpu is not None else (None, None)
             with self.s.connect(dbname) as conn:
                 after = _positions(conn)
@@ -352,6 +382,7 @@ class _Throughput:
             machine_cpu_busy=busy_fraction(busy0, busy1),
             other_cpu=other_fraction(busy0, busy1, ours0, ours1, 0.0 if proc_cpu is not None else None, proc_cpu),
             notifications=counter.count,
+            wal_bytes=wal_bytes,
         )
 
     def _count_rows(self, runs: list[Run]) -> dict[str, dict[str, int]]:
@@ -396,6 +427,7 @@ class _Throughput:
             "scripts": {
                 "command": COMMAND_SCRIPT.format(customers=cfg.customers, products=cfg.products),
                 "plain": PLAIN_SCRIPT.format(customers=cfg.customers, products=cfg.products),
+                "plain_txn": PLAIN_TXN_SCRIPT.format(customers=cfg.customers, products=cfg.products),
             },
             "runs": [asdict(r) for r in runs],
             "medians": medians(runs),
@@ -453,8 +485,10 @@ def medians(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in runs:
         cell = out.setdefault(r.variant, {}).setdefault(
-            str(r.clients), {"tps": [], "busy": [], "latency": [], "notifications": [], "transactions": []}
+            str(r.clients), {"tps": [], "busy": [], "latency": [], "notifications": [], "transactions": [], "wal": []}
         )
+        if r.wal_bytes is not None and r.transactions:
+            cell["wal"].append(r.wal_bytes / r.transactions)
         cell["tps"].append(r.tps)
         if r.notifications is not None:
             cell["notifications"].append(r.notifications)
@@ -476,6 +510,8 @@ def medians(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 # notifying transactions / all transactions of the measured runs, summed over rounds
                 "notifications": sum(cell["notifications"]) if cell["notifications"] else None,
                 "notifications_of": sum(cell["transactions"]) if cell["notifications"] else None,
+                # WAL bytes per transaction of the measured runs (the daemon's writes included)
+                "wal_bytes_per_transaction": round(statistics.median(cell["wal"])) if cell["wal"] else None,
             }
     return out
 
@@ -566,6 +602,17 @@ def render(report: dict[str, Any]) -> list[str]:
             f"({key}) " + "/".join(
                 "n/a" if (cell := report["medians"].get(key, {}).get(str(c))) is None or cell.get("notifications") is None
                 else f"{cell['notifications']:,} of {cell['notifications_of']:,}"
+                for c in clients
+            )
+            for key in report["variants"]
+        ) + f"  (at {'/'.join(map(str, clients))} clients)"
+    )
+    lines.append(
+        "WAL bytes per transaction (median; with a daemon running, its writes too): " + "; ".join(
+            f"({key}) " + "/".join(
+                "n/a" if (cell := report["medians"].get(key, {}).get(str(c))) is None
+                or cell.get("wal_bytes_per_transaction") is None
+                else f"{cell['wal_bytes_per_transaction']:,}"
                 for c in clients
             )
             for key in report["variants"]
