@@ -45,16 +45,21 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-
         raise ConfigError(f"invalid connection string {redact(dsn)!r}: {exc}") from exc
 
 
-def require_migrated(conn: psycopg.Connection) -> None:
-    """The engine, at this cqrs_pg's version, on a primary: else one line saying what to
-    run (NotMigrated, or StandbyError on a standby)."""
-    from cqrs_pg import __version__, core
-
+def require_primary(conn: psycopg.Connection) -> None:
+    """StandbyError, one line, when conn's server is a standby (in recovery)."""
     row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
     if row and row[0]:
         raise StandbyError(
             f"{conn.info.host}:{conn.info.port} is a standby (in recovery): use CQRS_PG_DSN, the primary"
         )
+
+
+def require_migrated(conn: psycopg.Connection) -> None:
+    """The engine, at this cqrs_pg's version, on a primary: else one line saying what to
+    run (NotMigrated, or StandbyError on a standby)."""
+    from cqrs_pg import __version__, core
+
+    require_primary(conn)
     db = conn.info.dbname
     installed = core.installed_version(conn)
     if installed is None:

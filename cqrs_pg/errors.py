@@ -7,6 +7,9 @@ the CLI prints that line, never a traceback. Command errors map the documented S
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import psycopg
 
 
@@ -72,6 +75,18 @@ class IdempotencyConflict(CommandError):
 BY_SQLSTATE: dict[str, type[CommandError]] = {
     cls.sqlstate: cls for cls in (ValidationError, NotFound, Rejected, VersionConflict, IdempotencyConflict)
 }
+
+
+@contextmanager
+def refusals() -> Iterator[None]:
+    """An engine function's refusal (its own SQLSTATE, CQxxx) as one line (CqrsPgError,
+    its message); any other error as it is."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if exc.sqlstate and exc.sqlstate.startswith("CQ"):
+            raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
+        raise
 
 
 def from_psycopg(exc: psycopg.Error) -> Exception:

@@ -12,22 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
 from psycopg.rows import dict_row
 
 from cqrs_pg.db import connect, require_migrated
-from cqrs_pg.errors import CqrsPgError
+from cqrs_pg.errors import CqrsPgError, refusals
 
 PARKED_SQL = (
     "SELECT projection, position, event_type, outcome, error, sqlstate, attempts, at::text AS at, retry"
     " FROM cqrs.parked WHERE %(projection)s::text IS NULL OR projection = %(projection)s"
     " ORDER BY projection, position"
 )
-
-
-def _refused(exc: psycopg.Error) -> CqrsPgError:
-    """A refusal of the engine's functions (CQxxx) as one line; else the error as is."""
-    return CqrsPgError(exc.diag.message_primary or str(exc))
 
 
 def parked(dsn: str, projection: str | None = None) -> list[dict[str, Any]]:
@@ -48,12 +42,8 @@ def retry(dsn: str, projection: str) -> tuple[int | None, int]:
     and how many parked events were queued."""
     with connect(dsn, application_name="cqrs-pg retry") as conn:
         require_migrated(conn)
-        try:
+        with refusals():
             row = conn.execute("SELECT halted_at, queued FROM cqrs.retry_projection(%s)", (projection,)).fetchone()
-        except psycopg.Error as exc:
-            if exc.sqlstate and exc.sqlstate.startswith("CQ"):
-                raise _refused(exc) from exc
-            raise
     assert row is not None
     return row[0], row[1]
 
@@ -62,12 +52,8 @@ def skip(dsn: str, projection: str, position: int) -> None:
     """A projection halted at event `position` records it as skipped and goes on."""
     with connect(dsn, application_name="cqrs-pg skip") as conn:
         require_migrated(conn)
-        try:
+        with refusals():
             conn.execute("SELECT cqrs.skip_event(%s, %s)", (projection, position))
-        except psycopg.Error as exc:
-            if exc.sqlstate and exc.sqlstate.startswith("CQ"):
-                raise _refused(exc) from exc
-            raise
 
 
 def render(rows: list[dict[str, Any]]) -> str:

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 
 from cqrs_pg.core import migrations_dir
-from cqrs_pg.db import connect
-from cqrs_pg.errors import ConfigError, CqrsPgError, StandbyError
+from cqrs_pg.db import connect, require_primary
+from cqrs_pg.errors import ConfigError, refusals
 
 EXAMPLES = ("shop",)
 
@@ -36,10 +35,7 @@ def alembic_config(dsn: str) -> Config:
 
 def _version_rows(dsn: str) -> list[str]:
     with connect(dsn, application_name="cqrs-pg migrate") as conn:
-        standby = conn.execute("SELECT pg_is_in_recovery()").fetchone()
-        if standby and standby[0]:
-            raise StandbyError(
-                f"{conn.info.host}:{conn.info.port} is a standby (in recovery): use CQRS_PG_DSN, the primary")
+        require_primary(conn)
         exists = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()
         if not exists or not exists[0]:
             return []
@@ -87,28 +83,25 @@ def migrate(dsn: str, to: str = "head", example: str | None = None) -> tuple[lis
         )
     before = sorted(_installed(script, rows).values())
     try:
-        if to == "base":
-            if before:
-                command.downgrade(cfg, "base")
-        elif to == "head":
-            command.upgrade(cfg, "cqrs@head")
-            if example is not None:
-                command.upgrade(cfg, f"{example}@head")
-        else:
-            if to not in known:
-                raise ConfigError(f"unknown revision {to!r}: use head, base or one of {', '.join(sorted(known))}")
-            if any(to in {r.revision for r in script.iterate_revisions(rev, "base")} for rev in before if rev != to):
-                raise ConfigError(
-                    f"{to} is older than what is installed ({describe(before)}): migrations are forward-only "
-                    "after their baseline; --to base removes everything")
-            command.upgrade(cfg, to)
+        # a migration that refuses (its own SQLSTATE, CQxxx) says why in one line
+        with refusals():
+            if to == "base":
+                if before:
+                    command.downgrade(cfg, "base")
+            elif to == "head":
+                command.upgrade(cfg, "cqrs@head")
+                if example is not None:
+                    command.upgrade(cfg, f"{example}@head")
+            else:
+                if to not in known:
+                    raise ConfigError(f"unknown revision {to!r}: use head, base or one of {', '.join(sorted(known))}")
+                if any(to in {r.revision for r in script.iterate_revisions(rev, "base")} for rev in before if rev != to):
+                    raise ConfigError(
+                        f"{to} is older than what is installed ({describe(before)}): migrations are forward-only "
+                        "after their baseline; --to base removes everything")
+                command.upgrade(cfg, to)
     except CommandError as exc:
         raise ConfigError(f"cannot migrate to {to!r}: {exc}") from exc
-    except psycopg.Error as exc:
-        # a migration that refuses (its own SQLSTATE, CQxxx) says why in one line
-        if exc.sqlstate and exc.sqlstate.startswith("CQ"):
-            raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
-        raise
     return before, current_revisions(dsn)
 
 

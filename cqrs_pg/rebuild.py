@@ -20,7 +20,7 @@ import psycopg
 from psycopg import sql
 
 from cqrs_pg.db import connect, require_migrated, scalar
-from cqrs_pg.errors import CqrsPgError
+from cqrs_pg.errors import CqrsPgError, refusals
 from cqrs_pg.projections import Handler, handler_for, run_batch
 
 
@@ -40,14 +40,10 @@ def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], No
                     f"{projection!r} is a python projection and no handler is registered for it: "
                     "name the module that registers it with --import MODULE, as for cqrs-pg listen"
                 )
-        try:
+        with refusals():
             if kinds[projection] == "matview":
                 return _refresh(conn, projection, echo)
             return _rebuild_from_log(conn, projection, handler, batch_size, echo)
-        except psycopg.Error as exc:
-            if exc.sqlstate and exc.sqlstate.startswith("CQ"):
-                raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
-            raise
 
 
 def _rebuild_from_log(
@@ -118,9 +114,5 @@ def abort(dsn: str, projection: str) -> None:
     or when it is still running."""
     with connect(dsn, application_name="cqrs-pg rebuild") as conn:
         require_migrated(conn)
-        try:
+        with refusals():
             conn.execute("SELECT cqrs.rebuild_abort(%s)", (projection,))
-        except psycopg.Error as exc:
-            if exc.sqlstate and exc.sqlstate.startswith("CQ"):
-                raise CqrsPgError(exc.diag.message_primary or str(exc)) from exc
-            raise
