@@ -217,6 +217,22 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_write_due.sql
+-- Whether projection p, with nothing to apply, still has something to write: a mark that
+-- lets the events committed meanwhile be read soon (cqrs._needs_mark), or a horizon its
+-- last batch put off (cqrs._horizon). The rest of cqrs._read_limit's answer is given.
+-- An idle projection without either writes nothing.
+CREATE OR REPLACE FUNCTION cqrs._write_due(p cqrs.projections, final_position bigint, fence xid8,
+                                           mark_position bigint, pending_position bigint)
+RETURNS boolean
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT cqrs._needs_mark(p.mark_xmax, final_position, fence, mark_position, pending_position)
+        OR (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, fence, true) > p.horizon);
+$$;
+
 -- sql/cqrs/functions/_xids_moved.sql
 -- Whether the engine holds transaction ids of another cluster's, ahead of this one's (a
 -- logical restore: cqrs.adopt_cluster). A healthy cluster's stored ids are all below its
@@ -1163,9 +1179,7 @@ BEGIN
     SELECT * INTO lim FROM cqrs._read_limit();
     SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
-    IF b.n = 0 AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
-                                       lim.pending_position)
-       AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+    IF b.n = 0 AND NOT cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
         RETURN;
     END IF;
@@ -1188,12 +1202,8 @@ BEGIN
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
 
     IF b.n = 0 THEN
-        -- Nothing to apply: write only to leave a mark that lets the events committed
-        -- meanwhile be read soon, or for a horizon that the last batch put off.
-        IF cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
-                               lim.pending_position)
-           OR (p.horizon_position < p.last_position
-               AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+        -- Nothing to apply: write only a mark or a horizon that is due.
+        IF cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
             PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
                                              lim.final_position, lim.fence, lim.mark_position);
         END IF;
@@ -1282,8 +1292,7 @@ BEGIN
         SELECT * INTO lim FROM cqrs._read_limit();
         SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
         IF b.n = 0
-           AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
-           AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+           AND NOT cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
             RETURN QUERY SELECT p.last_position, NULL::bigint, 0::bigint, false, p.search_path;
             RETURN;
         END IF;
@@ -1298,8 +1307,7 @@ BEGIN
     SELECT * INTO b FROM cqrs._next_batch(checkpoint, lim.final_position, max_events);
     -- as in run_projection, an idle projection writes nothing
     IF rebuild OR b.n > 0
-       OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
-       OR (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+       OR cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
         PERFORM cqrs._advance_checkpoint(projection, rebuild, checkpoint, 0, false,
                                          lim.final_position, lim.fence, lim.mark_position);
     END IF;

@@ -49,8 +49,7 @@ BEGIN
         SELECT * INTO lim FROM cqrs._read_limit();
         SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
         IF b.n = 0
-           AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
-           AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+           AND NOT cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
             RETURN QUERY SELECT p.last_position, NULL::bigint, 0::bigint, false, p.search_path;
             RETURN;
         END IF;
@@ -65,8 +64,7 @@ BEGIN
     SELECT * INTO b FROM cqrs._next_batch(checkpoint, lim.final_position, max_events);
     -- as in run_projection, an idle projection writes nothing
     IF rebuild OR b.n > 0
-       OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position)
-       OR (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+       OR cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
         PERFORM cqrs._advance_checkpoint(projection, rebuild, checkpoint, 0, false,
                                          lim.final_position, lim.fence, lim.mark_position);
     END IF;

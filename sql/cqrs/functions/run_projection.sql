@@ -38,9 +38,7 @@ BEGIN
     SELECT * INTO lim FROM cqrs._read_limit();
     SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
-    IF b.n = 0 AND NOT cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
-                                       lim.pending_position)
-       AND NOT (p.horizon_position < p.last_position AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+    IF b.n = 0 AND NOT cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
         RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
         RETURN;
     END IF;
@@ -63,12 +61,8 @@ BEGIN
                                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
 
     IF b.n = 0 THEN
-        -- Nothing to apply: write only to leave a mark that lets the events committed
-        -- meanwhile be read soon, or for a horizon that the last batch put off.
-        IF cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
-                               lim.pending_position)
-           OR (p.horizon_position < p.last_position
-               AND cqrs._horizon(p.last_position, lim.fence, true) > p.horizon) THEN
+        -- Nothing to apply: write only a mark or a horizon that is due.
+        IF cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
             PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
                                              lim.final_position, lim.fence, lim.mark_position);
         END IF;
