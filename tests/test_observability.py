@@ -26,6 +26,7 @@ from cqrs_pg_tools.testing import (
     Database,
     assert_one_line_error,
     cli,
+    new_customer,
     outbox_count,
     scalar,
     wait_until,
@@ -49,16 +50,6 @@ def some_commands(conn: psycopg.Connection) -> int:
             conn,
             "SELECT token FROM shop.place_order(gen_random_uuid(), %s, %s)",
             (customer, Jsonb([{"sku": sku, "quantity": 2}])),
-        )
-    )
-
-
-def register_customer(conn: psycopg.Connection) -> int:
-    return int(
-        scalar(
-            conn,
-            "SELECT token FROM shop.register_customer(gen_random_uuid(), %s, 'Late')",
-            (f"{uuid.uuid4().hex[:10]}@example.com",),
         )
     )
 
@@ -88,7 +79,7 @@ def test_stall_warning_names_the_backend_holding_the_fence(db: Database, daemons
         with psycopg.connect(db.dsn, autocommit=False, application_name="obs-blocker") as blocker:
             blocker.execute("SELECT pg_current_xact_id()")  # an xid, left open
             pid = blocker.info.backend_pid
-            token = register_customer(conn)  # commits after the blocker took its xid
+            token = new_customer(conn, "Late")  # commits after the blocker took its xid
 
             mine = (STALL, f"pid {pid} ")
             # Warned within a few seconds, and again (at most once a second) while it lasts.
@@ -123,7 +114,7 @@ def test_no_stall_warning_without_a_blocker(db: Database, daemons: Callable[...,
         with psycopg.connect(db.dsn, autocommit=False) as reader:
             reader.execute("SELECT count(*) FROM shop.customers")  # a snapshot, no xid
             for _ in range(3):
-                token = register_customer(conn)
+                token = new_customer(conn, "Late")
                 wait_until(lambda token=token: caught_up(conn, token), "the daemon to apply behind an open reader", timeout=10)
             reader.rollback()
         assert daemon.signal(signal.SIGTERM) == 0, daemon.output
@@ -141,7 +132,7 @@ def test_json_logs(db: Database, daemons: Callable[..., Daemon]) -> None:
         with psycopg.connect(db.dsn, autocommit=False, application_name="obs-json") as blocker:
             blocker.execute("SELECT pg_current_xact_id()")
             pid = blocker.info.backend_pid
-            token = register_customer(conn)
+            token = new_customer(conn, "Late")
             wait_until(lambda: f'"pid": {pid},' in daemon.output, "a JSON stall warning", timeout=15)
             blocker.rollback()
         db.wait_caught_up(token, timeout=15, replica=False)

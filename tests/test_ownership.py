@@ -7,20 +7,13 @@ from __future__ import annotations
 
 import json
 import signal
-import uuid
 from collections.abc import Callable
 
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from cqrs_pg_tools.testing import PROJECTIONS, Daemon, Database, cli, running_daemon, scalar, wait_until
-
-
-def new_customer(conn: psycopg.Connection) -> int:
-    token: int = scalar(conn, "SELECT token FROM shop.register_customer(gen_random_uuid(), %s, 'Own')",
-                        (f"{uuid.uuid4().hex[:10]}@example.com",))
-    return token
+from cqrs_pg_tools.testing import PROJECTIONS, Daemon, Database, cli, new_customer, running_daemon, scalar, wait_until
 
 
 def test_a_login_without_grants_cannot_hold_a_projection(db: Database, login_as: Callable[..., str]) -> None:
@@ -40,7 +33,7 @@ def test_a_login_without_grants_cannot_hold_a_projection(db: Database, login_as:
                 attacker.execute(statement)
             attacker.rollback()
         attacker.execute("SELECT pg_advisory_lock(1668444016, hashtext('order_summary'))")  # held again, to be sure
-        token = new_customer(conn)
+        token = new_customer(conn, "Own")
         assert scalar(conn, "SELECT applied FROM cqrs.run_projection('customer_stats')") == 1
         with running_daemon(db.dsn):
             db.wait_caught_up(token, replica=False)
@@ -56,7 +49,7 @@ def test_a_session_holding_a_projection_is_named(db: Database, daemons: Callable
         # The event first, applied by a daemon of the other projections (their marks make
         # it final): the holder's transaction, newer, then holds back only customer_stats.
         first = daemons(db, *(arg for p in others for arg in ("--projection", p)))
-        token = new_customer(conn)
+        token = new_customer(conn, "Own")
         wait_until(lambda: all(scalar(conn, "SELECT cqrs.caught_up(%s, %s)", (token, p)) for p in others),
                    "the other projections to apply the event")
         with psycopg.connect(db.dsn, autocommit=False, application_name="forgotten psql") as holder:

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from cqrs_pg_tools.testing import Database, assert_one_line_error, cli, scalar
+from cqrs_pg_tools.testing import Database, assert_one_line_error, cli, new_customer, scalar
 
 AUDIT = """
 CREATE TABLE shop_read.audit (
@@ -51,10 +51,6 @@ def extras(conn: psycopg.Connection) -> dict[str, Any]:
     }
 
 
-def customer(conn: psycopg.Connection, name: str) -> None:
-    conn.execute("SELECT shop.register_customer(gen_random_uuid(), %s, %s)", (f"{uuid.uuid4().hex[:8]}@x.example", name))
-
-
 def run_projection(conn: psycopg.Connection) -> None:
     while scalar(conn, "SELECT applied FROM cqrs.run_projection('audit')"):
         pass
@@ -79,7 +75,7 @@ def test_a_rebuild_carries_what_deployers_added(db: Database, login_as: Callable
             ALTER TABLE shop_read.audit REPLICA IDENTITY FULL;
             CREATE PUBLICATION audit_feed FOR TABLE shop_read.audit;
         """)
-        customer(conn, "First")
+        new_customer(conn, "First")
         conn.execute("SELECT shop.add_product(gen_random_uuid(), %s, 'Thing', 100, 5)", (f"S-{uuid.uuid4().hex[:6]}",))
         run_projection(conn)
         before = extras(conn)
@@ -91,7 +87,7 @@ def test_a_rebuild_carries_what_deployers_added(db: Database, login_as: Callable
         assert extras(conn) == before
         # the new table's trigger fires for what is applied next, and its identity goes on
         # after the old table's values
-        customer(conn, "After the rebuild")
+        new_customer(conn, "After the rebuild")
         run_projection(conn)
         assert scalar(conn, "SELECT count(*) FROM shop_read.audit_seen") == seen_before + 1
         assert scalar(conn, "SELECT n FROM shop_read.audit ORDER BY position DESC LIMIT 1") > old_n
@@ -105,7 +101,7 @@ def test_a_dependent_view_refuses_the_rebuild_before_it_starts(db: Database) -> 
     with db.connect() as conn:
         conn.execute(AUDIT)
         conn.execute("CREATE VIEW shop_read.audit_counts AS SELECT event_type, count(*) FROM shop_read.audit GROUP BY 1")
-        customer(conn, "Viewed")
+        new_customer(conn, "Viewed")
         refused = cli("rebuild", "audit", "--dsn", db.dsn)
         assert_one_line_error(refused, "cannot rebuild projection 'audit'", "view shop_read.audit_counts",
                               "drop it before the rebuild")
@@ -115,7 +111,7 @@ def test_a_dependent_view_refuses_the_rebuild_before_it_starts(db: Database) -> 
 
 def test_one_rebuild_at_a_time_and_an_interrupted_one_is_abandoned(db: Database) -> None:
     with db.connect() as conn:
-        customer(conn, "Rebuilt")
+        new_customer(conn, "Rebuilt")
         with psycopg.connect(db.dsn, autocommit=True) as first:
             first.execute("SELECT cqrs.rebuild_begin('customer_stats')")  # a rebuild under way
             pid = first.info.backend_pid

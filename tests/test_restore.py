@@ -7,7 +7,6 @@ every event, old and new, is applied once and every read model equals its defini
 from __future__ import annotations
 
 import subprocess
-import uuid
 
 import psycopg
 
@@ -17,6 +16,7 @@ from cqrs_pg_tools.testing import (
     PROJECTIONS,
     Database,
     cli,
+    new_customer,
     outbox_count,
     running_daemon,
     scalar,
@@ -27,12 +27,6 @@ from cqrs_pg_tools.verify import all_mismatches
 
 # What docs/production.md tells an operator to run on the new cluster before pg_restore.
 ROLES = "CREATE ROLE cqrs_writer NOLOGIN; CREATE ROLE cqrs_reader NOLOGIN; CREATE ROLE cqrs_listener NOLOGIN;"
-
-
-def customer(conn: psycopg.Connection, name: str) -> int:
-    token: int = scalar(conn, "SELECT token FROM shop.register_customer(gen_random_uuid(), %s, %s)",
-                        (f"{uuid.uuid4().hex[:10]}@example.com", name))
-    return token
 
 
 def caught_up(conn: psycopg.Connection, token: int) -> bool:
@@ -49,9 +43,9 @@ def test_dump_and_restore_into_a_cluster_whose_ids_are_behind(db: Database, tmp_
         conn.execute("DO $$ BEGIN FOR i IN 1..3000 LOOP BEGIN INSERT INTO burn VALUES (i);"
                      " EXCEPTION WHEN others THEN NULL; END; END LOOP; END $$")
         with running_daemon(db.dsn):
-            applied = customer(conn, "Applied before the move")
+            applied = new_customer(conn, "Applied before the move")
             wait_until(lambda: caught_up(conn, applied), "the first event to be applied")
-        pending = customer(conn, "Committed, not applied, before the move")
+        pending = new_customer(conn, "Committed, not applied, before the move")
         source_xid = int(scalar(conn, "SELECT pg_current_xact_id()::text"))
     subprocess.run([str(bindir / "pg_dump"), "-Fc", "-f", dump, db.dsn], check=True, capture_output=True)
 
@@ -68,7 +62,7 @@ def test_dump_and_restore_into_a_cluster_whose_ids_are_behind(db: Database, tmp_
         with psycopg.connect(moved, autocommit=True) as conn:
             assert int(scalar(conn, "SELECT pg_current_xact_id()::text")) < source_xid, "ids must be behind"
             assert scalar(conn, "SELECT count(*) FROM cqrs.projections") == len(PROJECTIONS)
-            after = customer(conn, "After the move")
+            after = new_customer(conn, "After the move")
             # not adopted yet: the old horizons prove nothing here, so never a wrong true
             assert not caught_up(conn, after) and not caught_up(conn, pending)
             status = cli("status", "--json", "--dsn", moved)
@@ -79,7 +73,7 @@ def test_dump_and_restore_into_a_cluster_whose_ids_are_behind(db: Database, tmp_
                 # a token of the old cluster is not one of this one's: never said to be applied
                 # before this cluster's ids pass it (the events it names are, see below)
                 assert not caught_up(conn, pending)
-                later = customer(conn, "Later still")
+                later = new_customer(conn, "Later still")
                 wait_until(lambda: caught_up(conn, later), "a later event to be applied")
                 assert not listener.stopping
             total = outbox_count(conn)

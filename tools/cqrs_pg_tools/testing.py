@@ -404,6 +404,11 @@ def run(conn: psycopg.Connection, command: str, *args: Any) -> Receipt:
     return r
 
 
+def new_customer(conn: psycopg.Connection, name: str = "Customer") -> int:
+    """Registers a customer under a fresh email; returns the command's token."""
+    return run(conn, "register_customer", f"{uuid.uuid4().hex[:10]}@example.com", name).token
+
+
 def line(sku: str, quantity: Any) -> dict[str, Any]:
     return {"sku": sku, "quantity": quantity}
 
