@@ -24,13 +24,15 @@ def setting(
     above: float | None = None,
     metavar: str | None = None,
     option: bool = True,
+    duration: bool = False,
 ) -> Any:
     """A setting: its default, its bounds (minimum and maximum inclusive, `above`
-    exclusive) and the help of its `listen` option (option False: none)."""
+    exclusive) and the help of its `listen` option (option False: none; duration: seconds,
+    given on the command line as 30m, 12h, 7d)."""
     return field(
         default=default,
         metadata={"help": help, "minimum": minimum, "maximum": maximum, "above": above, "metavar": metavar,
-                  "option": option},
+                  "option": option, "duration": duration},
     )
 
 
@@ -132,6 +134,17 @@ class ListenerConfig:
         60.0, "Log a one-line summary (events applied, lag, state) this often at INFO; 0: never.", minimum=0,
         metavar="SECONDS",
     )
+    # Retention on a schedule: cqrs.prune with this keep period every prune_interval (None:
+    # never). Whatever these say, the daemon keeps the outbox's partitions ahead of its
+    # sequence (cqrs.extend_outbox) once a minute.
+    prune_keep: float | None = setting(
+        None,
+        "Every --prune-interval, drop outbox history older than this that every projection has passed, "
+        "as `cqrs-pg prune --keep` does (default: never).",
+        minimum=0, metavar="DURATION", duration=True,
+    )
+    prune_interval: float = setting(3600.0, "How often --prune-keep prunes.", minimum=1, metavar="DURATION",
+                                    duration=True)
     # Serve Prometheus metrics on this port (0: any free port; None: not served).
     metrics_port: int | None = setting(
         None, "Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).", minimum=0, maximum=65535,

@@ -54,6 +54,8 @@ logger = logging.getLogger("cqrs_pg.daemon")
 CHANNEL = "cqrs_outbox"
 # Refresh the lag gauges (cqrs.projection_status() counts rows) at most this often.
 LAG_INTERVAL = 5.0
+# keeping the outbox's partitions ahead of its sequence (cqrs.extend_outbox)
+EXTEND_INTERVAL = 60.0
 # Read the registrations (projections added, removed, halted, retried) this often.
 REGISTRY_INTERVAL = 1.0
 # The longest wait before a failing batch is tried again.
@@ -203,6 +205,9 @@ class Listener:
         self._summary_due = time.monotonic() + config.summary_interval
         self._summarized: dict[str, int] = {}
         self._held_check_due = 0.0
+        # outbox upkeep: partitions ahead (now, then every EXTEND_INTERVAL), prune when asked
+        self._extend_due = 0.0
+        self._prune_due = 0.0
 
     def stop(self) -> None:
         """Ask the daemon to finish its current batch and return."""
@@ -721,11 +726,43 @@ class Listener:
         if self.config.summary_interval and now >= self._summary_due:
             self._summary_due = now + self.config.summary_interval
             self._log_summary(conn, names)
+        if now >= self._extend_due or (self.config.prune_keep is not None and now >= self._prune_due):
+            self._upkeep(conn, now)
         # Look for a stall only when a round applied nothing (or one is under way, to see
         # it end), and at most every few tenths of a second: never on every batch.
         if (not applied or self.stall is not None) and now >= self._fence_check_due:
             self._fence_check_due = now + min(0.25, self.config.stall_warning / 4)
             self._check_fence(conn, now)
+
+    def _upkeep(self, conn: psycopg.Connection, now: float) -> None:
+        """The outbox's partitions kept ahead of its sequence; with prune_keep, history
+        every reader has passed dropped. A failure (a lock not had within its timeout, a
+        grant missing) is logged and tried again next time: it stops nothing else."""
+        pruning = self.config.prune_keep is not None and now >= self._prune_due
+        self._extend_due = now + EXTEND_INTERVAL
+        if pruning:
+            self._prune_due = now + self.config.prune_interval
+        try:
+            with conn.transaction():
+                added = [r[0] for r in conn.execute("SELECT cqrs.extend_outbox()::text")]
+            if added:
+                logger.info("outbox partitions added: %s", ", ".join(added), extra={"partitions": added})
+            if pruning:
+                with conn.transaction():
+                    dropped = conn.execute(
+                        "SELECT partition, events, bytes FROM cqrs.prune(make_interval(secs => %s))",
+                        (self.config.prune_keep,),
+                    ).fetchall()
+                if dropped:
+                    logger.info(
+                        "pruned %d outbox partitions (%d events, %.1f MB): %s", len(dropped),
+                        sum(r[1] for r in dropped), sum(r[2] for r in dropped) / 1e6, ", ".join(r[0] for r in dropped),
+                        extra={"partitions": [r[0] for r in dropped]},
+                    )
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            logger.warning("outbox upkeep failed, tried again in %.0fs: %s", EXTEND_INTERVAL, _first_line(exc))
 
     def _check_held(self, conn: psycopg.Connection, now: float) -> None:
         """Projections another session has held for stall_warning while their checkpoint

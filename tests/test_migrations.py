@@ -141,7 +141,8 @@ def test_migrated_schema_equals_sql_source(cluster: DevCluster, example: str | N
             for component in ("cqrs",) if example is None else ("cqrs", example):
                 conn.execute(sqlsource.build(component).encode())
         assert schema_dump(cluster, migrated.name) == schema_dump(cluster, built.name)
-        registry = "SELECT name, kind, apply_function::text, matview::text, event_types FROM cqrs.projections ORDER BY name"
+        registry = ("SELECT name, kind, apply_function, matview, event_types, state_function"
+                    " FROM cqrs.projections ORDER BY name")
         with migrated.connect() as m, built.connect() as b:
             assert m.execute(registry).fetchall() == b.execute(registry).fetchall()
     finally:

@@ -45,7 +45,8 @@ from cqrs_pg_tools.verify import all_mismatches
 from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
 
 
-def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
+@pytest.mark.parametrize("source", ["log", "state"])
+def test_rebuild_under_load_is_invisible_to_readers(db: Database, source: str) -> None:
     workload = ShopWorkload(db.dsn, seed=3, hold_max=0.005)
     workload.setup(customers=20, products=8, stock=10_000)
     with running_daemon(db.dsn, batch_size=100):
@@ -67,8 +68,8 @@ def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
         writers.start()
         lines: list[str] = []
         for projection in ("order_summary", "customer_stats"):
-            built = rebuild(db.dsn, projection, 50, lines.append)
-            assert built > 0
+            built = rebuild(db.dsn, projection, 50, lines.append, source)
+            assert built > 0 or source == "state"
         writers.join()
         assert not box[0].errors
         db.wait_caught_up(box[0].max_token)
@@ -77,7 +78,8 @@ def test_rebuild_under_load_is_invisible_to_readers(db: Database) -> None:
     with db.connect() as primary, db.connect_replica() as replica:
         assert all_mismatches(primary) == NO_MISMATCH
         assert all_mismatches(replica) == NO_MISMATCH
-        assert applied_counts(primary) == dict.fromkeys(NO_MISMATCH, outbox_count(primary))
+        if source == "log":  # from state, only the events applied after the load count
+            assert applied_counts(primary) == dict.fromkeys(NO_MISMATCH, outbox_count(primary))
         assert primary.execute(
             "SELECT has_table_privilege('cqrs_reader', 'shop_read.order_summary', 'SELECT'),"
             " has_table_privilege('cqrs_reader', 'shop_proj.order_summary_customers', 'SELECT'),"

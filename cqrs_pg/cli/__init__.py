@@ -121,14 +121,17 @@ def migrate(dsn: str | None, replica_dsn: str | None, to: str, example: str | No
 def listen_settings(func: F) -> F:
     """The daemon's settings as options, each with its default and help from
     cqrs_pg.config; their bounds are checked there, once."""
+    from cqrs_pg.retention import Duration, format_duration
+
     for f in reversed(option_settings()):
         integral = f.type in ("int", "int | None")
+        duration = f.metadata["duration"]
         func = click.option(
             f"--{f.name.replace('_', '-')}",
             f.name,
-            default=f.default,
+            default=format_duration(f.default) if duration and f.default is not None else f.default,
             show_default=f.default is not None,
-            type=click.INT if integral else click.FLOAT,
+            type=Duration() if duration else click.INT if integral else click.FLOAT,
             metavar=f.metadata["metavar"],
             help=f.metadata["help"],
         )(func)
@@ -301,6 +304,29 @@ def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: in
 
 @main.command()
 @connection_options
+@click.option("--keep", default="7d", show_default=True, metavar="DURATION",
+              help="Keep history younger than this: 0s, 30m, 12h, 7d.")
+@click.option("--dry-run", is_flag=True, help="Print what would be dropped; change nothing.")
+def prune(dsn: str | None, replica_dsn: str | None, keep: str, dry_run: bool) -> None:
+    """Drop outbox history that every projection has passed and that is older than --keep.
+
+    The outbox is partitioned by position, 1,000,000 positions a partition; whole
+    partitions are dropped, oldest first, never rows deleted: a partition goes once every
+    projection and rebuild has applied all of it, none of its events is parked, and its
+    newest event is older than --keep. What remains is one unbroken stretch of history.
+    Dropping takes a brief lock on the outbox (at most 5 s waited for it). Once history
+    is gone, a projection can be rebuilt only from the write model's state (`cqrs-pg
+    rebuild`). `cqrs-pg listen --prune-keep` does the same on a schedule.
+    """
+    from cqrs_pg.retention import parse_duration
+    from cqrs_pg.retention import prune as run_prune
+    from cqrs_pg.retention import render as render_prune
+
+    click.echo(render_prune(run_prune(require_dsn(dsn), parse_duration(keep), dry_run)))
+
+
+@main.command()
+@connection_options
 @click.argument("projection")
 @click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
 @click.option(
@@ -312,12 +338,19 @@ def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: in
 )
 @click.option("--abort", is_flag=True,
               help="Abandon an interrupted rebuild of PROJECTION instead (its shadow tables go; the live ones stay).")
+@click.option("--from", "source", type=click.Choice(["state", "log"]),
+              help="state: load from the write model's current state (the default when the projection declares a "
+                   "state function); log: replay the whole event log (the default otherwise).")
 def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_size: int, imports: tuple[str, ...],
-            abort: bool) -> None:
-    """Rebuild one read model from the whole event log, without downtime.
+            abort: bool, source: str | None) -> None:
+    """Rebuild one read model, without downtime, from the write model's state or the log.
 
     The new tables are built in a shadow schema while the daemon keeps the live ones
-    current and readers keep reading them; then, in one transaction, the shadow catches
+    current and readers keep reading them. A projection that declares a state function
+    (how its read model is computed from the write model) is loaded from that, under one
+    snapshot, and then applies only the events that snapshot did not see: its time grows
+    with the read model, not with the history, and it needs no pruned history. Otherwise
+    every event of the log is applied again. Then, in one transaction, the shadow catches
     up with every event and replaces the live tables. Readers on the primary and the
     replicas see the old read model until that commit and the new one after. A python
     projection is rebuilt by its handler (give its module with --import, as to listen);
@@ -339,4 +372,30 @@ def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_siz
         click.echo(f"abandoned the rebuild of {projection}: its shadow tables are gone, the live ones untouched")
         return
     import_modules(imports)
-    run_rebuild(require_dsn(dsn), projection, batch_size, click.echo)
+    run_rebuild(require_dsn(dsn), projection, batch_size, click.echo, source)
+
+
+@main.command()
+@connection_options
+@click.argument("projection", required=False)
+@click.option("--wait", default=30.0, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
+              help="How long to wait for a projection behind the log to catch up before giving up on it.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def verify(dsn: str | None, replica_dsn: str | None, projection: str | None, wait: float, as_json: bool) -> None:
+    """Compare each read model with its definition computed from the write model.
+
+    One line per table or view: `equal`, or how many rows differ (counted both ways). A
+    sql or python projection is compared with what its state function computes; a
+    materialized view with its own query; both in one snapshot, in a transaction rolled
+    back afterwards. A projection still applying events that snapshot sees is compared
+    again until it has caught up (at most --wait). Exits 3 on a difference, or when a
+    projection is halted or stays behind. Run it on the primary, as the engine's owner.
+    """
+    from cqrs_pg.verify import FAILING
+    from cqrs_pg.verify import render as render_verify
+    from cqrs_pg.verify import verify as run_verify
+
+    results = run_verify(require_dsn(dsn), projection, wait)
+    click.echo(json.dumps(results, indent=2) if as_json else render_verify(results, wait))
+    if any(r["outcome"] in FAILING for r in results):
+        raise SystemExit(3)

@@ -14,7 +14,8 @@ GRANT EXECUTE ON FUNCTION cqrs.caught_up(bigint, text) TO cqrs_reader;
 
 -- cqrs_listener: what the daemon calls, and the list of projections it runs. A python
 -- projection's handler writes its tables as this role: grant those with the projection.
--- prune_receipts: an operator's cron job may run as the daemon's role.
+-- prune_receipts, prune: an operator's cron job may run as the daemon's role, and the
+-- daemon keeps the outbox's partitions ahead (extend_outbox) and may prune on a schedule.
 GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections, cqrs.parked TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
@@ -38,5 +39,7 @@ GRANT EXECUTE ON FUNCTION
     cqrs.fence_status(),
     cqrs.work_pending(text[]),
     cqrs.caught_up(bigint, text),
-    cqrs.prune_receipts(interval, integer)
+    cqrs.prune_receipts(interval, integer),
+    cqrs.extend_outbox(bigint, integer),
+    cqrs.prune(interval, boolean)
 TO cqrs_listener;

@@ -2,7 +2,9 @@
 -- position order, the order every reader gets them in (per aggregate, the order of its
 -- versions). An apply function calls it with the two positions it was given; the planner
 -- inlines it, so a set-based apply function that groups the batch pays for no sort (the
--- primary key's range scan is in order already).
+-- primary key's range scan is in order already), and it reads only the partitions that
+-- hold the batch, whatever the length of the history. A rebuild from state reads only the
+-- events of transactions its loaded state does not hold (cqrs._rebuild_reads).
 CREATE OR REPLACE FUNCTION cqrs.batch(from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE sql
@@ -12,5 +14,9 @@ AS $$
       FROM cqrs.outbox o
      WHERE o.position > from_position
        AND o.position <= to_position
+       -- in a rebuild from state, not the events its loaded state holds (cqrs._rebuild_reads);
+       -- each subquery is evaluated once per call, not per event
+       AND ((SELECT nullif(current_setting('cqrs.loaded_snapshot', true), '')) IS NULL
+            OR NOT pg_visible_in_snapshot(o.tx_id, (SELECT current_setting('cqrs.loaded_snapshot')::pg_snapshot)))
      ORDER BY o.position;
 $$;

@@ -1,7 +1,7 @@
 -- A python projection's batch, step 2 of 3: the events of the batch this transaction
 -- claimed with cqrs.claim_batch, in position order, only those of the projection's
--- event_types (NULL: all). SECURITY DEFINER: the daemon's role needs no access to
--- cqrs.outbox itself.
+-- event_types (NULL: all), with the outbox's columns. SECURITY DEFINER: the daemon's
+-- role needs no access to cqrs.outbox itself.
 CREATE OR REPLACE FUNCTION cqrs.batch_events(projection text, from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE plpgsql

@@ -42,6 +42,7 @@ BEGIN
         IF final THEN
             PERFORM cqrs._lock('projection', projection, true);
         END IF;
+        PERFORM cqrs._rebuild_reads(r);
         checkpoint := r.last_position;
     ELSE
         -- as in cqrs.run_projection: read before any lock (no xid: a mark), and an idle

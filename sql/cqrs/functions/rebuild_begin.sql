@@ -1,7 +1,9 @@
 -- Starts a rebuild of a sql or python projection: empty copies of its tables in a shadow
 -- schema, which its apply function (cqrs.rebuild_step) or its handler (cqrs.claim_batch,
--- cqrs.batch_events, cqrs.complete_batch with rebuild) fills from the whole event log
--- while the daemon keeps the live tables current and readers keep reading them. Refused
+-- cqrs.batch_events, cqrs.complete_batch with rebuild) fills from the whole event log, or
+-- from where its state function's load (cqrs.rebuild_load) leaves off, while the daemon
+-- keeps the live tables current and readers keep reading them. Refused (CQ003) from the
+-- log once history was pruned. Refused
 -- (CQ003) while another rebuild of it is in progress or was interrupted (abandon that one
 -- with cqrs.rebuild_abort), and when something the swap cannot carry depends on one of its
 -- tables (cqrs._rebuild_problem).
@@ -23,6 +25,12 @@ BEGIN
     IF p.kind NOT IN ('sql', 'python') THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
                                            projection, p.kind));
+    END IF;
+    IF p.state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'the outbox''s history before position %s was pruned: projection %L can be rebuilt only from the '
+            'write model''s state; declare its state function (cqrs.set_state_function)',
+            cqrs._history_start(), projection));
     END IF;
     IF coalesce(cardinality(p.tables), 0) = 0 THEN
         PERFORM cqrs._fail('CQ001', format(

@@ -44,12 +44,21 @@ BEGIN
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     LOOP
         EXIT WHEN p.kind <> 'sql';
+        PERFORM cqrs._rebuild_reads(r);
         SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
         EXIT WHEN b.n = 0;
         PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);
         r.last_position := b.end_position;
         r.applied_events := r.applied_events + b.n;
     END LOOP;
+    -- Loaded from state: the live projection goes on from the checkpoint without leaving
+    -- out what the state holds, so the checkpoint must be past all of that first.
+    IF r.snapshot IS NOT NULL AND r.last_position < r.snapshot_position THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'the rebuild of projection %L has applied the log up to position %s; events up to %s may still come '
+            'from transactions open when its state was loaded: apply them first (cqrs.rebuild_step)',
+            projection, r.last_position, r.snapshot_position));
+    END IF;
     -- Swapped in, the shadow must hold every event the live tables hold, and perhaps more.
     IF r.last_position < p.last_position THEN
         PERFORM cqrs._fail('CQ003', format(

@@ -28,6 +28,7 @@ BEGIN
             '(cqrs.claim_batch, cqrs.batch_events, cqrs.complete_batch with rebuild)', projection, p.kind));
     END IF;
     PERFORM cqrs._lock('rebuild', projection, true);
+    PERFORM cqrs._rebuild_reads(r);
     SELECT * INTO b FROM cqrs._next_batch(r.last_position, lim.final_position, max_events);
     IF b.n > 0 THEN
         PERFORM cqrs._apply_batch(p.apply_function::regproc, quote_ident(r.shadow_schema), r.last_position, b.end_position);

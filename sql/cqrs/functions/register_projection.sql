@@ -8,8 +8,10 @@
 -- in `tables` (what cqrs-pg rebuild rebuilds). on_error: what the daemon does with an
 -- event that still fails after its retries, 'halt' (stay at it until `cqrs-pg retry` or
 -- `cqrs-pg skip`) or 'park' (set it aside, listed by `cqrs-pg parked`, and go on; not for
--- a matview, whose refresh covers every event). A new projection starts from the first
--- event.
+-- a matview, whose refresh covers every event). state_function (sql and python): how the
+-- read model is computed from the write model (cqrs.set_state_function). A new
+-- projection starts from the first event, refused (CQ003) once history was pruned unless
+-- it declares a state function: then `cqrs-pg rebuild` loads it first.
 CREATE OR REPLACE FUNCTION cqrs.register_projection(
     name text,
     kind text,
@@ -18,7 +20,8 @@ CREATE OR REPLACE FUNCTION cqrs.register_projection(
     event_types text[] DEFAULT NULL,
     search_path text DEFAULT NULL,
     tables regclass[] DEFAULT NULL,
-    on_error text DEFAULT 'halt')
+    on_error text DEFAULT 'halt',
+    state_function regproc DEFAULT NULL)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -54,9 +57,25 @@ BEGIN
         PERFORM cqrs._fail('CQ001', format(
             'matview projection %L cannot park events (a refresh covers them all): use on_error ''halt''', name));
     END IF;
+    IF state_function IS NOT NULL THEN
+        IF kind = 'matview' THEN
+            PERFORM cqrs._fail('CQ001', format(
+                'matview projection %L takes no state function: its query is its definition', name));
+        ELSIF cqrs._state_function_problem(state_function) IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ001', cqrs._state_function_problem(state_function));
+        END IF;
+    END IF;
+    IF kind <> 'matview' AND state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'the outbox''s history before position %s was pruned: projection %L could not see it; declare how '
+            'its read model is computed from the write model (state_function) and load it with cqrs-pg rebuild',
+            cqrs._history_start(), name));
+    END IF;
     -- kept by name, schema-qualified (this function's search_path holds no other schema)
-    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error)
-    VALUES (name, kind, apply_function::text, matview::text, event_types, search_path, tables::text[], on_error);
+    INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error,
+                                  state_function)
+    VALUES (name, kind, apply_function::text, matview::text, event_types, search_path, tables::text[], on_error,
+            state_function::text);
     -- a view's row of cqrs.refreshing, there before its first refresh (cqrs._exempt_from_fence)
     INSERT INTO cqrs.refreshing (projection) SELECT register_projection.name WHERE register_projection.kind = 'matview';
 END

@@ -45,6 +45,11 @@ CREATE TABLE cqrs.projections (
     failed_sqlstate  text,
     failed_attempts  integer,
     failed_at        timestamptz,
+    -- sql and python: a function () RETURNS void that fills the projection's tables (found
+    -- through search_path, as the apply function finds them) from the write model's
+    -- current state, what its events add up to; cqrs-pg rebuild loads the read model
+    -- from it and cqrs-pg verify compares with it (NULL: neither can)
+    state_function   text,
     CONSTRAINT projections_kind CHECK (kind IN ('sql', 'matview', 'python')),
     CONSTRAINT projections_sql_has_function CHECK (kind <> 'sql' OR (apply_function IS NOT NULL AND search_path IS NOT NULL AND tables IS NOT NULL)),
     -- python: a handler registered by name in the daemon (cqrs_pg.projections.register)

@@ -11,5 +11,10 @@ CREATE TABLE cqrs.rebuilds (
     started_at     timestamptz NOT NULL DEFAULT pg_catalog.now(),
     -- the session that began it: running while that backend is (cqrs.rebuild_status)
     pid            integer,
-    backend_start  timestamptz
+    backend_start  timestamptz,
+    -- a rebuild from state (cqrs.rebuild_load): the snapshot the write model's state was
+    -- read in; the events of the transactions it sees are in that state, and none after
+    -- snapshot_position is
+    snapshot          pg_snapshot,
+    snapshot_position bigint
 );

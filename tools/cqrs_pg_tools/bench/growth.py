@@ -147,6 +147,7 @@ class _Growth:
             for lo in range(1, todo + 1, HISTORY_CHUNK):
                 hi = min(todo, lo + HISTORY_CHUNK - 1)
                 conn.execute(HISTORY_SQL, {"lo": lo, "hi": hi, "payload": PAYLOAD})
+                conn.execute("SELECT cqrs.extend_outbox()")  # as the daemon does: partitions ahead
                 if todo > HISTORY_CHUNK:
                     self.progress(f"   {hi:,}/{todo:,} rows, {time.monotonic() - t0:.0f}s")
             o.fill_seconds = round(time.monotonic() - t0, 2)
@@ -168,12 +169,15 @@ class _Growth:
             o.new_events = scalar(conn, "SELECT count(*) FROM cqrs.outbox WHERE position > %s", (o.checkpoint,))
             if o.new_events < cfg.batch_size:
                 raise BenchError(f"only {o.new_events} events after the history, fewer than a batch of {cfg.batch_size}")
-            o.size_mb = round(scalar(conn, "SELECT pg_table_size('cqrs.outbox')") / 2**20, 1)
+            # partitioned: the sizes of its partitions and of their indexes
+            o.size_mb = round(scalar(conn, "SELECT sum(pg_table_size(relid)) FROM pg_partition_tree('cqrs.outbox')")
+                              / 2**20, 1)
             o.index_mb = {
                 name: round(size / 2**20, 1)
                 for name, size in conn.execute(
-                    "SELECT indexrelid::regclass::text, pg_relation_size(indexrelid) FROM pg_index"
-                    " WHERE indrelid = 'cqrs.outbox'::regclass ORDER BY 1"
+                    "SELECT x.indexrelid::regclass::text, sum(pg_relation_size(t.relid))"
+                    "  FROM pg_index x, pg_partition_tree(x.indexrelid) t"
+                    " WHERE x.indrelid = 'cqrs.outbox'::regclass GROUP BY 1 ORDER BY 1"
                 )
             }
             o.plans = self._plans(conn, o)

@@ -1,0 +1,10 @@
+-- The first position the outbox still holds history from: NULL while it holds all of it,
+-- else the first position of its oldest partition (cqrs.prune dropped those before).
+CREATE OR REPLACE FUNCTION cqrs._history_start()
+RETURNS bigint
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.first_position FROM cqrs._outbox_partitions() p ORDER BY p.end_position LIMIT 1;
+$$;
