@@ -52,7 +52,7 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     # labelled as a quick run, so that nobody takes its figures for a real one
     assert report["command"] == "cqrs-pg bench --quick"
     assert report["quick"] is True and report["complete"] is True
-    assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth"}
+    assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth", "rebuild"}
     for name, part in report["parts"].items():
         assert part.get("runs") or part.get("refresh_runs"), f"part {name} measured nothing"
     assert report["machine"]["cpu_count"] >= 1
@@ -66,7 +66,8 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     last = f"[{2 * len(VARIANTS)}/{2 * len(VARIANTS)}]"  # part 1: every variant at 1 and 4 clients
     assert last in quick["stderr"] and last not in quick["stdout"]
     for title in ("part 1: command throughput", "part 2: projection catch-up", "part 3: end-to-end latency",
-                  "part 4: materialized view cost", "part 5: growth of the outbox", "== targets =="):
+                  "part 4: materialized view cost", "part 5: growth of the outbox",
+                  "part 6: rebuild from state and from the log", "== targets =="):
         assert title in quick["stdout"], title
     assert "ratios of medians at 4 clients" in quick["stdout"]
     for name in ("c/b", "d/g", "e/h"):  # the wake-up's cost, each with its target
@@ -240,10 +241,25 @@ def test_quick_growth(quick: dict[str, Any]) -> None:
             assert all(isinstance(p["buffers"], int) for p in plans), plans
         # an idle round reads no event: nothing after its checkpoint is final
         assert not any(any("outbox" in s["relation"] for s in p["scans"]) for p in o["plans"]["idle_poll"])
-    for what in ("batch_end", "batch_read", "idle_poll", "apply", "command"):
+    for what in ("batch_end", "batch_read", "idle_poll", "apply", "status", "prune_idle", "command"):
         f = part["figures"][what]
         assert set(f["ms"]) == {str(small["rows"]), str(large["rows"])}
         assert f["ratio"] > 0 and f["flat"] in (True, False)
+    # pruning: the small history lies in the partition still being filled; the large one
+    # spans partitions, which go
+    small_prune, large_prune = part["prune"]
+    assert small_prune["partitions"] == 0 and small_prune["freed_mb"] == 0
+    assert large_prune["partitions"] >= 0 and large_prune["seconds"] >= 0
+
+
+def test_quick_rebuild(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["rebuild"]
+    assert part["read_models_equal_definitions"] is True
+    assert part["config"]["orders"] >= QUICK.rebuild_orders
+    assert {(r["projection"], r["source"]) for r in part["runs"]} == {
+        (p, s) for p in ("order_summary", "customer_stats") for s in ("state", "log")}
+    for f in part["figures"].values():
+        assert f["state"]["median"] > 0 and f["log"]["median"] > 0 and f["state_over_log"] > 0
 
 
 @pytest.mark.slow

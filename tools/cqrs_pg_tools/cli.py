@@ -189,8 +189,9 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 
 
 @click.command()
-@click.option("--parts", default="1,2,3,4,5", show_default=True, callback=_int_list(1, 5, "1,3"), metavar="N,N,...",
-              help="Which parts to run: 1 throughput, 2 catch-up, 3 latency, 4 materialized view, 5 growth.")
+@click.option("--parts", default="1,2,3,4,5,6", show_default=True, callback=_int_list(1, 6, "1,3"), metavar="N,N,...",
+              help="Which parts to run: 1 throughput, 2 catch-up, 3 latency, 4 materialized view, 5 growth, "
+                   "6 rebuild.")
 @click.option("--rounds", type=click.IntRange(1), help="Interleaved repetitions of every measurement [default: 3].")
 @click.option("--seconds", type=click.IntRange(1), help="Part 1: length of each measured pgbench run [default: 10].")
 @click.option("--clients", callback=_client_counts, metavar="N,N,...",
@@ -217,6 +218,8 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 @click.option("--load-seconds", type=click.IntRange(1), help="Part 4: seconds of each debounce run [default: 20].")
 @click.option("--history", callback=_int_list(1, 1_000_000_000, "100000,10000000"), metavar="SMALL,LARGE",
               help="Part 5: outbox rows of the small and the large history [default: 100000,10000000].")
+@click.option("--rebuild-orders", type=click.IntRange(1000), metavar="N",
+              help="Part 6: orders in the history rebuilt from state and from the log [default: 1000000].")
 @click.option("--quick", is_flag=True,
               help="Every part tiny (1 round, seconds each): checks that it works, measures nothing. "
                    "Options given as well override its sizes.")
@@ -243,7 +246,10 @@ def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir:
        fixed arrival rates, beside the bare replication latency
     4. refresh time of product_sales at 10k, 100k, 1M order lines; refresh count with and
        without the debounce under a steady load
-    5. per-batch read cost and command latency with 100k vs 10M outbox rows, with plans
+    5. per-batch read cost and command latency with 100k vs 10M outbox rows, with plans;
+       prune time and disk freed at 10M
+    6. rebuild of order_summary and customer_stats from the write model's state beside
+       from the whole event log, at 1M orders
 
     Every figure is a median of interleaved rounds with its min-max spread. Progress goes
     to stderr, the tables to stdout. On a throwaway primary + replica it takes about 30

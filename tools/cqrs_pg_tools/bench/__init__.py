@@ -9,7 +9,9 @@
                arrival rates, beside the bare replication latency
 4. matview     refresh time of product_sales at growing sizes; refresh count with and
                without the debounce under a steady load
-5. growth      per-batch read cost and command latency with a small and a large outbox
+5. growth      per-batch read cost and command latency with a small and a large outbox,
+               and what pruning the large one takes and frees
+6. rebuild     `cqrs-pg rebuild` from the write model's state beside from the whole log
 
 Everything runs on one throwaway primary + streaming replica (or the server given with
 --dsn), in databases cloned from one migrated, seeded template. Every figure is a median
@@ -79,7 +81,7 @@ def run_bench(
         raise BenchError(f"--json {json_path}: the directory {json_path.parent} does not exist")
     unknown = [p for p in config.parts if p not in PART_NAMES]
     if unknown:
-        raise BenchError(f"unknown part(s) {unknown}: the parts are 1-5")
+        raise BenchError(f"unknown part(s) {unknown}: the parts are 1-{max(PART_NAMES)}")
     unknown_variants = sorted(set(config.variants or ()) - {v.key for v in VARIANTS})
     if unknown_variants:
         raise BenchError(

@@ -32,13 +32,14 @@ from cqrs_pg_tools.devcluster import DevCluster, find_bindir
 
 Echo = Callable[[str], None]
 
-PART_NAMES = {1: "throughput", 2: "catchup", 3: "latency", 4: "matview", 5: "growth"}
+PART_NAMES = {1: "throughput", 2: "catchup", 3: "latency", 4: "matview", 5: "growth", 6: "rebuild"}
 PART_TITLES = {
     1: "command throughput",
     2: "projection catch-up",
     3: "end-to-end latency",
     4: "materialized view cost",
     5: "growth of the outbox",
+    6: "rebuild from state and from the log",
 }
 
 
@@ -48,7 +49,7 @@ class BenchError(CqrsPgError):
 
 @dataclass
 class BenchConfig:
-    parts: tuple[int, ...] = (1, 2, 3, 4, 5)
+    parts: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     rounds: int = 3  # repetitions of every measurement, interleaved
     customers: int = 10_000
     products: int = 10_000
@@ -83,6 +84,8 @@ class BenchConfig:
     history: tuple[int, ...] = (100_000, 10_000_000)  # outbox rows of already projected history
     growth_seconds: int = 10  # per command-latency run
     growth_samples: int = 30  # timed executions of each batch query, per round
+    # part 6: rebuild from state and from the log
+    rebuild_orders: int = 1_000_000
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> BenchConfig:
@@ -94,6 +97,7 @@ class BenchConfig:
             "rates": (100, 400), "latency_seconds": 1.0, "latency_warmup": 0.3, "latency_clients": 4,
             "matview_lines": (2_000, 10_000, 40_000), "load_rate": 100, "load_seconds": 2,
             "history": (10_000, 60_000), "growth_seconds": 1, "growth_samples": 5,
+            "rebuild_orders": 5_000,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

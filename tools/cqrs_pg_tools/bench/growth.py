@@ -27,6 +27,7 @@ import random
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from cqrs_pg_tools.bench.throughput import COMMAND_SCRIPT
 HISTORY_CHUNK = 1_000_000
 # A figure counts as flat when the large outbox's median is at most this much above the small one's.
 FLAT = 1.3
-QUERIES = ("batch_end", "batch_read", "idle_poll", "apply")
+QUERIES = ("batch_end", "batch_read", "idle_poll", "apply", "status", "prune_idle")
 
 # A typical order event's payload (to_jsonb of a shop.orders row), ~220 bytes.
 PAYLOAD = (
@@ -59,6 +60,12 @@ NEXT_BATCH_SQL = "SELECT b.end_position, b.n FROM cqrs._next_batch(%s, %s, %s) b
 IDLE_POLL_SQL = "SELECT b.n FROM cqrs._read_limit() l, cqrs._next_batch(%s, l.final_position, %s) b"
 BATCH_READ_SQL = "SELECT count(*), sum(pg_column_size(e.payload)) FROM cqrs.batch(%s, %s) e"
 APPLY_SQL = "SELECT applied FROM cqrs.run_projection('order_summary', %s, '0 s')"
+STATUS_SQL = "SELECT count(*) FROM cqrs.projection_status()"
+# a scheduled prune that finds nothing to drop (its usual run): keep 100 years
+PRUNE_IDLE_SQL = "SELECT count(*) FROM cqrs.prune('100 years', dry_run => true)"
+PRUNE_SQL = "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(bytes), 0) FROM cqrs.prune('0 s')"
+# the empty default partition: a plan may read its no pages as it likes
+DEFAULT_PARTITION = "outbox_default"
 AUTO_EXPLAIN = (
     "LOAD 'auto_explain'",
     "SET auto_explain.log_min_duration = 0",
@@ -129,9 +136,28 @@ class _Growth:
                     f"round {rnd}/{cfg.rounds}  outbox {o.rows:>12,} rows: "
                     + ", ".join(f"{w} {mine[w].ms:.3f} ms" for w in (*QUERIES, "command"))
                 )
+        prunes = [self._prune(o) for o in outboxes]
         for o in outboxes:
             self.s.drop(o.dbname)
-        return self._report(outboxes, runs)
+        report = self._report(outboxes, runs)
+        report["prune"] = prunes
+        return report
+
+    def _prune(self, o: Outbox) -> dict[str, Any]:
+        """`cqrs-pg prune --keep 0s` of everything the projections have passed: every
+        projection's checkpoint is at the end of the history."""
+        with self.s.connect(o.dbname) as conn:
+            size = "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('cqrs.outbox')"
+            before = int(scalar(conn, size))
+            t0 = time.monotonic()
+            row = conn.execute(PRUNE_SQL).fetchone()
+            seconds = time.monotonic() - t0
+            assert row is not None
+            after = int(scalar(conn, size))
+        self.progress(f"   prune of {o.rows:,} rows: {row[0]} partitions, {row[1]:,} events, "
+                      f"{(before - after) / 2**20:,.0f} MB freed in {seconds:.2f}s")
+        return {"rows": o.rows, "partitions": int(row[0]), "events": int(row[1]), "seconds": round(seconds, 3),
+                "freed_mb": round((before - after) / 2**20, 1), "mb_before": round(before / 2**20, 1)}
 
     # -- the outbox --------------------------------------------------------------------------
 
@@ -170,10 +196,10 @@ class _Growth:
             if o.new_events < cfg.batch_size:
                 raise BenchError(f"only {o.new_events} events after the history, fewer than a batch of {cfg.batch_size}")
             # partitioned: the sizes of its partitions and of their indexes
-            o.size_mb = round(scalar(conn, "SELECT sum(pg_table_size(relid)) FROM pg_partition_tree('cqrs.outbox')")
-                              / 2**20, 1)
+            o.size_mb = round(
+                int(scalar(conn, "SELECT sum(pg_table_size(relid)) FROM pg_partition_tree('cqrs.outbox')")) / 2**20, 1)
             o.index_mb = {
-                name: round(size / 2**20, 1)
+                name: round(int(size) / 2**20, 1)
                 for name, size in conn.execute(
                     "SELECT x.indexrelid::regclass::text, sum(pg_relation_size(t.relid))"
                     "  FROM pg_index x, pg_partition_tree(x.indexrelid) t"
@@ -234,11 +260,13 @@ class _Growth:
                     if row is None or row[0] != cfg.batch_size:
                         raise BenchError(f"cqrs.run_projection applied {row and row[0]} events, not {cfg.batch_size}")
 
-            work = {
+            work: dict[str, Callable[[], object]] = {
                 "batch_end": lambda: conn.execute(NEXT_BATCH_SQL, (o.checkpoint, o.final, cfg.batch_size)).fetchone(),
                 "batch_read": lambda: conn.execute(BATCH_READ_SQL, (o.checkpoint, end_pos)).fetchone(),
                 "idle_poll": lambda: conn.execute(IDLE_POLL_SQL, (last, cfg.batch_size)).fetchone(),
                 "apply": apply,
+                "status": lambda: conn.execute(STATUS_SQL).fetchone(),
+                "prune_idle": lambda: conn.execute(PRUNE_IDLE_SQL).fetchone(),
             }
             order = list(QUERIES)
             random.Random(f"{cfg.seed}-{rnd}-{o.rows}").shuffle(order)
@@ -285,7 +313,8 @@ class _Growth:
                 "batch_size": cfg.batch_size,
                 "command": f"pgbench -c 1 -T {cfg.growth_seconds} (place_order, 2 lines), average latency",
                 "queries": {"batch_end": NEXT_BATCH_SQL, "batch_read": BATCH_READ_SQL, "idle_poll": IDLE_POLL_SQL,
-                            "apply": APPLY_SQL + " (rolled back)"},
+                            "apply": APPLY_SQL + " (rolled back)", "status": STATUS_SQL, "prune_idle": PRUNE_IDLE_SQL},
+                "prune": PRUNE_SQL + ", after the rounds, each projection's checkpoint at the end of the history",
                 "flat_means": f"large/small <= {FLAT}",
                 "before_each_round": "VACUUM (ANALYZE), no autovacuum worker running, CHECKPOINT, replica replayed",
             },
@@ -322,7 +351,8 @@ def _summary(plan: str) -> dict[str, Any]:
     lines = [line for line in plan.splitlines() if line.strip()]
     return {
         "scans": scans,
-        "seq_scan_on_outbox": any(s["node"].endswith("Seq Scan") and "outbox" in s["relation"] for s in scans),
+        "seq_scan_on_outbox": any(s["node"].endswith("Seq Scan") and "outbox" in s["relation"]
+                                  and DEFAULT_PARTITION not in s["relation"] for s in scans),
         "buffers": buffers,
         "plan": lines,
     }
@@ -330,7 +360,7 @@ def _summary(plan: str) -> dict[str, Any]:
 
 def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for what in ("batch_end", "batch_read", "idle_poll", "command"):
+    for what in ("batch_end", "batch_read", "idle_poll", "status", "prune_idle", "command"):
         f = part["figures"][what]
         out.append({
             "part": 5, "what": f"{what}, {part['large']:,} vs {part['small']:,} outbox rows (ratio)",
@@ -342,7 +372,7 @@ def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
     )
     # every scan of the outbox through an index (a plan that reads none, the idle poll's, is fine)
     indexed = all(
-        all(s["index"] for s in p["scans"] if "outbox" in s["relation"])
+        all(s["index"] for s in p["scans"] if "outbox" in s["relation"] and DEFAULT_PARTITION not in s["relation"])
         for o in part["outboxes"] for plans in o["plans"].values() if isinstance(plans, list) for p in plans
     )
     out.append({"part": 5, "what": "plans on cqrs.outbox use its indexes (no Seq Scan)", "value": "yes" if indexed and not seq else "no",
@@ -377,6 +407,9 @@ def render(part: dict[str, Any]) -> list[str]:
                     f"{s['node']}{' using ' + s['index'] if s['index'] else ''}" for s in p["scans"] if "outbox" in s["relation"]
                 )
                 lines.append(f"  {o['rows']:>12,} rows  {what:<10} {scans or 'no scan of the outbox'}; buffers {p['buffers']}")
+    for pr in part.get("prune", []):
+        lines.append(f"prune --keep 0s of {pr['rows']:,} rows ({pr['mb_before']:,.0f} MB): {pr['partitions']} partitions, "
+                     f"{pr['events']:,} events, {pr['freed_mb']:,.0f} MB freed in {pr['seconds']:.2f}s")
     others = [r["other_cpu"] for r in part["runs"] if r.get("other_cpu") is not None]
     if others and max(others) > OTHER_CPU_WARNING:
         lines.append(f"WARNING: other processes used up to {max(others) * 100:.0f}% of the CPUs during some runs: figures disturbed")
