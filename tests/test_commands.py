@@ -109,13 +109,17 @@ def expect_event(
     /,
     **payload: Any,
 ) -> None:
-    """Checks an event's header, and the payload fields given (the row as JSON)."""
+    """Checks an event's header, and the payload fields given (the row as JSON, less the
+    columns the header carries: the aggregate's id and version)."""
     assert (e.event_type, e.aggregate_type, e.aggregate_id, e.aggregate_version) == (
         event_type,
         aggregate_type,
         aggregate_id,
         aggregate_version,
     )
+    carried = {"order_id"} if event_type.startswith("order_line.") else {"id", "version"}
+    assert not carried & set(e.payload), e.payload
+    assert set(e.metadata) == {"command_id"}, e.metadata
     for key, value in payload.items():
         assert e.payload.get(key) == value, (key, e.payload)
 
@@ -151,7 +155,7 @@ def test_register_customer(conn: psycopg.Connection) -> None:
 
     (e,) = events(conn, r)
     expect_event(e, "customer.created", "customer", r.aggregate_id, 1,
-                 id=str(r.aggregate_id), email="alice.smith@example.com", name="Alice", version=1)
+                 email="alice.smith@example.com", name="Alice")
     assert e.metadata["command_id"] == str(r.command_id)
 
     # name of exactly 200 characters is allowed
@@ -190,7 +194,7 @@ def test_rename_customer(conn: psycopg.Connection) -> None:
     c = customer(conn, reg.aggregate_id)
     assert (c["name"], c["email"], c["version"]) == ("Caroline", "carol@example.com", 2)
     (e,) = events(conn, r)
-    expect_event(e, "customer.updated", "customer", reg.aggregate_id, 2, name="Caroline", version=2)
+    expect_event(e, "customer.updated", "customer", reg.aggregate_id, 2, name="Caroline")
 
     # the right expected_version succeeds
     r3 = run(conn, "rename_customer", reg.aggregate_id, "Caro", 2)
@@ -214,7 +218,7 @@ def test_add_product(conn: psycopg.Connection) -> None:
     assert (p["name"], p["price_cents"], p["stock"], p["version"]) == ("Widget", 1999, 7, 1)
     (e,) = events(conn, r)
     expect_event(e, "product.created", "product", r.aggregate_id, 1,
-                 sku="SKU-1", name="Widget", price_cents=1999, stock=7, version=1)
+                 sku="SKU-1", name="Widget", price_cents=1999, stock=7)
 
     free = run(conn, "add_product", "FREE", "Free sample", 0, 0)
     assert (product(conn, "FREE")["price_cents"], product(conn, "FREE")["stock"]) == (0, 0)
@@ -228,7 +232,7 @@ def test_restock(conn: psycopg.Connection) -> None:
     p = product(conn, "SKU-R")
     assert (p["stock"], p["version"], p["price_cents"]) == (13, 2, 5)
     (e,) = events(conn, r)
-    expect_event(e, "product.updated", "product", add.aggregate_id, 2, stock=13, version=2)
+    expect_event(e, "product.updated", "product", add.aggregate_id, 2, stock=13)
 
     r2 = run(conn, "restock", "SKU-R", 1)
     assert r2.version == 3
@@ -242,7 +246,7 @@ def test_change_price(conn: psycopg.Connection) -> None:
     p = product(conn, "SKU-P")
     assert (p["price_cents"], p["stock"], p["version"]) == (0, 4, 2)
     (e,) = events(conn, r)
-    expect_event(e, "product.updated", "product", add.aggregate_id, 2, price_cents=0, version=2)
+    expect_event(e, "product.updated", "product", add.aggregate_id, 2, price_cents=0)
 
 
 def _shop(conn: psycopg.Connection) -> tuple[uuid.UUID, Receipt, Receipt]:
@@ -271,13 +275,13 @@ def test_place_order(conn: psycopg.Connection) -> None:
         ("order.created", 1), ("order_line.created", 2), ("product.updated", 2)]
     (oc,) = by_type["order.created"]
     expect_event(oc, "order.created", "order", r.aggregate_id, 1,
-                 customer_id=str(customer_id), status="placed", version=1)
+                 customer_id=str(customer_id), status="placed")
     for e, (line_no, pid, qty, price) in zip(
         sorted(by_type["order_line.created"], key=lambda e: e.payload["line_no"]),
         order_lines(conn, r.aggregate_id),
         strict=True,
     ):
-        expect_event(e, "order_line.created", "order", r.aggregate_id, 1, order_id=str(r.aggregate_id),
+        expect_event(e, "order_line.created", "order", r.aggregate_id, 1,
                      line_no=line_no, product_id=str(pid), quantity=qty, unit_price_cents=price)
     products = {e.aggregate_id: e for e in by_type["product.updated"]}
     expect_event(products[a.aggregate_id], "product.updated", "product", a.aggregate_id, 2, stock=7)
@@ -325,10 +329,10 @@ def test_cancel_order_gives_stock_back(conn: psycopg.Connection) -> None:
     assert sorted(e.event_type for e in evs) == ["order.updated", "product.updated", "product.updated"]
     for e in evs:
         if e.event_type == "order.updated":
-            expect_event(e, "order.updated", "order", placed.aggregate_id, 2, status="cancelled", version=2)
+            expect_event(e, "order.updated", "order", placed.aggregate_id, 2, status="cancelled")
         else:
             stock = {a.aggregate_id: 10, b.aggregate_id: 5}[e.aggregate_id]
-            expect_event(e, "product.updated", "product", e.aggregate_id, 3, stock=stock, version=3)
+            expect_event(e, "product.updated", "product", e.aggregate_id, 3, stock=stock)
 
 
 def test_ship_order_keeps_stock_taken(conn: psycopg.Connection) -> None:
@@ -343,7 +347,7 @@ def test_ship_order_keeps_stock_taken(conn: psycopg.Connection) -> None:
     assert (pa["stock"], pa["version"]) == (6, 2)
     assert product(conn, "SKU-B") == before_b
     (e,) = events(conn, r)
-    expect_event(e, "order.updated", "order", placed.aggregate_id, 2, status="shipped", version=2)
+    expect_event(e, "order.updated", "order", placed.aggregate_id, 2, status="shipped")
 
 
 def test_cancel_order_right_expected_version(scratch_conn: psycopg.Connection) -> None:
