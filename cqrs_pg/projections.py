@@ -47,6 +47,8 @@ class Event:
     payload: dict[str, Any]
     metadata: dict[str, Any]
     occurred_at: datetime
+    # the payload's shape, the newest of its event type: older ones arrive upcast
+    payload_version: int = 1
 
 
 Handler = Callable[[psycopg.Connection, list[Event]], None]
@@ -107,7 +109,7 @@ class BatchResult:
 CLAIM_SQL = "SELECT from_position, to_position, n, busy, search_path FROM cqrs.claim_batch(%s, %s, %s, %s)"
 EVENTS_SQL = (
     "SELECT position, tx_id::text::bigint AS tx_id, event_type, aggregate_type, aggregate_id, aggregate_version,"
-    " payload, metadata, occurred_at FROM cqrs.batch_events(%s, %s, %s)"
+    " payload, metadata, occurred_at, payload_version FROM cqrs.batch_events(%s, %s, %s)"
 )
 COMPLETE_SQL = "SELECT cqrs.complete_batch(%s, %s, %s, %s, %s)"
 

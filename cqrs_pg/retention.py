@@ -88,7 +88,7 @@ def render(result: dict[str, Any]) -> str:
         first = part["first_position"] if part["first_position"] is not None else 1
         newest = part["newest_event"].isoformat(timespec="seconds") if part["newest_event"] else "none"
         lines.append(f"{verb} {part['partition']}: positions {first}..{part['end_position'] - 1}, "
-                     f"{part['events']} events, {part['bytes'] / 1e6:,.1f} MB, newest event {newest}")
+                     f"about {part['events']:,} events, {part['bytes'] / 1e6:,.1f} MB, newest event {newest}")
     freed = sum(p["bytes"] for p in result["dropped"])
     start = result["history_start"]
     kept = "all of it" if start is None else f"from position {start} on"

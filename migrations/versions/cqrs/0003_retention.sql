@@ -12,6 +12,10 @@
 -- aggregate's id and version), and metadata holds the command's id only (its receipt in
 -- cqrs.commands names the command, once per transaction); every capture function is
 -- generated again.
+-- Each event records the version of its payload's shape (payload_version, as
+-- cqrs.capture_changes is told); after a migration changes a captured table, upcasters
+-- (cqrs.register_upcaster) turn older payloads into the newest shape wherever the engine
+-- reads events (cqrs.batch).
 
 SELECT pg_catalog.set_config('cqrs.migrating_last_position',
                              coalesce(pg_catalog.pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0)::text,
@@ -20,12 +24,17 @@ LOCK TABLE cqrs.outbox IN ACCESS EXCLUSIVE MODE;
 -- functions whose type is the outbox's row: made again below for the partitioned table
 DROP FUNCTION cqrs.batch_events(text, bigint, bigint);
 DROP FUNCTION cqrs.batch(bigint, bigint);
+-- a new optional argument, payload_version
+DROP FUNCTION cqrs.capture_changes(regclass, text, text, name, name);
 -- a new optional argument, state_function
 DROP FUNCTION cqrs.register_projection(text, text, regproc, regclass, text[], text, regclass[], text);
 ALTER TABLE cqrs.projections ADD COLUMN state_function text;
 ALTER TABLE cqrs.rebuilds ADD COLUMN snapshot pg_snapshot, ADD COLUMN snapshot_position bigint;
+-- every event so far is of its table's first shape (no rewrite: a constant default)
+ALTER TABLE cqrs.outbox ADD COLUMN payload_version integer NOT NULL DEFAULT 1;
 ALTER TABLE cqrs.outbox ALTER COLUMN position DROP IDENTITY;
 ALTER TABLE cqrs.outbox
+    ALTER COLUMN payload_version DROP DEFAULT,
     ALTER COLUMN tx_id DROP DEFAULT,
     ALTER COLUMN metadata DROP DEFAULT,
     ALTER COLUMN occurred_at DROP DEFAULT;
@@ -54,6 +63,9 @@ CREATE TABLE cqrs.outbox (
     payload           jsonb NOT NULL,
     metadata          jsonb NOT NULL DEFAULT '{}'::jsonb,
     occurred_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- the version of the payload's shape (its table's columns), as cqrs.capture_changes
+    -- was told; readers get it upcast to the newest (cqrs.register_upcaster)
+    payload_version   integer NOT NULL DEFAULT 1,
     CONSTRAINT outbox_pkey PRIMARY KEY (position)
 ) PARTITION BY RANGE (position);
 ALTER SEQUENCE cqrs.outbox_position_seq OWNED BY cqrs.outbox.position;
@@ -71,6 +83,19 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/tables/upcasters.sql
+-- How an event's payload of one shape becomes the next (cqrs.register_upcaster): for
+-- event_type, function(payload jsonb) RETURNS jsonb turns a payload of from_version into
+-- one of from_version + 1. Readers (cqrs.batch) apply them in turn, so every projection,
+-- handler and rebuild sees each event in its type's newest shape.
+CREATE TABLE cqrs.upcasters (
+    event_type   text NOT NULL,
+    from_version integer NOT NULL,
+    function     text NOT NULL,
+    PRIMARY KEY (event_type, from_version),
+    CONSTRAINT upcasters_from_version CHECK (from_version >= 1)
+);
+
 -- sql/cqrs/functions/capture_changes.sql
 -- Captures a table's changes in the outbox: for a table whose rows belong to an
 -- aggregate, generates its own trigger function cqrs._capture_<schema>_<table>() and
@@ -79,7 +104,10 @@ $$;
 -- (event_type = entity.created|updated|deleted; payload = the row as jsonb less the columns
 -- the event carries already, id_column as aggregate_id and version_column as
 -- aggregate_version; metadata = the command's id, whose receipt in cqrs.commands names
--- the command once per transaction: see docs/events.md). The generated INSERT is static SQL, planned once per session;
+-- the command once per transaction; payload_version = the shape's version: after a
+-- migration changes the table's columns, call this again with the next version and
+-- register upcasters, cqrs.register_upcaster; see docs/events.md). The generated INSERT
+-- is static SQL, planned once per session;
 -- a generic function running it through EXECUTE re-planned it on every statement
 -- (measured: a sixth of a place_order). Calling it again for a table replaces both.
 -- The triggers' arguments record this call's arguments, so that a migration can regenerate
@@ -89,7 +117,8 @@ CREATE OR REPLACE FUNCTION cqrs.capture_changes(
     aggregate_type text,
     entity text,
     id_column name,
-    version_column name DEFAULT NULL)
+    version_column name DEFAULT NULL,
+    payload_version integer DEFAULT 1)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -101,6 +130,7 @@ DECLARE
     col name;
 BEGIN
     aggregate_type := cqrs._require_text('aggregate_type', aggregate_type, 100);
+    PERFORM cqrs._require_range('payload_version', payload_version, 1, 1000000);
     entity := cqrs._require_text('entity', entity, 100);
     IF tbl IS NULL THEN
         PERFORM cqrs._fail('CQ001', 'tbl must not be null');
@@ -127,14 +157,17 @@ DECLARE
         'command_id', nullif(current_setting('cqrs.command_id', true), '')));
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %1$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM new_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %1$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM new_rows r;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %2$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM new_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %2$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM new_rows r;
     ELSE
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %3$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM old_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %3$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM old_rows r;
     END IF;
     PERFORM cqrs._ring_doorbell();
     RETURN NULL;
@@ -142,7 +175,7 @@ END
 $body$,
         entity || '.created', entity || '.updated', entity || '.deleted', aggregate_type, id_column,
         CASE WHEN version_column IS NULL THEN '1' ELSE format('r.%I', version_column) END,
-        array_remove(ARRAY[id_column, version_column]::text[], NULL));
+        array_remove(ARRAY[id_column, version_column]::text[], NULL), payload_version);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql'
                    ' SET search_path = pg_catalog, pg_temp AS %L', fn, body);
@@ -153,29 +186,114 @@ $body$,
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '_500_outbox_' || lower(op), tbl);
         EXECUTE format(
             'CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %s
-             FOR EACH STATEMENT EXECUTE FUNCTION %s(%L, %L, %L, %L)',
+             FOR EACH STATEMENT EXECUTE FUNCTION %s(%L, %L, %L, %L, %L)',
             '_500_outbox_' || lower(op), op, tbl,
             CASE op WHEN 'DELETE' THEN 'OLD' ELSE 'NEW' END,
             CASE op WHEN 'DELETE' THEN 'old_rows' ELSE 'new_rows' END,
-            fn, aggregate_type, entity, id_column, coalesce(version_column, ''));
+            fn, aggregate_type, entity, id_column, coalesce(version_column, ''), payload_version);
     END LOOP;
 END
+$$;
+
+-- sql/cqrs/functions/register_upcaster.sql
+-- Declares how payloads of event_type at from_version become the next version's, after a
+-- migration changed the captured table's columns (and called cqrs.capture_changes with
+-- the new payload_version): upcaster(payload jsonb) RETURNS jsonb. Every reader then gets
+-- older events in the newest shape (cqrs.batch), so projections and rebuilds need to
+-- know only that one. Register one for each event type of the table (created, updated,
+-- deleted). CQ001: not such a function, or a version below 1; CQ003: one is registered
+-- for that version already.
+CREATE OR REPLACE FUNCTION cqrs.register_upcaster(event_type text, from_version integer, upcaster regproc)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    event_type := cqrs._require_text('event_type', event_type, 200);
+    PERFORM cqrs._require_range('from_version', from_version, 1);
+    IF upcaster IS NULL OR NOT EXISTS (
+        SELECT 1 FROM pg_proc f
+         WHERE f.oid = upcaster AND f.prorettype = 'jsonb'::regtype
+           AND pg_catalog.oidvectortypes(f.proargtypes) = 'jsonb') THEN
+        PERFORM cqrs._fail('CQ001', format('upcaster %s must take (payload jsonb) and return jsonb',
+                                           coalesce(upcaster::text, 'null')));
+    END IF;
+    IF EXISTS (SELECT 1 FROM cqrs.upcasters u
+                WHERE u.event_type = register_upcaster.event_type AND u.from_version = register_upcaster.from_version) THEN
+        PERFORM cqrs._fail('CQ003', format('an upcaster of %s payloads from version %s is registered already',
+                                           event_type, from_version));
+    END IF;
+    -- kept by name, schema-qualified (this function's search_path holds no other schema)
+    INSERT INTO cqrs.upcasters (event_type, from_version, function)
+    VALUES (event_type, from_version, upcaster::text);
+END
+$$;
+
+-- sql/cqrs/functions/_upcast.sql
+-- An event's payload in its type's newest shape: the upcasters from its payload_version
+-- on, applied in turn (cqrs.upcasters); cqrs._upcast_version is the version it reaches.
+CREATE OR REPLACE FUNCTION cqrs._upcast(event_type text, payload_version integer, payload jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fn text;
+    v integer := payload_version;
+BEGIN
+    LOOP
+        SELECT u.function INTO fn FROM cqrs.upcasters u WHERE u.event_type = _upcast.event_type AND u.from_version = v;
+        EXIT WHEN NOT FOUND;
+        EXECUTE format('SELECT %s($1)', fn::regproc) INTO payload USING payload;
+        v := v + 1;
+    END LOOP;
+    RETURN payload;
+END
+$$;
+
+-- The version cqrs._upcast takes a payload of event_type at payload_version to.
+CREATE OR REPLACE FUNCTION cqrs._upcast_version(event_type text, payload_version integer)
+RETURNS integer
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE chain(v) AS (
+        SELECT payload_version
+        UNION ALL
+        SELECT c.v + 1 FROM chain c JOIN cqrs.upcasters u ON u.event_type = _upcast_version.event_type AND u.from_version = c.v)
+    SELECT max(v) FROM chain;
 $$;
 
 -- sql/cqrs/functions/batch.sql
 -- The events of one batch: those after from_position up to and including to_position, in
 -- position order, the order every reader gets them in (per aggregate, the order of its
--- versions). An apply function calls it with the two positions it was given; the planner
--- inlines it, so a set-based apply function that groups the batch pays for no sort (the
--- primary key's range scan is in order already), and it reads only the partitions that
--- hold the batch, whatever the length of the history. A rebuild from state reads only the
--- events of transactions its loaded state does not hold (cqrs._rebuild_reads).
+-- versions), each payload in its type's newest shape (cqrs.register_upcaster). An apply
+-- function calls it with the two positions it was given; the planner inlines it, so a
+-- set-based apply function that groups the batch pays for no sort (the primary key's
+-- range scan is in order already), and it reads only the partitions that hold the batch,
+-- whatever the length of the history. A rebuild from state reads only the events of
+-- transactions its loaded state does not hold (cqrs._rebuild_reads).
 CREATE OR REPLACE FUNCTION cqrs.batch(from_position bigint, to_position bigint)
 RETURNS SETOF cqrs.outbox
 LANGUAGE sql
 STABLE
 AS $$
-    SELECT *
+    -- Upcast only while some upcaster is registered (that subquery is evaluated once per
+    -- call), and only an event of a shape that has one (a primary-key probe).
+    SELECT o.position, o.tx_id, o.event_type, o.aggregate_type, o.aggregate_id, o.aggregate_version,
+           CASE WHEN NOT (SELECT EXISTS (SELECT 1 FROM cqrs.upcasters)) THEN o.payload
+                WHEN EXISTS (SELECT 1 FROM cqrs.upcasters u
+                              WHERE u.event_type = o.event_type AND u.from_version = o.payload_version)
+                THEN cqrs._upcast(o.event_type, o.payload_version, o.payload)
+                ELSE o.payload END,
+           o.metadata, o.occurred_at,
+           CASE WHEN NOT (SELECT EXISTS (SELECT 1 FROM cqrs.upcasters)) THEN o.payload_version
+                WHEN EXISTS (SELECT 1 FROM cqrs.upcasters u
+                              WHERE u.event_type = o.event_type AND u.from_version = o.payload_version)
+                THEN cqrs._upcast_version(o.event_type, o.payload_version)
+                ELSE o.payload_version END
       FROM cqrs.outbox o
      WHERE o.position > from_position
        AND o.position <= to_position
@@ -955,7 +1073,7 @@ $$;
 -- reads it again), and it lies wholly below the last position handed out. Stops at the
 -- first partition it must keep, so what remains is one unbroken stretch of history
 -- (cqrs._history_start). Returns the partitions it dropped, or with dry_run those it
--- would drop, changing nothing. A partition is dropped whole (DROP TABLE: a brief ACCESS
+-- would drop, changing nothing (events: as the planner counts them, once analyzed). A partition is dropped whole (DROP TABLE: a brief ACCESS
 -- EXCLUSIVE lock on the outbox, waited for at most lock_timeout), never emptied by DELETE.
 CREATE OR REPLACE FUNCTION cqrs.prune(keep interval, dry_run boolean DEFAULT false)
 RETURNS TABLE (partition text, first_position bigint, end_position bigint, events bigint, bytes bigint,
@@ -994,9 +1112,15 @@ BEGIN
          ORDER BY o.position DESC
          LIMIT 1;
         EXIT WHEN newest_event >= now() - keep;
-        SELECT count(*) INTO events
-          FROM cqrs.outbox o
-         WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position;
+        -- the planner's count once the partition was analyzed (autovacuum does): a prune
+        -- costs the same whatever the partitions hold; counted while it never was
+        SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples::bigint END INTO events
+          FROM pg_class c WHERE c.oid = part.partition;
+        IF events IS NULL THEN
+            SELECT count(*) INTO events
+              FROM cqrs.outbox o
+             WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position;
+        END IF;
         bytes := pg_total_relation_size(part.partition);
         IF NOT dry_run THEN
             EXECUTE format('DROP TABLE %s', part.partition);
@@ -1011,7 +1135,8 @@ $$;
 SELECT cqrs.extend_outbox();
 
 -- Every table's capture function made again by the new cqrs.capture_changes, from the
--- arguments its triggers record (table, aggregate_type, entity, id_column, version_column).
+-- arguments its triggers record (table, aggregate_type, entity, id_column, version_column;
+-- the first shape).
 DO $$
 DECLARE
     t record;

@@ -5,7 +5,10 @@
 -- (event_type = entity.created|updated|deleted; payload = the row as jsonb less the columns
 -- the event carries already, id_column as aggregate_id and version_column as
 -- aggregate_version; metadata = the command's id, whose receipt in cqrs.commands names
--- the command once per transaction: see docs/events.md). The generated INSERT is static SQL, planned once per session;
+-- the command once per transaction; payload_version = the shape's version: after a
+-- migration changes the table's columns, call this again with the next version and
+-- register upcasters, cqrs.register_upcaster; see docs/events.md). The generated INSERT
+-- is static SQL, planned once per session;
 -- a generic function running it through EXECUTE re-planned it on every statement
 -- (measured: a sixth of a place_order). Calling it again for a table replaces both.
 -- The triggers' arguments record this call's arguments, so that a migration can regenerate
@@ -15,7 +18,8 @@ CREATE OR REPLACE FUNCTION cqrs.capture_changes(
     aggregate_type text,
     entity text,
     id_column name,
-    version_column name DEFAULT NULL)
+    version_column name DEFAULT NULL,
+    payload_version integer DEFAULT 1)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -27,6 +31,7 @@ DECLARE
     col name;
 BEGIN
     aggregate_type := cqrs._require_text('aggregate_type', aggregate_type, 100);
+    PERFORM cqrs._require_range('payload_version', payload_version, 1, 1000000);
     entity := cqrs._require_text('entity', entity, 100);
     IF tbl IS NULL THEN
         PERFORM cqrs._fail('CQ001', 'tbl must not be null');
@@ -53,14 +58,17 @@ DECLARE
         'command_id', nullif(current_setting('cqrs.command_id', true), '')));
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %1$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM new_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %1$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM new_rows r;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %2$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM new_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %2$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM new_rows r;
     ELSE
-        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata)
-        SELECT %3$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata FROM old_rows r;
+        INSERT INTO cqrs.outbox (event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+                                 payload_version)
+        SELECT %3$L, %4$L, r.%5$I, %6$s, to_jsonb(r) - %7$L::text[], metadata, %8$s FROM old_rows r;
     END IF;
     PERFORM cqrs._ring_doorbell();
     RETURN NULL;
@@ -68,7 +76,7 @@ END
 $body$,
         entity || '.created', entity || '.updated', entity || '.deleted', aggregate_type, id_column,
         CASE WHEN version_column IS NULL THEN '1' ELSE format('r.%I', version_column) END,
-        array_remove(ARRAY[id_column, version_column]::text[], NULL));
+        array_remove(ARRAY[id_column, version_column]::text[], NULL), payload_version);
 
     EXECUTE format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql'
                    ' SET search_path = pg_catalog, pg_temp AS %L', fn, body);
@@ -79,11 +87,11 @@ $body$,
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', '_500_outbox_' || lower(op), tbl);
         EXECUTE format(
             'CREATE TRIGGER %I AFTER %s ON %s REFERENCING %s TABLE AS %s
-             FOR EACH STATEMENT EXECUTE FUNCTION %s(%L, %L, %L, %L)',
+             FOR EACH STATEMENT EXECUTE FUNCTION %s(%L, %L, %L, %L, %L)',
             '_500_outbox_' || lower(op), op, tbl,
             CASE op WHEN 'DELETE' THEN 'OLD' ELSE 'NEW' END,
             CASE op WHEN 'DELETE' THEN 'old_rows' ELSE 'new_rows' END,
-            fn, aggregate_type, entity, id_column, coalesce(version_column, ''));
+            fn, aggregate_type, entity, id_column, coalesce(version_column, ''), payload_version);
     END LOOP;
 END
 $$;

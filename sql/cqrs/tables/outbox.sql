@@ -19,6 +19,9 @@ CREATE TABLE cqrs.outbox (
     payload           jsonb NOT NULL,
     metadata          jsonb NOT NULL DEFAULT '{}'::jsonb,
     occurred_at       timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    -- the version of the payload's shape (its table's columns), as cqrs.capture_changes
+    -- was told; readers get it upcast to the newest (cqrs.register_upcaster)
+    payload_version   integer NOT NULL DEFAULT 1,
     CONSTRAINT outbox_pkey PRIMARY KEY (position)
 ) PARTITION BY RANGE (position);
 ALTER SEQUENCE cqrs.outbox_position_seq OWNED BY cqrs.outbox.position;

@@ -1,0 +1,35 @@
+-- An event's payload in its type's newest shape: the upcasters from its payload_version
+-- on, applied in turn (cqrs.upcasters); cqrs._upcast_version is the version it reaches.
+CREATE OR REPLACE FUNCTION cqrs._upcast(event_type text, payload_version integer, payload jsonb)
+RETURNS jsonb
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    fn text;
+    v integer := payload_version;
+BEGIN
+    LOOP
+        SELECT u.function INTO fn FROM cqrs.upcasters u WHERE u.event_type = _upcast.event_type AND u.from_version = v;
+        EXIT WHEN NOT FOUND;
+        EXECUTE format('SELECT %s($1)', fn::regproc) INTO payload USING payload;
+        v := v + 1;
+    END LOOP;
+    RETURN payload;
+END
+$$;
+
+-- The version cqrs._upcast takes a payload of event_type at payload_version to.
+CREATE OR REPLACE FUNCTION cqrs._upcast_version(event_type text, payload_version integer)
+RETURNS integer
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE chain(v) AS (
+        SELECT payload_version
+        UNION ALL
+        SELECT c.v + 1 FROM chain c JOIN cqrs.upcasters u ON u.event_type = _upcast_version.event_type AND u.from_version = c.v)
+    SELECT max(v) FROM chain;
+$$;
