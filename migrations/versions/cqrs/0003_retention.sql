@@ -252,6 +252,7 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_upcast_version.sql
 -- The version cqrs._upcast takes a payload of event_type at payload_version to.
 CREATE OR REPLACE FUNCTION cqrs._upcast_version(event_type text, payload_version integer)
 RETURNS integer
@@ -332,25 +333,36 @@ END
 $$;
 
 -- sql/cqrs/functions/_outbox_partitions.sql
--- The outbox's range partitions, in position order: each holds the positions from
--- first_position (NULL: every position below end_position) up to, not including,
--- end_position. Read from the catalogs, which are the only record of them.
+-- The outbox's range partitions, in position order: by the first position in each one's
+-- name (cqrs.extend_outbox names them), read from the catalogs, which are the only record
+-- of them. Their bounds: cqrs._partition_bounds, deparsed only for the partitions a
+-- caller looks at (cqrs.prune stops at the first it keeps).
 CREATE OR REPLACE FUNCTION cqrs._outbox_partitions()
-RETURNS TABLE (partition regclass, first_position bigint, end_position bigint)
+RETURNS TABLE (partition regclass)
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT c.oid::regclass,
-           nullif(btrim(b[1], ''''), 'MINVALUE')::bigint,
-           btrim(b[2], '''')::bigint
+    SELECT c.oid::regclass
       FROM pg_inherits i
       JOIN pg_class c ON c.oid = i.inhrelid
-     CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
-                                     '^FOR VALUES FROM \((.*)\) TO \((.*)\)$') b
      WHERE i.inhparent = 'cqrs.outbox'::regclass
-       AND b IS NOT NULL  -- not the default partition
-     ORDER BY 3;
+       AND c.relname ~ '^outbox_[0-9]+$'  -- not the default partition
+     ORDER BY substr(c.relname, 8)::numeric;
+$$;
+
+-- sql/cqrs/functions/_partition_bounds.sql
+-- A partition of the outbox holds the positions from first_position (NULL: every position
+-- below end_position) up to, not including, end_position.
+CREATE OR REPLACE FUNCTION cqrs._partition_bounds(partition regclass, OUT first_position bigint, OUT end_position bigint)
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT nullif(btrim(b[1], ''''), 'MINVALUE')::bigint, btrim(b[2], '''')::bigint
+      FROM pg_class c
+     CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), '^FOR VALUES FROM \((.*)\) TO \((.*)\)$') b
+     WHERE c.oid = partition;
 $$;
 
 -- sql/cqrs/functions/_history_start.sql
@@ -362,7 +374,9 @@ LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p.first_position FROM cqrs._outbox_partitions() p ORDER BY p.end_position LIMIT 1;
+    SELECT b.first_position
+      FROM (SELECT p.partition FROM cqrs._outbox_partitions() p LIMIT 1) p
+     CROSS JOIN LATERAL cqrs._partition_bounds(p.partition) b;
 $$;
 
 -- sql/cqrs/functions/_state_function_problem.sql
@@ -1038,7 +1052,8 @@ DECLARE
 BEGIN
     PERFORM cqrs._require_range('partition_size', partition_size, 1000, 1000000000);
     PERFORM cqrs._require_range('ahead', ahead, 1, 100);
-    SELECT max(p.end_position) INTO end_ FROM cqrs._outbox_partitions() p;
+    SELECT max(b.end_position) INTO end_
+      FROM cqrs._outbox_partitions() p CROSS JOIN LATERAL cqrs._partition_bounds(p.partition) b;
     overflow := EXISTS (SELECT 1 FROM cqrs.outbox_default);
     IF overflow THEN
         -- Writers routed there wait for this lock; the partition that takes its events in
@@ -1087,6 +1102,7 @@ DECLARE
     passed bigint;
     last bigint;
     part record;
+    bounds record;
 BEGIN
     IF keep IS NULL OR keep < interval '0' THEN
         PERFORM cqrs._fail('CQ001', format('keep must be a duration of 0 or more, not %s', coalesce(keep::text, 'null')));
@@ -1101,14 +1117,15 @@ BEGIN
                  (SELECT min(k.position) - 1 FROM cqrs.parked k WHERE k.outcome = 'parked'),
                  (SELECT l.final_position FROM cqrs._read_limit() l))
       INTO passed;
-    FOR part IN SELECT * FROM cqrs._outbox_partitions() LOOP
-        EXIT WHEN part.end_position - 1 > passed OR part.end_position > last;
+    FOR part IN SELECT p.partition FROM cqrs._outbox_partitions() p LOOP
+        SELECT b.first_position, b.end_position INTO bounds FROM cqrs._partition_bounds(part.partition) b;
+        EXIT WHEN bounds.end_position - 1 > passed OR bounds.end_position > last;
         partition := part.partition::text;
-        first_position := part.first_position;
-        end_position := part.end_position;
+        first_position := bounds.first_position;
+        end_position := bounds.end_position;
         SELECT o.occurred_at INTO newest_event
           FROM cqrs.outbox o
-         WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position
+         WHERE o.position >= coalesce(bounds.first_position, -9223372036854775808) AND o.position < bounds.end_position
          ORDER BY o.position DESC
          LIMIT 1;
         EXIT WHEN newest_event >= now() - keep;
@@ -1119,7 +1136,7 @@ BEGIN
         IF events IS NULL THEN
             SELECT count(*) INTO events
               FROM cqrs.outbox o
-             WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position;
+             WHERE o.position >= coalesce(bounds.first_position, -9223372036854775808) AND o.position < bounds.end_position;
         END IF;
         bytes := pg_total_relation_size(part.partition);
         IF NOT dry_run THEN

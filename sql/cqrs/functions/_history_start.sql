@@ -6,5 +6,7 @@ LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT p.first_position FROM cqrs._outbox_partitions() p ORDER BY p.end_position LIMIT 1;
+    SELECT b.first_position
+      FROM (SELECT p.partition FROM cqrs._outbox_partitions() p LIMIT 1) p
+     CROSS JOIN LATERAL cqrs._partition_bounds(p.partition) b;
 $$;

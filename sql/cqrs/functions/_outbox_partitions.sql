@@ -1,20 +1,17 @@
--- The outbox's range partitions, in position order: each holds the positions from
--- first_position (NULL: every position below end_position) up to, not including,
--- end_position. Read from the catalogs, which are the only record of them.
+-- The outbox's range partitions, in position order: by the first position in each one's
+-- name (cqrs.extend_outbox names them), read from the catalogs, which are the only record
+-- of them. Their bounds: cqrs._partition_bounds, deparsed only for the partitions a
+-- caller looks at (cqrs.prune stops at the first it keeps).
 CREATE OR REPLACE FUNCTION cqrs._outbox_partitions()
-RETURNS TABLE (partition regclass, first_position bigint, end_position bigint)
+RETURNS TABLE (partition regclass)
 LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT c.oid::regclass,
-           nullif(btrim(b[1], ''''), 'MINVALUE')::bigint,
-           btrim(b[2], '''')::bigint
+    SELECT c.oid::regclass
       FROM pg_inherits i
       JOIN pg_class c ON c.oid = i.inhrelid
-     CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
-                                     '^FOR VALUES FROM \((.*)\) TO \((.*)\)$') b
      WHERE i.inhparent = 'cqrs.outbox'::regclass
-       AND b IS NOT NULL  -- not the default partition
-     ORDER BY 3;
+       AND c.relname ~ '^outbox_[0-9]+$'  -- not the default partition
+     ORDER BY substr(c.relname, 8)::numeric;
 $$;

@@ -21,7 +21,8 @@ DECLARE
 BEGIN
     PERFORM cqrs._require_range('partition_size', partition_size, 1000, 1000000000);
     PERFORM cqrs._require_range('ahead', ahead, 1, 100);
-    SELECT max(p.end_position) INTO end_ FROM cqrs._outbox_partitions() p;
+    SELECT max(b.end_position) INTO end_
+      FROM cqrs._outbox_partitions() p CROSS JOIN LATERAL cqrs._partition_bounds(p.partition) b;
     overflow := EXISTS (SELECT 1 FROM cqrs.outbox_default);
     IF overflow THEN
         -- Writers routed there wait for this lock; the partition that takes its events in

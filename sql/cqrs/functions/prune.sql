@@ -18,6 +18,7 @@ DECLARE
     passed bigint;
     last bigint;
     part record;
+    bounds record;
 BEGIN
     IF keep IS NULL OR keep < interval '0' THEN
         PERFORM cqrs._fail('CQ001', format('keep must be a duration of 0 or more, not %s', coalesce(keep::text, 'null')));
@@ -32,14 +33,15 @@ BEGIN
                  (SELECT min(k.position) - 1 FROM cqrs.parked k WHERE k.outcome = 'parked'),
                  (SELECT l.final_position FROM cqrs._read_limit() l))
       INTO passed;
-    FOR part IN SELECT * FROM cqrs._outbox_partitions() LOOP
-        EXIT WHEN part.end_position - 1 > passed OR part.end_position > last;
+    FOR part IN SELECT p.partition FROM cqrs._outbox_partitions() p LOOP
+        SELECT b.first_position, b.end_position INTO bounds FROM cqrs._partition_bounds(part.partition) b;
+        EXIT WHEN bounds.end_position - 1 > passed OR bounds.end_position > last;
         partition := part.partition::text;
-        first_position := part.first_position;
-        end_position := part.end_position;
+        first_position := bounds.first_position;
+        end_position := bounds.end_position;
         SELECT o.occurred_at INTO newest_event
           FROM cqrs.outbox o
-         WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position
+         WHERE o.position >= coalesce(bounds.first_position, -9223372036854775808) AND o.position < bounds.end_position
          ORDER BY o.position DESC
          LIMIT 1;
         EXIT WHEN newest_event >= now() - keep;
@@ -50,7 +52,7 @@ BEGIN
         IF events IS NULL THEN
             SELECT count(*) INTO events
               FROM cqrs.outbox o
-             WHERE o.position >= coalesce(part.first_position, -9223372036854775808) AND o.position < part.end_position;
+             WHERE o.position >= coalesce(bounds.first_position, -9223372036854775808) AND o.position < bounds.end_position;
         END IF;
         bytes := pg_total_relation_size(part.partition);
         IF NOT dry_run THEN

@@ -81,10 +81,10 @@ def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
 def render(part: dict[str, Any]) -> list[str]:
     cfg = part["config"]
     lines = [f"{cfg['orders']:,} orders, {cfg['events']:,} events; seconds per rebuild, median [min-max] of "
-             f"{cfg['rounds']} rounds", f"{'projection':<16}{'from state':>22}{'from the log':>22}{'state/log':>11}"]
+             f"{cfg['rounds']} rounds", f"{'projection':<16} {'from state':>24} {'from the log':>24} {'state/log':>10}"]
     for p, f in part["figures"].items():
-        lines.append(f"{p:<16}{fmt_spread(f['state'], '{:,.2f}'):>22}{fmt_spread(f['log'], '{:,.2f}'):>22}"
-                     f"{f['state_over_log'] if f['state_over_log'] is not None else 'n/a':>11}")
+        lines.append(f"{p:<16} {fmt_spread(f['state'], '{:,.2f}'):>24} {fmt_spread(f['log'], '{:,.2f}'):>24}"
+                     f" {f['state_over_log'] if f['state_over_log'] is not None else 'n/a':>10}")
     return lines
 
 
