@@ -72,6 +72,10 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             "SELECT projection, started_at::text AS started_at, last_position, applied_events, pid, running"
             " FROM cqrs.rebuild_status()",
         )
+        outbox = _rows(
+            conn,
+            "SELECT history_start, partitions, bytes, ready_ahead, overflow_events FROM cqrs.outbox_status()",
+        )[0]
     hosts = replica_hosts(replica_dsn, target_session_attrs=None) if replica_dsn else []
     replicas = [_replica(host.label, host.conninfo, primary_lsn) for host in hosts]
     report: dict[str, Any] = {
@@ -84,6 +88,7 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
         "replicas": replicas,
         "xids_moved": xids_moved,
         "rebuilds": rebuilds,
+        "outbox": outbox,
         "replication": senders,
     }
     report["problems"] = problems(report, thresholds)
@@ -198,6 +203,15 @@ def render(status: dict[str, Any]) -> str:
             + (f"running (pid {b['pid']}), at position {b['last_position']}" if b["running"] else
                f"interrupted at position {b['last_position']}: `cqrs-pg rebuild --abort {b['projection']}`, "
                "then rebuild again")
+        )
+    o = status.get("outbox")
+    if o is not None:
+        kept = "all of it" if o["history_start"] is None else f"from position {o['history_start']} on (pruned before)"
+        lines.append(
+            f"outbox: {o['partitions']} partitions, {o['bytes'] / 1e6:,.1f} MB, history kept {kept}; "
+            f"{o['ready_ahead']:,} positions ready ahead"
+            + (f"; {o['overflow_events']:,} events beyond them, in cqrs.outbox_default until the daemon "
+               "(cqrs.extend_outbox) moves them" if o["overflow_events"] else "")
         )
     lines.append("")
     for r in status["replicas"]:

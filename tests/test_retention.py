@@ -4,6 +4,7 @@ database whose outbox holds events upgrades to the partitioned form in place."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -108,6 +109,7 @@ def test_events_beyond_every_partition_are_kept_and_moved(db: Database) -> None:
         for _ in range(3):
             place(conn, customer, sku)
         assert scalar(conn, "SELECT count(*) FROM cqrs.outbox_default") > 0
+        assert scalar(conn, "SELECT overflow_events FROM cqrs.outbox_status()") == 15
         before = conn.execute("SELECT * FROM cqrs.outbox ORDER BY position").fetchall()
         added = [r[0] for r in conn.execute("SELECT cqrs.extend_outbox()::text")]
         assert added[0] == "cqrs.outbox_3000000"
@@ -134,6 +136,11 @@ def test_prune_command_line(db: Database) -> None:
     done = cli("prune", "--keep", "0s", env=env)
     assert done.returncode == 0, done.stderr
     assert "dropped 2 partitions" in done.stdout and "history kept from position 2000000 on" in done.stdout
+    status = cli("status", "--json", env=env)
+    outbox = json.loads(status.stdout)["outbox"]
+    assert (outbox["history_start"], outbox["overflow_events"]) == (2_000_000, 0)
+    assert outbox["partitions"] >= 3 and outbox["bytes"] > 0 and outbox["ready_ahead"] >= 2_000_000
+    assert "history kept from position 2000000 on (pruned before)" in cli("status", env=env).stdout
     assert_one_line_error(cli("prune", "--keep", "7x", env=env), "'7x' is not a duration")
     assert_one_line_error(cli("prune", "--keep", "0s", env={"CQRS_PG_DSN": db.replica_dsn}), "standby")
 

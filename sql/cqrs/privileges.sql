@@ -41,5 +41,6 @@ GRANT EXECUTE ON FUNCTION
     cqrs.caught_up(bigint, text),
     cqrs.prune_receipts(interval, integer),
     cqrs.extend_outbox(bigint, integer),
-    cqrs.prune(interval, boolean)
+    cqrs.prune(interval, boolean),
+    cqrs.outbox_status()
 TO cqrs_listener;
