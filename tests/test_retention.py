@@ -20,6 +20,7 @@ from cqrs_pg_tools.testing import (
     running_daemon,
     scalar,
     seed_shop,
+    skip_to_next_partition,
     wait_until,
 )
 from cqrs_pg_tools.verify import all_mismatches
@@ -32,12 +33,8 @@ def partitions(conn: psycopg.Connection) -> list[str]:
 
 
 def next_partition(conn: psycopg.Connection, customer: uuid.UUID, orders: int = 3) -> None:
-    """Moves the sequence into the next million (positions no event took, as a rolled-back
-    transaction leaves them) and places orders there: a partition's worth of history
-    without a million events."""
-    conn.execute("SELECT cqrs.extend_outbox()")
-    last = scalar(conn, "SELECT last_value FROM cqrs.outbox_position_seq")
-    conn.execute("SELECT setval('cqrs.outbox_position_seq', %s)", ((last // 1_000_000 + 1) * 1_000_000 + 10,))
+    """Orders placed in the next partition (skip_to_next_partition)."""
+    skip_to_next_partition(conn)
     for _ in range(orders):
         place(conn, customer, "SUITE-1")
 

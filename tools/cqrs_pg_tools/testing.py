@@ -442,6 +442,15 @@ def place(conn: psycopg.Connection, customer: uuid.UUID, sku: str, quantity: int
     return order
 
 
+
+def skip_to_next_partition(conn: psycopg.Connection) -> None:
+    """Moves the outbox's sequence into the next partition (positions no event took, as
+    a rolled-back transaction leaves them), partitions kept ahead first as the daemon
+    keeps them: a partition's worth of history without a million events."""
+    conn.execute("SELECT cqrs.extend_outbox()")
+    last = scalar(conn, "SELECT last_value FROM cqrs.outbox_position_seq")
+    conn.execute("SELECT setval('cqrs.outbox_position_seq', %s)", ((last // 1_000_000 + 1) * 1_000_000 + 10,))
+
 # -- psql, pg_dump, the README and a user's alembic project -------------------------------
 
 

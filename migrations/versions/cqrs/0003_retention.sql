@@ -469,6 +469,9 @@ RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    pruned_before bigint := cqrs._history_start();
+    problem text := cqrs._state_function_problem(state_function);
 BEGIN
     -- at most 50 characters: a rebuild's shadow schema is named cqrs_rebuild_<name>
     PERFORM cqrs._require_text('name', name, 50);
@@ -504,15 +507,15 @@ BEGIN
         IF kind = 'matview' THEN
             PERFORM cqrs._fail('CQ001', format(
                 'matview projection %L takes no state function: its query is its definition', name));
-        ELSIF cqrs._state_function_problem(state_function) IS NOT NULL THEN
-            PERFORM cqrs._fail('CQ001', cqrs._state_function_problem(state_function));
+        ELSIF problem IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ001', problem);
         END IF;
     END IF;
-    IF kind <> 'matview' AND state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+    IF kind <> 'matview' AND state_function IS NULL AND pruned_before IS NOT NULL THEN
         PERFORM cqrs._fail('CQ003', format(
             'the outbox''s history before position %s was pruned: projection %L could not see it; declare how '
             'its read model is computed from the write model (state_function) and load it with cqrs-pg rebuild',
-            cqrs._history_start(), name));
+            pruned_before, name));
     END IF;
     -- kept by name, schema-qualified (this function's search_path holds no other schema)
     INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error,
@@ -574,17 +577,18 @@ DECLARE
     dup name;
     running record;
     problem text;
+    pruned_before bigint := cqrs._history_start();
 BEGIN
     p := cqrs._projection(projection);
     IF p.kind NOT IN ('sql', 'python') THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
                                            projection, p.kind));
     END IF;
-    IF p.state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+    IF p.state_function IS NULL AND pruned_before IS NOT NULL THEN
         PERFORM cqrs._fail('CQ003', format(
             'the outbox''s history before position %s was pruned: projection %L can be rebuilt only from the '
             'write model''s state; declare its state function (cqrs.set_state_function)',
-            cqrs._history_start(), projection));
+            pruned_before, projection));
     END IF;
     IF coalesce(cardinality(p.tables), 0) = 0 THEN
         PERFORM cqrs._fail('CQ001', format(

@@ -20,17 +20,18 @@ DECLARE
     dup name;
     running record;
     problem text;
+    pruned_before bigint := cqrs._history_start();
 BEGIN
     p := cqrs._projection(projection);
     IF p.kind NOT IN ('sql', 'python') THEN
         PERFORM cqrs._fail('CQ001', format('projection %L is a %s: it is rebuilt by a refresh, not from the log',
                                            projection, p.kind));
     END IF;
-    IF p.state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+    IF p.state_function IS NULL AND pruned_before IS NOT NULL THEN
         PERFORM cqrs._fail('CQ003', format(
             'the outbox''s history before position %s was pruned: projection %L can be rebuilt only from the '
             'write model''s state; declare its state function (cqrs.set_state_function)',
-            cqrs._history_start(), projection));
+            pruned_before, projection));
     END IF;
     IF coalesce(cardinality(p.tables), 0) = 0 THEN
         PERFORM cqrs._fail('CQ001', format(

@@ -26,6 +26,9 @@ RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    pruned_before bigint := cqrs._history_start();
+    problem text := cqrs._state_function_problem(state_function);
 BEGIN
     -- at most 50 characters: a rebuild's shadow schema is named cqrs_rebuild_<name>
     PERFORM cqrs._require_text('name', name, 50);
@@ -61,15 +64,15 @@ BEGIN
         IF kind = 'matview' THEN
             PERFORM cqrs._fail('CQ001', format(
                 'matview projection %L takes no state function: its query is its definition', name));
-        ELSIF cqrs._state_function_problem(state_function) IS NOT NULL THEN
-            PERFORM cqrs._fail('CQ001', cqrs._state_function_problem(state_function));
+        ELSIF problem IS NOT NULL THEN
+            PERFORM cqrs._fail('CQ001', problem);
         END IF;
     END IF;
-    IF kind <> 'matview' AND state_function IS NULL AND cqrs._history_start() IS NOT NULL THEN
+    IF kind <> 'matview' AND state_function IS NULL AND pruned_before IS NOT NULL THEN
         PERFORM cqrs._fail('CQ003', format(
             'the outbox''s history before position %s was pruned: projection %L could not see it; declare how '
             'its read model is computed from the write model (state_function) and load it with cqrs-pg rebuild',
-            cqrs._history_start(), name));
+            pruned_before, name));
     END IF;
     -- kept by name, schema-qualified (this function's search_path holds no other schema)
     INSERT INTO cqrs.projections (name, kind, apply_function, matview, event_types, search_path, tables, on_error,
