@@ -20,6 +20,7 @@ GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections, cqrs.parked TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
+    cqrs.run_projections(text[], integer),
     cqrs.claim_batch(text, integer, boolean, boolean),
     cqrs.batch_events(text, bigint, bigint),
     cqrs.complete_batch(text, bigint, bigint, integer, boolean),

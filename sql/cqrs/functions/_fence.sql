@@ -5,15 +5,19 @@
 -- a subtransaction (whose lock holds the subxid) is never left out.
 -- The xid-to-xid8 match by the low 32 bits is exact: in-progress xids are less than 2^31
 -- apart, and VACUUM's freezing clears a lock's xmax long before its xid could recur.
+-- PL/pgSQL, not SQL: a session plans its query once, not in every transaction that asks
+-- (a SQL function with a SET clause is never inlined).
 CREATE OR REPLACE FUNCTION cqrs._fence(snap pg_snapshot)
 RETURNS xid8
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce(
+BEGIN
+    RETURN coalesce(
                (SELECT min(x.x)
                   FROM pg_snapshot_xip(snap) AS x(x)
                  WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
                pg_snapshot_xmax(snap));
+END
 $$;

@@ -5,18 +5,21 @@
 -- default: more than 5,000 positions handed out after it are taken for that many events;
 -- with thorough, the events themselves are counted (positions of rolled-back
 -- transactions take no event).
+-- PL/pgSQL: its queries are planned once per session, not in every batch's transaction.
 CREATE OR REPLACE FUNCTION cqrs._horizon(after_position bigint, fence xid8, thorough boolean DEFAULT false)
 RETURNS xid8
-LANGUAGE sql
+LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT CASE
-               WHEN coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0) - after_position <= 5000
-               THEN least(fence, (SELECT min(o.tx_id) FROM cqrs.outbox o WHERE o.position > after_position))
-               WHEN thorough
-               THEN (SELECT CASE WHEN count(*) <= 5000 THEN least(fence, min(x.tx_id)) END
-                       FROM (SELECT o.tx_id FROM cqrs.outbox o WHERE o.position > after_position
-                              ORDER BY o.position LIMIT 5001) x)
-           END;
+BEGIN
+    IF coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0) - after_position <= 5000 THEN
+        RETURN least(fence, (SELECT min(o.tx_id) FROM cqrs.outbox o WHERE o.position > after_position));
+    ELSIF thorough THEN
+        RETURN (SELECT CASE WHEN count(*) <= 5000 THEN least(fence, min(x.tx_id)) END
+                  FROM (SELECT o.tx_id FROM cqrs.outbox o WHERE o.position > after_position
+                         ORDER BY o.position LIMIT 5001) x);
+    END IF;
+    RETURN NULL;
+END
 $$;
