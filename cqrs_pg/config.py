@@ -48,27 +48,26 @@ class ListenerConfig:
     # query (cqrs.work_pending) and start a round as soon as there is some.
     linger: float = setting(0.2, "Stay awake this long after the last event.", minimum=0, option=False)
     linger_poll: float = setting(0.002, "Look for work this often while lingering.", above=0, option=False)
-    # While events keep coming, start a round at most once per batch_delay: batches grow
-    # with the load instead of the daemon spinning on tiny ones, whose fixed cost (round
-    # trips, planning, a commit each) would compete with the commands. After a quiet spell
-    # the next event starts a round at once.
+    # While events keep coming, start a round no sooner than batch_delay after the last one
+    # started. Off by default: the apply budget alone spaces rounds, so while they are small
+    # and quick the next starts as soon as there is work, and batches grow only as the
+    # load (and so each round's work) does.
     batch_delay: float = setting(
-        0.01,
-        "While events keep coming, start a round of batches at most once per this many seconds: "
-        "bigger batches cost the server less; after a quiet spell the next event is applied at once. "
-        "0: every event as soon as it can, at more CPU.",
+        0.0,
+        "While events keep coming, start a round of batches at most once per this many seconds: fewer, "
+        "bigger batches, at the price of latency. 0: only --apply-budget spaces rounds.",
         minimum=0, metavar="SECONDS",
     )
     # ... and no sooner than w / apply_budget after it started, w being the longest time a
-    # projection of the round worked on its batches before committing (the commit waits
-    # for the disk, not the CPU). On a loaded server that work waits for the CPU too:
-    # rounds come less often, their batches grow and the per-batch fixed cost falls, so
-    # the daemon leaves the commands their CPU; latency under load grows instead (never
-    # past poll_interval).
+    # projection of the round worked on its batches (its statements, commits included).
+    # Small batches cost little and follow at once; on a loaded server the work grows and
+    # waits for the CPU too: rounds come less often, their batches grow and the per-batch
+    # fixed cost falls, so the daemon leaves the commands their CPU; latency under load
+    # grows instead (never past poll_interval).
     apply_budget: float = setting(
         0.25,
         "While events keep coming, rounds of batches take at most this share of the time: after a round "
-        "whose batches took t seconds of work (commits left out) the next starts t/FRACTION after it (at most "
+        "whose batches took t seconds the next starts t/FRACTION after it (at most "
         "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
         "under load grows instead. 1: off.",
         above=0, maximum=1, metavar="FRACTION",

@@ -44,7 +44,7 @@ from cqrs_pg.config import ListenerConfig
 from cqrs_pg.db import connect, redact, require_migrated, scalar
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable, StandbyError
 from cqrs_pg.metrics import Metrics
-from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, pace
+from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, after_round, pace
 from cqrs_pg.projections import handler_for, read_events, run_batch
 
 __all__ = ["CHANNEL", "Listener", "ListenerConfig"]
@@ -56,6 +56,9 @@ CHANNEL = "cqrs_outbox"
 LAG_INTERVAL = 5.0
 # keeping the outbox's partitions ahead of its sequence (cqrs.extend_outbox)
 EXTEND_INTERVAL = 60.0
+# After a round that applied events, look for the next ones four times as often as
+# linger_poll for this long: in a stream of commands the next is likeliest soon.
+EAGER_FOR = 0.01
 # Read the registrations (projections added, removed, halted, retried) this often.
 REGISTRY_INTERVAL = 1.0
 # The longest wait before a failing batch is tried again.
@@ -74,10 +77,14 @@ APPLY_PARKED_SQL = "SELECT cqrs.apply_parked(%s, %s)"
 PARKED_FAILED_SQL = "SELECT cqrs.parked_failed(%s, %s, %s, %s)"
 # One batch of a sql projection, or a materialized view's refresh.
 RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
+# A batch of each of several sql projections, in one transaction (a round of small batches).
+RUN_SHARED_SQL = "SELECT projection, applied, more, busy FROM cqrs.run_projections(%s, %s)"
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
-# Work for a sql or python projection: events it may read now and has not applied.
-PENDING_SQL = "SELECT cqrs.work_pending(%s)"
+# Work for a sql or python projection: events it may read now and has not applied; when
+# there is some, the round's mark taken in the same statement (NULL: no work; true: a mark
+# was stored, to wait for; false: none needed).
+PENDING_SQL = "SELECT CASE WHEN cqrs.work_pending(%s) THEN cqrs.take_mark(%s) END"
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
@@ -102,8 +109,7 @@ class Progress:
     more: bool = False
     # turns still running (a long refresh, a big batch): collected by a later round
     pending: int = 0
-    # seconds the longest turn of a sql or python projection worked, commits left out
-    # (turns run in parallel)
+    # seconds the longest turn of a sql or python projection worked (turns run in parallel)
     work: float = 0.0
 
     def add(self, applied: int, retry_after: float | None, more: bool = False) -> None:
@@ -180,6 +186,9 @@ class Listener:
         # python projections: name -> search_path; those without a handler, logged once
         self._python: dict[str, str] = {}
         self._matviews: dict[str, float] = {}
+        # a view's refresh held back by its interval: when it is due (monotonic; written by
+        # its turn, read by the main thread)
+        self._view_due: dict[str, float] = {}
         self._running: dict[str, Future[Progress]] = {}
         self._missing_handlers: set[str] = set()
         # projection -> its connection (created on first use, dropped when it fails)
@@ -188,6 +197,11 @@ class Listener:
         self._count_lock = threading.Lock()
         # the last round stopped at a full batch: the next needs no fresh mark
         self._catching_up = False
+        # the linger poll that found work took the next round's mark: whether it stored one
+        # to wait for (None: the round takes its own)
+        self._marked: bool | None = None
+        # when the last round that applied events ended (monotonic)
+        self._last_round = 0.0
         # the registrations as last read, and what this daemon serves of them
         self._registry: dict[str, Registration] = {}
         self._registry_due = 0.0
@@ -313,19 +327,27 @@ class Listener:
             ended = time.monotonic()
             self._observe(conn, names, ended, applied=progress.applied)
             if progress.applied:
-                last_event = ended
+                last_event = self._last_round = ended
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
             done = Round(started=started, ended=ended, last_event=last_event, applied=progress.applied,
                          more=progress.more, work=progress.work, pending=progress.pending, serving=len(names),
                          retry_after=progress.retry_after)
-            step = self._enter(pace(cfg, done))
+            step = pace(cfg, done)
             if step.state is State.BUSY:
-                self._mark(conn)  # usable by the next round: whatever commits meanwhile waits less
-                self._stop.wait(max(0.0, step.until - time.monotonic()))
-                last_event = time.monotonic()
-                step = self._enter(after_busy(cfg, done, last_event))
+                # Events that came during the round: the load goes on, and the apply budget
+                # spaces the rounds (the look took a mark, usable by the next round). None: a
+                # quiet moment, lingering at once.
+                step = self._enter(after_round(cfg, done, self._work_found(conn, names), time.monotonic()))
+                if step.state is State.BUSY:
+                    self._stop.wait(max(0.0, step.until - time.monotonic()))
+                    last_event = time.monotonic()
+                    step = self._enter(after_busy(cfg, done, last_event))
+                else:
+                    last_event = time.monotonic()
+            else:
+                step = self._enter(step)
             if step.state in (State.DRAINING, State.REFRESHING):
                 continue
             if step.state is State.LINGERING:
@@ -421,16 +443,30 @@ class Listener:
         """Awake after recent events: look for work every linger_poll with one cheap query
         (cqrs.work_pending) and return as soon as there is some, a running turn has ended
         (a refresh, to collect), or at `until`."""
-        probe = [name for name in names if name not in self._matviews]
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
-            if probe and scalar(conn, PENDING_SQL, (probe,)):
+            if self._work_found(conn, names):
                 return
-            remaining = until - time.monotonic()
+            now = time.monotonic()
+            remaining = until - now
             if remaining <= 0:
                 return
-            self._stop.wait(min(self.config.linger_poll, remaining))
+            # just after events the next is likeliest: look more often then
+            poll = self.config.linger_poll / 4 if now - self._last_round < EAGER_FOR else self.config.linger_poll
+            self._stop.wait(min(poll, remaining))
+
+    def _work_found(self, conn: psycopg.Connection, names: list[str]) -> bool:
+        """Whether a sql or python projection has work (cqrs.work_pending); when one has, the
+        next round's mark is taken in the same statement."""
+        probe = [name for name in names if name not in self._matviews]
+        if not probe:
+            return False
+        row = conn.execute(PENDING_SQL, (probe, self.config.listener_id)).fetchone()
+        if row is None or row[0] is None:
+            return False
+        self._marked = bool(row[0])  # the round needs no mark of its own
+        return True
 
     def _mark(self, conn: psycopg.Connection, wait: float = 0.0) -> None:
         """A mark read now (cqrs.take_mark), and with wait, up to that long (on the server)
@@ -448,21 +484,48 @@ class Listener:
         a later round, so it never delays the next batch of the others. With every, the
         round waits for all. A round that follows a full batch (a catch-up) takes no mark:
         there is work enough up to the last one."""
-        if not self._catching_up:
+        if self._marked is not None:  # taken by the linger poll that found the work
+            if self._marked and self.config.mark_wait > 0:
+                conn.execute(MARK_USABLE_SQL, (self.config.listener_id, self.config.mark_wait))
+            self._marked = None
+        elif not self._catching_up:
             self._mark(conn, self.config.mark_wait)
         progress = Progress()
+        # While batches are small (not catching up), the sql projections that run well
+        # share one statement and one commit; the others, and all in a catch-up, run in
+        # parallel, each on its own connection.
+        shared = [] if self._catching_up else [
+            name for name in names
+            if (reg := self._registry.get(name)) is not None and reg.kind == "sql" and not reg.retry_parked
+            and name not in self._trouble and name not in self._running
+        ]
+        if len(shared) < 2:
+            shared = []
         if len(names) == 1:
             progress.merge(self._turn(names[0]))
             self._catching_up = progress.more
             return progress
         assert self._pool is not None, "run() starts the pool"
+        now = time.monotonic()
         for name in names:
-            if name not in self._running:
-                self._running[name] = self._pool.submit(self._turn, name)
+            if name in self._running or name in shared:
+                continue
+            due = self._view_due.get(name, 0.0)
+            if due > now and not every:  # a view whose refresh waits for its interval: not asked again before
+                progress.add(0, due - now)
+                continue
+            self._running[name] = self._pool.submit(self._turn, name)
+        if shared:
+            together = self._shared_round(conn, shared)
+            if together is None:  # each on its own, now
+                for name in shared:
+                    self._running[name] = self._pool.submit(self._turn, name)
+            else:
+                progress.merge(together)
         rounds = [f for name, f in self._running.items() if every or name not in self._matviews]
         if rounds:
             wait(rounds)
-        else:  # only views are running: wait for one, a slice at a time
+        elif not shared:  # only views are running: wait for one, a slice at a time
             wait(self._running.values(), timeout=WAIT_SLICE, return_when=FIRST_COMPLETED)
         failure: BaseException | None = None
         for name, future in list(self._running.items()):
@@ -553,37 +616,59 @@ class Listener:
                 applied, more, busy, retry_after = batch.applied, batch.more, batch.busy, None
                 progress.work += batch.work_seconds
             else:
-                params = (name, size, self._refresh_interval(name))
-                if name in self._matviews:  # a refresh keeps to its own budget
-                    row = conn.execute(RUN_SQL, params).fetchone()
-                else:
-                    with conn.transaction():  # to time the work apart from the commit
-                        row = conn.execute(RUN_SQL, params).fetchone()
-                        progress.work += time.monotonic() - started
+                # one statement, its own transaction: one round trip, commit included
+                row = conn.execute(RUN_SQL, (name, size, self._refresh_interval(name))).fetchone()
+                if name not in self._matviews:  # a refresh keeps to its own budget
+                    progress.work += time.monotonic() - started
                 assert row is not None
                 applied, more, busy, retry_after = row
             progress.add(applied, retry_after, bool(more) and not busy)
-            if busy:
-                self._held.setdefault(name, Held(since=time.monotonic()))
-            else:
-                self._held.pop(name, None)
-            if name in self._matviews and applied:
-                self._matviews[name] = time.monotonic() - started  # the refresh's cost
-            if applied:
-                with self._count_lock:
-                    self.applied[name] = self.applied.get(name, 0) + applied
-                    self.batches += 1
-                seconds = time.monotonic() - started
-                self.metrics.batch(name, applied, seconds)
-                logger.debug(
-                    "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
-                    extra={
-                        "projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3),
-                        "work_ms": round((progress.work - worked) * 1000, 3),  # commit left out
-                    },
-                )
+            if name in self._matviews:
+                if applied:
+                    self._matviews[name] = time.monotonic() - started  # the refresh's cost
+                self._view_due[name] = 0.0 if retry_after is None else time.monotonic() + retry_after
+            self._account(name, applied, busy, time.monotonic() - started, progress.work - worked)
             if not more or busy:
                 break
+
+    def _account(self, name: str, applied: int, busy: bool, seconds: float, work: float) -> None:
+        """A batch of `name` done (by its turn or a shared round): whether another session
+        holds it, the counts, metrics and debug line."""
+        if busy:
+            self._held.setdefault(name, Held(since=time.monotonic()))
+        else:
+            self._held.pop(name, None)
+        if applied:
+            with self._count_lock:
+                self.applied[name] = self.applied.get(name, 0) + applied
+                self.batches += 1
+            self.metrics.batch(name, applied, seconds)
+            logger.debug(
+                "%s: applied %d events in %.1f ms", name, applied, seconds * 1000,
+                extra={"projection": name, "applied": applied, "duration_ms": round(seconds * 1000, 3),
+                       "work_ms": round(work * 1000, 3)},
+            )
+
+    def _shared_round(self, conn: psycopg.Connection, names: list[str]) -> Progress | None:
+        """One batch of each of these sql projections in one statement and one commit
+        (cqrs.run_projections), on the listening connection: the round while batches are
+        small. None when it failed: every batch of it was rolled back, and each projection
+        runs on its own instead, where a failure is that projection's alone."""
+        progress = Progress()
+        started = time.monotonic()
+        try:
+            rows = conn.execute(RUN_SHARED_SQL, (names, self.config.batch_size)).fetchall()
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            logger.debug("shared round failed, each projection on its own: %s", _first_line(exc))
+            return None
+        seconds = time.monotonic() - started
+        progress.work = seconds
+        for name, applied, more, busy in rows:
+            progress.add(applied, None, bool(more) and not busy)
+            self._account(name, applied, busy, seconds, seconds)
+        return progress
 
     def _failed(self, conn: psycopg.Connection, name: str, exc: Exception, size: int) -> None:
         """A batch of `name` failed: try it again later, narrow it, or act on the one event

@@ -7,10 +7,12 @@ one of these states:
 
 - ``draining``: a batch came back full, so more is waiting now: the next round at once.
 - ``refreshing``: only materialized views' refreshes are running: collect them.
-- ``busy``: events were applied: the next round no sooner than ``batch_delay`` after the
-  last one started, and no sooner than its work divided by ``apply_budget`` (at most
-  ``poll_interval``): batches grow with the load, the daemon's share of the CPU stays
-  bounded. The daemon is lingering once that wait is over.
+- ``busy``: events were applied and more came during the round (the load goes on): the
+  next round no sooner than its work divided by ``apply_budget`` after it started (and
+  than ``batch_delay``; at most ``poll_interval``): batches grow with the load, the
+  daemon's share of the CPU stays bounded. The daemon is lingering once that wait is over.
+  When none came during the round (a quiet moment), it is lingering at once: while rounds
+  are small and quick, the next starts as soon as there is work.
 - ``lingering``: events came recently: awake, looking for work every ``linger_poll`` with
   one cheap query until ``linger`` after the last event, and starting a round as soon as
   there is some.
@@ -84,6 +86,16 @@ def pace(cfg: ListenerConfig, r: Round) -> Pace:
     if r.ended - r.last_event < cfg.linger:
         return Pace(State.LINGERING, min(r.last_event + cfg.linger, r.ended + timeout))
     return Pace(State.ASLEEP, r.ended + timeout)
+
+
+def after_round(cfg: ListenerConfig, r: Round, waiting: bool, now: float) -> Pace:
+    """After a busy round (pace gave BUSY), once the daemon has looked for work: with
+    events waiting already it stays busy until the spacing is over; without (a quiet
+    moment) it lingers from now and starts the next round as soon as events come."""
+    step = pace(cfg, r)
+    if step.state is not State.BUSY or waiting:
+        return step
+    return after_busy(cfg, r, now)
 
 
 def after_busy(cfg: ListenerConfig, r: Round, now: float) -> Pace:

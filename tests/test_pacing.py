@@ -9,7 +9,7 @@ import pytest
 
 from cqrs_pg.config import ListenerConfig, option_settings
 from cqrs_pg.errors import ConfigError
-from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, pace
+from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, after_round, pace
 from cqrs_pg_tools.testing import assert_one_line_error, cli
 
 CFG = ListenerConfig(dsn="host=unused", batch_delay=0.01, apply_budget=0.25, poll_interval=1.0, linger=0.2)
@@ -36,6 +36,25 @@ def test_heavy_work_spaces_rounds_by_the_apply_budget_up_to_the_poll_interval() 
     assert pace(CFG, round_(applied=300, work=2.0)) == Pace(State.BUSY, T0 + CFG.poll_interval)
     off = ListenerConfig(dsn="x", apply_budget=1.0, batch_delay=0.0)
     assert pace(off, round_(applied=300, work=0.05)) == Pace(State.BUSY, pytest.approx(T0 + 0.05))
+
+
+def test_a_quiet_moment_after_a_round_lets_the_next_start_at_once() -> None:
+    """Events waiting as a round ends: the load goes on, and the budget spaces the rounds.
+    None: the daemon lingers from now, and the next event starts a round as soon as it
+    is found, however much the round before worked."""
+    heavy = round_(applied=300, work=0.05)
+    assert after_round(CFG, heavy, waiting=True, now=T0 + 0.006) == pace(CFG, heavy)
+    assert after_round(CFG, heavy, waiting=False, now=T0 + 0.006) == Pace(State.LINGERING,
+                                                                            pytest.approx(T0 + 0.006 + CFG.linger))
+    # a full batch drains, waiting or not
+    full = round_(applied=5000, more=True, work=0.4)
+    assert after_round(CFG, full, waiting=False, now=T0 + 0.006) == Pace(State.DRAINING, T0 + 0.005)
+
+
+def test_rounds_are_spaced_by_their_work_only_unless_a_batch_delay_is_asked_for() -> None:
+    default = ListenerConfig(dsn="host=unused")
+    assert default.batch_delay == 0
+    assert pace(default, round_(applied=3, work=0.01)) == Pace(State.BUSY, pytest.approx(T0 + 0.01 / 0.25))
 
 
 def test_after_a_busy_wait_it_lingers_from_then() -> None:

@@ -21,7 +21,7 @@ from cqrs_pg_tools.testing import (
     running_daemon,
     wait_until,
 )
-from cqrs_pg_tools.verify import all_mismatches
+from cqrs_pg_tools.verify import all_mismatches, mismatches
 from cqrs_pg_tools.workload import ShopWorkload
 
 
@@ -204,6 +204,50 @@ def test_two_runners_never_apply_the_same_batch(db: Database) -> None:
         applied, _, busy, _ = second.execute("SELECT * FROM cqrs.run_projection('order_summary', 100, '0 s')").fetchone()
         assert applied == 0 and not busy
         assert applied_counts(second)["order_summary"] == 2
+
+
+def test_run_projections_applies_a_batch_of_each_in_one_transaction(db: Database) -> None:
+    """One statement, one commit: each named sql projection gets its batch, every one read
+    up to the same final position, and a failure of one rolls back all of them (so the
+    daemon runs each on its own)."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        order, token = place(conn, customer, sku, 2)
+        total = outbox_count(conn)
+        rows = conn.execute("SELECT * FROM cqrs.run_projections('{order_summary,customer_stats}', 100)").fetchall()
+        assert rows == [("order_summary", total, False, False), ("customer_stats", total, False, False)]
+        assert conn.execute("SELECT cqrs.caught_up(%s, 'order_summary') AND cqrs.caught_up(%s, 'customer_stats')",
+                            (token, token)).fetchone()[0]
+        assert mismatches(conn, "order_summary") == mismatches(conn, "customer_stats") == 0
+        # a batch smaller than what waits: more, and each reads up to the same position
+        for _ in range(3):
+            place(conn, customer, sku)
+        rows = conn.execute("SELECT * FROM cqrs.run_projections('{customer_stats,order_summary}', 2)").fetchall()
+        assert rows == [("customer_stats", 2, True, False), ("order_summary", 2, True, False)]
+        # one failing apply function: nothing of the call is kept
+        before = applied_counts(conn)
+        conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT never CHECK (orders_placed < 0) NOT VALID")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("SELECT * FROM cqrs.run_projections('{order_summary,customer_stats}', 100)")
+        assert applied_counts(conn) == before
+        assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s", (order,)).fetchone()[0]
+
+
+def test_a_daemon_isolates_a_failing_projection_from_those_sharing_its_rounds(db: Database) -> None:
+    """Rounds of small batches share one transaction; one projection failing every time
+    halts alone, and the others keep applying every event."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT never CHECK (orders_placed < 1) NOT VALID")
+    with running_daemon(db.dsn, retry_attempts=2, retry_backoff=0.01):
+        with db.connect() as conn:
+            orders = [place(conn, customer, sku) for _ in range(5)]
+            wait_until(lambda: conn.execute("SELECT state FROM cqrs.projections WHERE name = 'customer_stats'")
+                       .fetchone()[0] == "halted", what="customer_stats halted")
+            wait_until(lambda: conn.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (orders[-1][1],))
+                       .fetchone()[0], what="order_summary caught up")
+            assert conn.execute("SELECT count(*) FROM shop_read.order_summary").fetchone()[0] == 5
+            assert mismatches(conn, "order_summary") == 0
 
 
 def test_materialized_view_refresh_is_debounced(db: Database) -> None:
@@ -415,6 +459,11 @@ def test_caught_up_gives_read_your_writes_on_the_replica(db: Database) -> None:
         ("SELECT cqrs.caught_up(1, 'no_such_projection')", "CQ002"),
         ("SELECT * FROM cqrs.run_projection('no_such_projection')", "CQ002"),
         ("SELECT * FROM cqrs.run_projection('order_summary', 0)", "CQ001"),
+        ("SELECT * FROM cqrs.run_projections('{}')", "CQ001"),
+        ("SELECT * FROM cqrs.run_projections(NULL)", "CQ001"),
+        ("SELECT * FROM cqrs.run_projections('{order_summary,no_such_projection}')", "CQ002"),
+        ("SELECT * FROM cqrs.run_projections('{order_summary,product_sales}')", "CQ001"),
+        ("SELECT * FROM cqrs.run_projections('{order_summary}', 0)", "CQ001"),
     ],
 )
 def test_projection_api_errors(db: Database, call: str, sqlstate: str) -> None:
