@@ -64,8 +64,11 @@ __all__ = ["Receipt", "ReplicaHost", "Router", "is_recovery_conflict", "replica_
 T = TypeVar("T")
 Fallback = Literal["primary", "error"]
 _CHOICES = ("primary", "error")
-# Polling cqrs.caught_up: start fast (the usual wait is a few ms), back off to this.
+# Polling cqrs.caught_up: every _POLL_FIRST for the usual wait (a few ms, _POLL_FAST_FOR),
+# so a change is seen within a poll of reaching the replica; then backing off to
+# _POLL_MAX, so a long wait does not hammer the replica.
 _POLL_FIRST = 0.001
+_POLL_FAST_FOR = 0.02
 _POLL_MAX = 0.01
 _CAUGHT_UP_SQL = "SELECT cqrs.caught_up(%s, %s)"
 
@@ -330,7 +333,8 @@ class Router:
 
     def _caught_up(self, conn: psycopg.Connection[Any], token: int, projection: str | None, wait: float) -> bool:
         """Poll cqrs.caught_up on this connection until true or ``wait`` seconds passed."""
-        deadline = time.monotonic() + wait
+        started = time.monotonic()
+        deadline = started + wait
         delay = _POLL_FIRST
         while True:
             try:
@@ -346,7 +350,8 @@ class Router:
             if left <= 0:
                 return False
             time.sleep(min(delay, left))
-            delay = min(delay * 1.5, _POLL_MAX)
+            if time.monotonic() - started >= _POLL_FAST_FOR:
+                delay = min(delay * 1.5, _POLL_MAX)
 
     # -- replica hosts -------------------------------------------------------------------
 
