@@ -195,10 +195,12 @@ def test_quick_catchup(quick: dict[str, Any]) -> None:
 def test_quick_latency(quick: dict[str, Any]) -> None:
     part = quick["report"]["parts"]["latency"]
     assert part["config"]["watched_on"] == "replica"
-    assert len(part["runs"]) == len(QUICK.rates) * 2
+    schedules = ["serial", *map(str, QUICK.rates)]  # one after another, then the rates
+    assert part["config"]["schedules"] == schedules
+    assert len(part["runs"]) == len(schedules) * 2
     for kind in ("command", "replication"):
-        for rate in QUICK.rates:
-            cell = part["results"][kind][str(rate)]
+        for rate in schedules:
+            cell = part["results"][kind][rate]
             assert cell["errors"] == 0 and cell["unseen"] == 0, cell
             assert cell["samples"] > 0
             assert cell["p50_ms"]["median"] <= cell["p95_ms"]["median"] <= cell["p99_ms"]["median"]

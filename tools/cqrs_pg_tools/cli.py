@@ -208,8 +208,11 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
 @click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
               help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
-@click.option("--rates", callback=_int_list(1, 100_000, "500,2000"), metavar="N,N,...",
-              help="Part 3: arrival rates, commands/s [default: 500,2000].")
+@click.option("--serial", type=click.IntRange(0), metavar="N",
+              help="Part 3: commands one after another, each awaited on the replica before the next; 0: none "
+                   "[default: 300].")
+@click.option("--rates", callback=_int_list(1, 100_000, "20,100,500"), metavar="N,N,...",
+              help="Part 3: arrival rates, commands/s [default: 20,100,500].")
 @click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
 @click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")
 @click.option("--matview-lines", callback=_int_list(1, 100_000_000, "10000,100000"), metavar="N,N,...",
@@ -242,8 +245,9 @@ def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir:
        NOTIFY-per-command
     2. projection catch-up: a backlog drained by `cqrs-pg listen` into every read model,
        beside a raw set-based upsert of the same events; the daemon's peak memory
-    3. end-to-end latency: commit -> row in order_summary on the replica, p50/p95/p99 at
-       fixed arrival rates, beside the bare replication latency
+    3. end-to-end latency: commit -> row in order_summary and caught_up(token) on the
+       replica, p50/p95/p99 one after another and at fixed arrival rates, beside the bare
+       replication latency
     4. refresh time of product_sales at 10k, 100k, 1M order lines; refresh count with and
        without the debounce under a steady load
     5. per-batch read cost and command latency with 100k vs 10M outbox rows, with plans;

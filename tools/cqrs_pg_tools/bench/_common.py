@@ -70,7 +70,8 @@ class BenchConfig:
     batch_delay: float | None = None  # the daemon's --batch-delay in every part (None: its default)
     apply_budget: float | None = None  # the daemon's --apply-budget in every part (None: its default)
     # part 3: end-to-end latency
-    rates: tuple[int, ...] = (500, 2000)  # commands per second, open loop
+    serial: int = 300  # commands one after another, each awaited on the replica (0: none)
+    rates: tuple[int, ...] = (20, 100, 500)  # commands per second, open loop
     latency_seconds: float = 10.0  # measured, per run
     latency_warmup: float = 2.0  # seconds of load before each measured window
     latency_clients: int = 8  # connections the commands are spread over
@@ -94,7 +95,7 @@ class BenchConfig:
             "quick": True, "rounds": 1, "customers": 2_000, "products": 2_000,
             "seconds": 1, "clients": (1, 4), "warmup": 1,
             "backlog": 50_000, "batch_size": 5000,
-            "rates": (100, 400), "latency_seconds": 1.0, "latency_warmup": 0.3, "latency_clients": 4,
+            "serial": 30, "rates": (100, 400), "latency_seconds": 1.0, "latency_warmup": 0.3, "latency_clients": 4,
             "matview_lines": (2_000, 10_000, 40_000), "load_rate": 100, "load_seconds": 2,
             "history": (10_000, 60_000), "growth_seconds": 1, "growth_samples": 5,
             "rebuild_orders": 5_000,

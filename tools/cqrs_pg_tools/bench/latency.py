@@ -1,11 +1,18 @@
 """Part 3: end-to-end latency, command commit -> effect visible on the replica, beside the
 bare replication latency measured the same way in the same run.
 
-One database, the real `cqrs-pg listen` running on it (its defaults) throughout. An
-open-loop schedule issues commands at a fixed rate (command i is due at t0 + i / rate,
-whatever happened to the ones before), spread over several client connections; a client
-still busy when a command is due starts it late, and that lateness is reported. Two kinds
-of run, interleaved in a shuffled order in every round:
+One database, the real `cqrs-pg listen` running on it (its defaults) throughout. Two
+schedules:
+
+- one after another (--serial commands): one connection issues a command, then asks the
+  replica every --poll-ms until its effect is there, then issues the next: what a client
+  that reads its own write after every command sees.
+- fixed rates: an open-loop schedule issues commands at a fixed rate (command i is due at
+  t0 + i / rate, whatever happened to the ones before), spread over several client
+  connections; a client still busy when a command is due starts it late, and that
+  lateness is reported.
+
+Two kinds of run for each, interleaved in a shuffled order in every round:
 
 - command:     SELECT ... FROM shop.place_order(...) (2 lines). Visible = its row in
                shop_read.order_summary on the replica with both lines (line_count = 2);
@@ -18,7 +25,8 @@ One watcher connection on the replica asks, every --poll-ms, which of the commit
 not yet seen ids are visible (primary-key look-ups of at most 1,000 ids). A sighting is
 timed at the middle of that poll's round trip: latency = sighting - commit returned, an
 upper bound that is late by up to one poll period for both kinds alike. The first
---latency-warmup seconds of each run are not counted.
+--latency-warmup seconds of each run (a tenth of the commands one after another) are not
+counted.
 """
 
 from __future__ import annotations
@@ -46,10 +54,11 @@ from cqrs_pg_tools.bench._common import (
 )
 
 KINDS = ("command", "replication")
-TARGET_P50_MS = 5.0
-TARGET_P99_MS = 25.0
-# The rate the targets are set at; with other rates, the lowest one is judged.
-TARGET_RATE = 500
+# Read-your-writes (caught_up true on the replica), at every rate and one after another.
+TARGET_P50_MS = 3.0
+TARGET_P99_MS = 10.0
+# The rate that stands for "one after another" in runs and results.
+SERIAL = 0
 # Ids asked about per poll; a backlog beyond that is looked at oldest first.
 WATCH_LIMIT = 1000
 # After the last command: how long stragglers may take to become visible.
@@ -69,13 +78,20 @@ WATCH_SQL = {
     "replication": """
         SELECT array(SELECT p.id FROM cqrs_bench.ping p WHERE p.id = ANY(%(ids)s::uuid[])), '{}'::bigint[]""",
 }
+# One after another: is this one command's effect there yet.
+SERIAL_WATCH_SQL = {
+    "command": """
+        SELECT EXISTS (SELECT 1 FROM shop_read.order_summary s WHERE s.order_id = %(id)s AND s.line_count = 2),
+               cqrs.caught_up(%(token)s, 'order_summary')""",
+    "replication": "SELECT EXISTS (SELECT 1 FROM cqrs_bench.ping p WHERE p.id = %(id)s), true",
+}
 
 
 @dataclass
 class Run:
     round: int
     kind: str
-    rate: int
+    rate: int  # SERIAL: one after another
     scheduled: int  # commands in the measured window
     committed: int
     seen: int
@@ -121,14 +137,16 @@ class _Latency:
             self.progress("   no replica given (--replica-dsn): visibility is watched on the primary")
         rng = random.Random(cfg.seed)
         plan = []
+        rates = self.rates()
         for r in range(cfg.rounds):
-            order = [(rate, kind) for rate in cfg.rates for kind in KINDS]
+            order = [(rate, kind) for rate in rates for kind in KINDS]
             rng.shuffle(order)
             plan += [(r + 1, rate, kind) for rate, kind in order]
         per_run = cfg.latency_seconds + cfg.latency_warmup + 4
         self.progress(
-            f"{len(plan)} runs: rates {','.join(map(str, cfg.rates))}/s x {{command, replication}} x {cfg.rounds} round(s)"
-            f" of {cfg.latency_seconds:g}s, {cfg.latency_clients} connections (about {len(plan) * per_run / 60:.1f} min)"
+            f"{len(plan)} runs: {', '.join(map(_label, rates))} x {{command, replication}} x {cfg.rounds} round(s)"
+            f" of {cfg.latency_seconds:g}s ({cfg.serial} commands one after another),"
+            f" {cfg.latency_clients} connections (about {len(plan) * per_run / 60:.1f} min)"
         )
         daemon = self.s.start_daemon(db, "latency-listen.log", "--log-level", "warning")
         runs: list[Run] = []
@@ -139,7 +157,9 @@ class _Latency:
                     self.s.wait_asleep(conn, daemon)
                     daemon_cpu = DaemonCpu(self.s, conn, daemon)
                 watch = CpuWatch(self.s)
-                result = asyncio.run(self._one_run(rnd, kind, rate, dsn, watch_dsn))
+                one = self._serial_run(rnd, kind, dsn, watch_dsn) if rate == SERIAL else self._one_run(
+                    rnd, kind, rate, dsn, watch_dsn)
+                result = asyncio.run(one)
                 cpu = watch.result()
                 result.daemon_cpu_seconds = daemon_cpu.total()
                 result.machine_cpu_busy, result.other_cpu = cpu["machine_cpu_busy"], cpu["other_cpu"]
@@ -152,6 +172,66 @@ class _Latency:
         self.s.drop(db)
         return self._report(runs, where)
 
+    def rates(self) -> list[int]:
+        """SERIAL (when asked for) and the rates."""
+        return ([SERIAL] if self.cfg.serial else []) + list(self.cfg.rates)
+
+    async def _serial_run(self, rnd: int, kind: str, dsn: str, watch_dsn: str) -> Run:
+        """Commands one after another on one connection, each awaited on the replica (asked
+        every poll_ms) before the next is issued."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        total = max(2, cfg.serial)
+        warm = max(1, total // 10)
+        rng = random.Random(f"{cfg.seed}-{rnd}-{kind}-serial")
+        nan = float("nan")
+        started, committed, seen, caught = ([nan] * total for _ in range(4))
+        errors: list[str] = []
+        polls: list[float] = []
+        conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="cqrs-pg bench latency")
+        watcher = await psycopg.AsyncConnection.connect(watch_dsn, autocommit=True, application_name="cqrs-pg bench watcher")
+        try:
+            await conn.execute("SELECT 1")
+            for i in range(total):
+                key = uuid.uuid4()
+                started[i] = loop.time()
+                try:
+                    if kind == "command":
+                        cur = await conn.execute(COMMAND_SQL, self._order(rng, key))
+                        row = await cur.fetchone()
+                        assert row is not None
+                        key, token = row  # the order's id
+                    else:
+                        token = None
+                        await conn.execute(PING_SQL, (key,))
+                except psycopg.Error as exc:
+                    errors.append(_first_line(exc))
+                    continue
+                committed[i] = loop.time()
+                give_up = committed[i] + STRAGGLERS_SECONDS
+                while True:
+                    s = loop.time()
+                    try:
+                        cur = await watcher.execute(SERIAL_WATCH_SQL[kind], {"id": key, "token": token})
+                        row = await cur.fetchone()
+                    except psycopg.errors.SerializationFailure:
+                        row = None  # cancelled by a conflict with recovery on the replica: ask again
+                    r = loop.time()
+                    at = (s + r) / 2
+                    polls.append(at)
+                    if row is not None:
+                        if row[0] and seen[i] != seen[i]:
+                            seen[i] = at
+                        if row[1] and caught[i] != caught[i]:
+                            caught[i] = at
+                    if (seen[i] == seen[i] and caught[i] == caught[i]) or r > give_up:
+                        break
+                    await asyncio.sleep(cfg.poll_ms / 1000)
+        finally:
+            for c in (conn, watcher):
+                await c.close()
+        return _summarize(rnd, kind, SERIAL, range(warm, total), started, started, committed, seen, caught, errors, polls)
+
     async def _one_run(self, rnd: int, kind: str, rate: int, dsn: str, watch_dsn: str) -> Run:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
@@ -161,12 +241,7 @@ class _Latency:
         inputs: list[Any] = []
         for _ in range(total):
             if kind == "command":
-                p1 = rng.randint(1, cfg.products)
-                p2 = 1 + (p1 - 1 + rng.randint(1, cfg.products - 1)) % cfg.products
-                inputs.append((
-                    uuid.uuid4(), seed_uuid("c", rng.randint(1, cfg.customers)),
-                    Jsonb([{"sku": f"SKU-{p1}", "quantity": 1}, {"sku": f"SKU-{p2}", "quantity": 1}]),
-                ))
+                inputs.append(self._order(rng, uuid.uuid4()))
             else:
                 inputs.append(uuid.uuid4())
         nan = float("nan")
@@ -211,7 +286,7 @@ class _Latency:
                             key, token = inputs[i], None
                             await conn.execute(PING_SQL, (key,))
                     except psycopg.Error as exc:
-                        errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                        errors.append(_first_line(exc))
                         continue
                     committed[i] = loop.time()
                     pending[key] = i
@@ -258,34 +333,23 @@ class _Latency:
             for conn in [*conns, watcher]:
                 await conn.close()
 
-        window = range(warm, total)
-        done = [i for i in window if committed[i] == committed[i]]  # not NaN
-        e2e = sorted((seen[i] - committed[i]) * 1000 for i in done if seen[i] == seen[i])
-        rw = sorted((caught[i] - committed[i]) * 1000 for i in done if caught[i] == caught[i])
-        cmd = sorted((committed[i] - due[i]) * 1000 for i in done)
-        late = sum(1 for i in done if started[i] - due[i] > 0.002)
-        span = (max(committed[i] for i in done) - min(committed[i] for i in done)) if len(done) > 1 else 0.0
-        gaps = [b - a for a, b in itertools.pairwise(polls)]
-        return Run(
-            round=rnd, kind=kind, rate=rate, scheduled=len(window), committed=len(done),
-            seen=len(e2e), errors=len(errors),
-            achieved_rate=round((len(done) - 1) / span, 1) if span > 0 else None,
-            late_share=round(late / len(done), 4) if done else None,
-            p50_ms=_r(percentile(e2e, 50)), p95_ms=_r(percentile(e2e, 95)), p99_ms=_r(percentile(e2e, 99)),
-            max_ms=_r(e2e[-1] if e2e else None),
-            caught_up_p50_ms=_r(percentile(rw, 50)) if kind == "command" else None,
-            caught_up_p95_ms=_r(percentile(rw, 95)) if kind == "command" else None,
-            caught_up_p99_ms=_r(percentile(rw, 99)) if kind == "command" else None,
-            command_p50_ms=_r(percentile(cmd, 50)), command_p99_ms=_r(percentile(cmd, 99)),
-            poll_period_ms=_r(sorted(gaps)[len(gaps) // 2] * 1000 if gaps else None),
-            first_error=errors[0] if errors else None,
+        return _summarize(rnd, kind, rate, range(warm, total), due, started, committed, seen, caught, errors, polls)
+
+    def _order(self, rng: random.Random, command_id: uuid.UUID) -> tuple[Any, ...]:
+        """place_order's arguments: two lines of two different products."""
+        cfg = self.cfg
+        p1 = rng.randint(1, cfg.products)
+        p2 = 1 + (p1 - 1 + rng.randint(1, cfg.products - 1)) % cfg.products
+        return (
+            command_id, seed_uuid("c", rng.randint(1, cfg.customers)),
+            Jsonb([{"sku": f"SKU-{p1}", "quantity": 1}, {"sku": f"SKU-{p2}", "quantity": 1}]),
         )
 
     def _report(self, runs: list[Run], where: str) -> dict[str, Any]:
         cfg = self.cfg
         results: dict[str, dict[str, Any]] = {}
         for kind in KINDS:
-            for rate in cfg.rates:
+            for rate in self.rates():
                 mine = [r for r in runs if r.kind == kind and r.rate == rate]
                 cell: dict[str, Any] = {
                     key: spread([getattr(r, key) for r in mine])
@@ -298,13 +362,15 @@ class _Latency:
                 cell["samples"] = sum(r.seen for r in mine)
                 cell["unseen"] = sum(r.committed - r.seen for r in mine)
                 cell["errors"] = sum(r.errors for r in mine)
-                results.setdefault(kind, {})[str(rate)] = cell
-        judged = TARGET_RATE if TARGET_RATE in cfg.rates else min(cfg.rates)
+                results.setdefault(kind, {})[_key(rate)] = cell
         return {
             "part": 3,
             "benchmark": "end-to-end latency: command commit -> its row in shop_read.order_summary visible on the replica",
             "config": {
                 "rates": list(cfg.rates),
+                "serial": cfg.serial,
+                # the keys of results: "serial" (one after another), then the rates
+                "schedules": [_key(rate) for rate in self.rates()],
                 "rounds": cfg.rounds,
                 "seconds": cfg.latency_seconds,
                 "warmup_seconds": cfg.latency_warmup,
@@ -321,8 +387,48 @@ class _Latency:
             },
             "runs": [asdict(r) for r in runs],
             "results": results,
-            "judged_rate": judged,
         }
+
+
+def _summarize(
+    rnd: int, kind: str, rate: int, window: range, due: list[float], started: list[float], committed: list[float],
+    seen: list[float], caught: list[float], errors: list[str], polls: list[float],
+) -> Run:
+    """A run's figures from its per-command times (NaN: did not happen), over the window."""
+    done = [i for i in window if committed[i] == committed[i]]  # not NaN
+    e2e = sorted((seen[i] - committed[i]) * 1000 for i in done if seen[i] == seen[i])
+    rw = sorted((caught[i] - committed[i]) * 1000 for i in done if caught[i] == caught[i])
+    cmd = sorted((committed[i] - due[i]) * 1000 for i in done)
+    late = sum(1 for i in done if started[i] - due[i] > 0.002)
+    span = (max(committed[i] for i in done) - min(committed[i] for i in done)) if len(done) > 1 else 0.0
+    gaps = [b - a for a, b in itertools.pairwise(polls)]
+    return Run(
+        round=rnd, kind=kind, rate=rate, scheduled=len(window), committed=len(done),
+        seen=len(e2e), errors=len(errors),
+        achieved_rate=round((len(done) - 1) / span, 1) if span > 0 else None,
+        late_share=round(late / len(done), 4) if done else None,
+        p50_ms=_r(percentile(e2e, 50)), p95_ms=_r(percentile(e2e, 95)), p99_ms=_r(percentile(e2e, 99)),
+        max_ms=_r(e2e[-1] if e2e else None),
+        caught_up_p50_ms=_r(percentile(rw, 50)) if kind == "command" else None,
+        caught_up_p95_ms=_r(percentile(rw, 95)) if kind == "command" else None,
+        caught_up_p99_ms=_r(percentile(rw, 99)) if kind == "command" else None,
+        command_p50_ms=_r(percentile(cmd, 50)), command_p99_ms=_r(percentile(cmd, 99)),
+        poll_period_ms=_r(sorted(gaps)[len(gaps) // 2] * 1000 if gaps else None),
+        first_error=errors[0] if errors else None,
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _key(rate: int) -> str:
+    return "serial" if rate == SERIAL else str(rate)
+
+
+def _label(rate: int | str) -> str:
+    return "one after another" if rate in (SERIAL, "serial") else f"{rate}/s"
 
 
 def _r(value: float | None) -> float | None:
@@ -334,7 +440,7 @@ def _describe(r: Run) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
     text = (
-        f"{r.rate:>5}/s {r.kind:<11} p50 {ms(r.p50_ms)} p95 {ms(r.p95_ms)} p99 {ms(r.p99_ms)} ms"
+        f"{_label(r.rate):>17} {r.kind:<11} p50 {ms(r.p50_ms)} p95 {ms(r.p95_ms)} p99 {ms(r.p99_ms)} ms"
         f"  ({r.seen:,} seen of {r.committed:,}; achieved {r.achieved_rate or 0:,.0f}/s; late {100 * (r.late_share or 0):.1f}%)"
     )
     if r.kind == "command":
@@ -347,30 +453,33 @@ def _describe(r: Run) -> str:
 
 
 def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
-    rate = part["judged_rate"]
-    cell = part["results"]["command"][str(rate)]
-    p50 = (cell["p50_ms"] or {}).get("median")
-    p99 = (cell["p99_ms"] or {}).get("median")
-    return [
-        {"part": 3, "what": f"end-to-end p50 at {rate}/s (ms)", "value": p50, "target": f"<= {TARGET_P50_MS:g} ms",
-         "met": None if p50 is None else p50 <= TARGET_P50_MS},
-        {"part": 3, "what": f"end-to-end p99 at {rate}/s (ms)", "value": p99, "target": f"<= {TARGET_P99_MS:g} ms",
-         "met": None if p99 is None else p99 <= TARGET_P99_MS},
-    ]
+    """Read-your-writes (caught_up true on the replica) at p50 and p99, one after another
+    and at every rate."""
+    out = []
+    for key in part["config"]["schedules"]:
+        cell = part["results"]["command"][key]
+        for q, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
+            value = (cell[f"caught_up_{q}_ms"] or {}).get("median")
+            out.append({
+                "part": 3, "what": f"read-your-writes {q}, {_label(key)} (ms)", "value": value,
+                "target": f"<= {target:g} ms", "met": None if value is None else value <= target,
+            })
+    return out
 
 
 def render(part: dict[str, Any]) -> list[str]:
     cfg = part["config"]
     lines = [
         f"end-to-end latency, ms: median (min-max) over {cfg['rounds']} interleaved round(s) of {cfg['seconds']:g}s;"
-        f" open loop, {cfg['clients']} connections, watched on the {cfg['watched_on']} every {cfg['poll_ms']:g} ms",
+        f" {cfg['serial']} commands one after another; open loop at the rates, {cfg['clients']} connections;"
+        f" watched on the {cfg['watched_on']} every {cfg['poll_ms']:g} ms",
     ]
-    head = f"{'rate':>7} {'what':<34} {'p50':>20} {'p95':>20} {'p99':>20} {'samples':>9}"
+    head = f"{'rate':>17} {'what':<34} {'p50':>20} {'p95':>20} {'p99':>20} {'samples':>9}"
     lines += [head, "-" * len(head)]
     fmt = "{:.2f}"
-    for rate in cfg["rates"]:
-        c = part["results"]["command"][str(rate)]
-        b = part["results"]["replication"][str(rate)]
+    for key in cfg["schedules"]:
+        c = part["results"]["command"][key]
+        b = part["results"]["replication"][key]
         rows = [
             ("order_summary row on the replica", c["p50_ms"], c["p95_ms"], c["p99_ms"], c["samples"]),
             ("caught_up(token) true there", c["caught_up_p50_ms"], c["caught_up_p95_ms"], c["caught_up_p99_ms"], c["samples"]),
@@ -378,13 +487,13 @@ def render(part: dict[str, Any]) -> list[str]:
         ]
         for label, p50, p95, p99, n in rows:
             lines.append(
-                f"{rate:>5}/s {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}"
+                f"{_label(key):>17} {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}"
             )
     lines.append("")
-    for rate in cfg["rates"]:
-        c = part["results"]["command"][str(rate)]
+    for key in cfg["schedules"]:
+        c = part["results"]["command"][key]
         lines.append(
-            f"  {rate}/s commands: achieved {fmt_spread(c['achieved_rate'])}/s,"
+            f"  {_label(key)} commands: achieved {fmt_spread(c['achieved_rate'])}/s,"
             f" started late (> 2 ms) {fmt_spread(c['late_share'], '{:.1%}')},"
             f" due -> committed p50 {fmt_spread(c['command_p50_ms'], fmt)} ms, p99 {fmt_spread(c['command_p99_ms'], fmt)} ms;"
             f" poll period {fmt_spread(c['poll_period_ms'], fmt)} ms; unseen {c['unseen']}, errors {c['errors']}"

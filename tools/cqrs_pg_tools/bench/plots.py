@@ -79,7 +79,7 @@ def _throughput(part: dict[str, Any], path: Path, report: dict[str, Any]) -> Pat
 def _latency(part: dict[str, Any], path: Path, report: dict[str, Any]) -> Path:
     import matplotlib.pyplot as plt
 
-    rates = part["config"]["rates"]
+    rates = part["config"]["schedules"]
     series = [
         ("command", "p{}_ms", "command -> order_summary row on the replica"),
         ("command", "caught_up_p{}_ms", "command -> caught_up(token) on the replica"),
@@ -89,14 +89,14 @@ def _latency(part: dict[str, Any], path: Path, report: dict[str, Any]) -> Path:
     width = 0.26
     for ax, rate in zip(axes[0], rates, strict=True):
         for k, (kind, key, label) in enumerate(series):
-            cell = part["results"][kind][str(rate)]
+            cell = part["results"][kind][rate]
             cells = [cell.get(key.format(p)) for p in (50, 95, 99)]
             mid, err = _errors(cells)
             xs = [x + (k - 1) * width for x in range(3)]
             bars = ax.bar(xs, mid, width, yerr=err, capsize=3, label=label)
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_xticks(range(3), ["p50", "p95", "p99"])
-        ax.set_title(f"{rate} commands/s (open loop)", fontsize=10)
+        ax.set_title("one after another" if rate == "serial" else f"{rate} commands/s (open loop)", fontsize=10)
         ax.set_ylabel("ms after commit (median, min-max)")
         ax.grid(True, axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
