@@ -233,6 +233,24 @@ def test_run_projections_applies_a_batch_of_each_in_one_transaction(db: Database
         assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s", (order,)).fetchone()[0]
 
 
+def test_batches_in_one_transaction_leave_a_horizon_that_proves_read_your_writes(db: Database) -> None:
+    """The second batch of a transaction runs with the transaction's own xid assigned, which
+    its snapshot does not list: a transaction that ends meanwhile must not move the
+    horizon past an xid not handed out yet (caught_up would say "another cluster's" and
+    stay false until the next write anywhere)."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        _, token = place(conn, customer, sku)
+    with psycopg.connect(db.dsn) as batch, db.connect() as other:
+        batch.execute("SELECT * FROM cqrs.run_projection('customer_stats', 100, '0 s')")
+        other.execute("SELECT pg_current_xact_id()")  # a later xid, ended
+        batch.execute("SELECT * FROM cqrs.run_projection('order_summary', 100, '0 s')")
+        batch.commit()
+        assert other.execute("SELECT cqrs.caught_up(%s, 'order_summary')", (token,)).fetchone()[0]
+        horizon, = other.execute("SELECT horizon FROM cqrs.projections WHERE name = 'order_summary'").fetchone()
+        assert other.execute("SELECT %s::xid8 < pg_snapshot_xmax(pg_current_snapshot())", (horizon,)).fetchone()[0]
+
+
 def test_a_daemon_isolates_a_failing_projection_from_those_sharing_its_rounds(db: Database) -> None:
     """Rounds of small batches share one transaction; one projection failing every time
     halts alone, and the others keep applying every event."""

@@ -20,11 +20,15 @@ STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    RETURN coalesce(
-               (SELECT min(x.x)
-                  FROM pg_snapshot_xip(snap) AS x(x)
-                 WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
-               pg_snapshot_xmax(snap));
+    -- The caller's own transaction, when it has an xid, is running too, though its own
+    -- snapshot does not list it: without it the fence could pass an xid not handed out
+    -- yet (one batch after another in one transaction, cqrs.run_projections).
+    RETURN least(coalesce(
+                     (SELECT min(x.x)
+                        FROM pg_snapshot_xip(snap) AS x(x)
+                       WHERE NOT cqrs._left_out_of_fence(x.x::xid)),
+                     pg_snapshot_xmax(snap)),
+                 pg_current_xact_id_if_assigned());
 END
 $$;
 
