@@ -342,10 +342,8 @@ class Listener:
                 step = self._enter(after_round(cfg, done, self._work_found(conn, names), time.monotonic()))
                 if step.state is State.BUSY:
                     self._stop.wait(max(0.0, step.until - time.monotonic()))
-                    last_event = time.monotonic()
-                    step = self._enter(after_busy(cfg, done, last_event))
-                else:
-                    last_event = time.monotonic()
+                    step = self._enter(after_busy(cfg, done, time.monotonic()))
+                last_event = time.monotonic()
             else:
                 step = self._enter(step)
             if step.state in (State.DRAINING, State.REFRESHING):
@@ -491,6 +489,10 @@ class Listener:
         elif not self._catching_up:
             self._mark(conn, self.config.mark_wait)
         progress = Progress()
+        if len(names) == 1:
+            progress.merge(self._turn(names[0]))
+            self._catching_up = progress.more
+            return progress
         # While batches are small (not catching up), the sql projections that run well
         # share one statement and one commit; the others, and all in a catch-up, run in
         # parallel, each on its own connection.
@@ -501,10 +503,6 @@ class Listener:
         ]
         if len(shared) < 2:
             shared = []
-        if len(names) == 1:
-            progress.merge(self._turn(names[0]))
-            self._catching_up = progress.more
-            return progress
         assert self._pool is not None, "run() starts the pool"
         now = time.monotonic()
         for name in names:
