@@ -5,7 +5,7 @@ The engine is the schema ``cqrs`` — the outbox and its capture triggers
 (``cqrs.capture_changes``), receipts and the command helpers (``cqrs._begin_command``,
 ``cqrs._finish_command``, ``cqrs._require_*``, ``cqrs._check_version``, ``cqrs._fail``),
 projections and the daemon's functions — with the group roles ``cqrs_writer``,
-``cqrs_reader``, ``cqrs_listener`` and their grants. Your project installs it from its own
+``cqrs_reader``, ``cqrs_listener``, ``cqrs_consumer`` and their grants. Your project installs it from its own
 migration, and builds its own aggregates and projections on it::
 
     from cqrs_pg import core
@@ -158,7 +158,7 @@ BEGIN
         EXECUTE format('DROP SCHEMA %I CASCADE', s);
     END LOOP;
     DROP SCHEMA IF EXISTS cqrs CASCADE;
-    FOREACH r IN ARRAY ARRAY['cqrs_writer', 'cqrs_reader', 'cqrs_listener'] LOOP
+    FOREACH r IN ARRAY ARRAY['cqrs_writer', 'cqrs_reader', 'cqrs_listener', 'cqrs_consumer'] LOOP
         BEGIN
             EXECUTE format('DROP ROLE IF EXISTS %I', r);
         EXCEPTION WHEN dependent_objects_still_exist THEN

@@ -43,5 +43,15 @@ GRANT EXECUTE ON FUNCTION
     cqrs.prune_receipts(interval, integer),
     cqrs.extend_outbox(bigint, integer),
     cqrs.prune(interval, boolean),
-    cqrs.outbox_status()
+    cqrs.outbox_status(),
+    cqrs.subscription_status()
 TO cqrs_listener;
+
+-- cqrs_consumer: its subscriptions, and nothing else (the relay runs as it).
+GRANT USAGE ON SCHEMA cqrs TO cqrs_consumer;
+GRANT EXECUTE ON FUNCTION
+    cqrs.create_subscription(text, text[], text[], boolean),
+    cqrs.poll(text, integer),
+    cqrs.ack(text, text),
+    cqrs.drop_subscription(text)
+TO cqrs_consumer;

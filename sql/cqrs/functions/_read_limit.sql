@@ -46,7 +46,9 @@ BEGIN
             UNION ALL
             SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b
             UNION ALL
-            SELECT l.final_position, l.mark_xmax, l.mark_position FROM cqrs.listeners l) r;
+            SELECT l.final_position, l.mark_xmax, l.mark_position FROM cqrs.listeners l
+            UNION ALL
+            SELECT s.final_position, s.mark_xmax, s.mark_position FROM cqrs.subscriptions s) r;
     final_position := greatest(final_position, now_final, 0);
 END
 $$;

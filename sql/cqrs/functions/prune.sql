@@ -1,6 +1,6 @@
 -- Drops the outbox's oldest partitions while each holds only history that every reader
 -- has passed and whose newest event is older than keep: every projection's checkpoint
--- (and a rebuild's) is at or past its last position, no event in it is parked (a retry
+-- (and a rebuild's) and every subscription's cursor is at or past its last position, no event in it is parked (a retry
 -- reads it again), and it lies wholly below the last position handed out. Stops at the
 -- first partition it must keep, so what remains is one unbroken stretch of history
 -- (cqrs._history_start). Returns the partitions it dropped, or with dry_run those it
@@ -30,6 +30,8 @@ BEGIN
     last := coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0);
     SELECT least((SELECT min(p.last_position) FROM cqrs.projections p),
                  (SELECT min(b.last_position) FROM cqrs.rebuilds b),
+                 -- a subscription's cursor passes the events outside its filter too
+                 (SELECT min(s.last_position) FROM cqrs.subscriptions s),
                  (SELECT min(k.position) - 1 FROM cqrs.parked k WHERE k.outcome = 'parked'),
                  (SELECT l.final_position FROM cqrs._read_limit() l))
       INTO passed;

@@ -1,0 +1,43 @@
+-- A new subscription: a consumer's place in the outbox, read with cqrs.poll and moved
+-- with cqrs.ack. event_types, aggregate_types: only events of these (NULL: all). It
+-- starts at the final position (cqrs._read_limit): every event committed after this call
+-- is handed out (when other transactions run now, so may a few committed just before);
+-- from_beginning: at the oldest event the outbox still holds (cqrs.prune drops history no
+-- reader needs). CQ001 for a bad name or filter, CQ003 when the name is taken.
+CREATE OR REPLACE FUNCTION cqrs.create_subscription(
+    name text, event_types text[] DEFAULT NULL, aggregate_types text[] DEFAULT NULL,
+    from_beginning boolean DEFAULT false)
+RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lim record;
+    start bigint;
+    list text;
+    filter text[];
+BEGIN
+    PERFORM cqrs._require_text('name', name, 200);
+    FOREACH list IN ARRAY ARRAY['event_types', 'aggregate_types'] LOOP
+        filter := CASE list WHEN 'event_types' THEN event_types ELSE aggregate_types END;
+        IF filter IS NOT NULL THEN
+            IF cardinality(filter) = 0 THEN
+                PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', list));
+            END IF;
+            PERFORM cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
+               FROM generate_subscripts(filter, 1) AS i;
+        END IF;
+    END LOOP;
+    SELECT * INTO lim FROM cqrs._read_limit();
+    start := CASE WHEN from_beginning THEN greatest(coalesce(cqrs._history_start() - 1, 0), 0)
+                  ELSE lim.final_position END;
+    INSERT INTO cqrs.subscriptions (name, event_types, aggregate_types, last_position, delivered_position, final_position)
+    VALUES (name, event_types, aggregate_types, start, start, lim.final_position)
+    ON CONFLICT ON CONSTRAINT subscriptions_pkey DO NOTHING;
+    IF NOT FOUND THEN
+        PERFORM cqrs._fail('CQ003', format(
+            'subscription %L already exists: choose another name, or drop it first with cqrs.drop_subscription', name));
+    END IF;
+END
+$$;

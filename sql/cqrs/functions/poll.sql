@@ -1,0 +1,100 @@
+-- The next events of a subscription after its last acknowledged one: at most max_events,
+-- gap-free and in position order (per aggregate, the order of its versions), up to the
+-- final position as every projection reads (cqrs._read_limit), only those of its filter,
+-- payloads in their newest shape (cqrs.batch). Each comes with the outbox's columns and a
+-- cursor for cqrs.ack. Until they are acknowledged, a poll hands out the same events again.
+--
+-- One consumer at a time (cqrs._may_poll): the session handed events holds them until it
+-- acknowledges them all, its session ends, or its hold (cqrs._subscription_hold) passes
+-- without a poll or an ack of its; meanwhile other sessions' polls wait for a running poll and then receive
+-- nothing. Events outside the filter are passed over: the cursor moves past them.
+-- A poll with nothing to hand out writes nothing, unless a mark is due (as a projection
+-- stores one, cqrs._needs_mark), so that events committed while others run become readable.
+CREATE OR REPLACE FUNCTION cqrs.poll(subscription text, max_events integer DEFAULT 100)
+RETURNS TABLE ("position" bigint, tx_id xid8, event_type text, aggregate_type text, aggregate_id uuid,
+               aggregate_version integer, payload jsonb, metadata jsonb, occurred_at timestamptz,
+               payload_version integer, cursor text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- cqrs.batch reads a rebuild's setting: nothing a consumer sets may hide events from it
+SET cqrs.loaded_snapshot = ''
+AS $$
+DECLARE
+    window_size constant bigint := 100000::bigint;
+    scan_limit constant bigint := 1000000::bigint;
+    s cqrs.subscriptions;
+    lim record;
+    me_pid integer := pg_backend_pid();
+    me_started timestamptz;
+    scanned bigint;
+    window_end bigint;
+    first_pos bigint;
+    last_pos bigint;
+    n bigint := 0::bigint;
+    marking boolean;
+    now_xmax xid8;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1, 100000);
+    -- before any lock, with no xid yet: the position _read_limit reads can be a mark
+    SELECT * INTO lim FROM cqrs._read_limit();
+    s := cqrs._subscription(subscription);
+    SELECT a.backend_start INTO me_started FROM pg_stat_get_activity(me_pid) a;
+    marking := cqrs._needs_mark(s.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
+    -- Read alone when there is nothing to do: no xid, no WAL.
+    IF NOT cqrs._may_poll(s, me_pid, me_started)
+       OR (lim.final_position <= s.last_position AND NOT marking) THEN
+        RETURN;
+    END IF;
+    s := cqrs._subscription(subscription, true);
+    IF NOT cqrs._may_poll(s, me_pid, me_started) THEN
+        RETURN;  -- another consumer's poll got there first
+    END IF;
+
+    -- Windows of positions, so that a filter matching few events costs a bounded scan per
+    -- poll; the cursor passes what was scanned and matched nothing.
+    scanned := s.last_position;
+    LOOP
+        window_end := least(lim.final_position, scanned + window_size);
+        EXIT WHEN window_end <= scanned;
+        SELECT min(x.position), max(x.position), count(*) INTO first_pos, last_pos, n
+          FROM (SELECT o.position
+                  FROM cqrs.outbox o
+                 WHERE o.position > scanned AND o.position <= window_end
+                   AND (s.event_types IS NULL OR o.event_type = ANY (s.event_types))
+                   AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))
+                 ORDER BY o.position
+                 LIMIT max_events) x;
+        scanned := window_end;
+        EXIT WHEN n > 0 OR scanned - s.last_position >= scan_limit;
+    END LOOP;
+
+    IF n = 0 AND scanned = s.last_position AND NOT marking THEN
+        RETURN;
+    END IF;
+    now_xmax := pg_snapshot_xmax(pg_current_snapshot());
+    UPDATE cqrs.subscriptions x
+       SET last_position = CASE WHEN n > 0 THEN first_pos - 1 ELSE scanned END,
+           delivered_position = CASE WHEN n > 0 THEN last_pos ELSE scanned END,
+           holder_pid = CASE WHEN n > 0 THEN me_pid END,
+           holder_started = CASE WHEN n > 0 THEN me_started END,
+           held_until = CASE WHEN n > 0 THEN now() + cqrs._subscription_hold() END,
+           polled_at = CASE WHEN n > 0 THEN now() ELSE x.polled_at END,
+           final_position = greatest(x.final_position, lim.final_position),
+           mark_xmax = CASE WHEN lim.mark_position IS NOT NULL AND cqrs._mark_replaceable(x.mark_xmax, lim.fence, now_xmax)
+                            THEN pg_current_xact_id() ELSE x.mark_xmax END,
+           mark_position = CASE WHEN lim.mark_position IS NOT NULL AND cqrs._mark_replaceable(x.mark_xmax, lim.fence, now_xmax)
+                                THEN lim.mark_position ELSE x.mark_position END
+     WHERE x.name = s.name;
+    IF n = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT b.position, b.tx_id, b.event_type, b.aggregate_type, b.aggregate_id, b.aggregate_version,
+               b.payload, b.metadata, b.occurred_at, b.payload_version, b.position::text
+          FROM cqrs.batch(first_pos - 1, last_pos) b
+         WHERE (s.event_types IS NULL OR b.event_type = ANY (s.event_types))
+           AND (s.aggregate_types IS NULL OR b.aggregate_type = ANY (s.aggregate_types))
+         ORDER BY b.position;
+END
+$$;
