@@ -1,4 +1,4 @@
-"""`cqrs-pg status`: how far each projection is, how far each replica is, what blocks,
+"""`cqrs-pg status`: how far each projection and subscription is, how far each replica is, what blocks,
 and whether that is healthy by the thresholds given (the exit code of a probe).
 
 The JSON form (``--json``) is ``collect()``'s dict; docs/production.md lists its fields.
@@ -72,6 +72,13 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
             "SELECT projection, started_at::text AS started_at, last_position, applied_events, pid, running"
             " FROM cqrs.rebuild_status()",
         )
+        subscriptions = _rows(
+            conn,
+            "SELECT name, event_types, aggregate_types, last_position, delivered_position, events_behind,"
+            " round(seconds_behind::numeric, 3)::float AS seconds_behind, acked_events, held_by_pid,"
+            " held_until::text AS held_until, created_at::text AS created_at, polled_at::text AS polled_at,"
+            " acked_at::text AS acked_at FROM cqrs.subscription_status()",
+        )
         outbox = _rows(
             conn,
             "SELECT history_start, partitions, bytes, ready_ahead, overflow_events FROM cqrs.outbox_status()",
@@ -83,6 +90,7 @@ def collect(dsn: str, replica_dsn: str | None = None, thresholds: Thresholds | N
         "problems": [],
         "thresholds": asdict(thresholds),
         "projections": projections,
+        "subscriptions": subscriptions,
         "fence_blocker": blockers[0] if blockers else None,
         "fence_blockers": blockers,
         "replicas": replicas,
@@ -150,6 +158,12 @@ def problems(report: dict[str, Any], t: Thresholds) -> list[str]:
             found.append(f"projection {p['name']}: {p['events_behind']} events behind (max {t.max_events_behind})")
         if t.max_seconds_behind is not None and p["seconds_behind"] > t.max_seconds_behind:
             found.append(f"projection {p['name']}: {p['seconds_behind']:.3f}s behind (max {t.max_seconds_behind:g}s)")
+    for sub in report.get("subscriptions", []):
+        if t.max_events_behind is not None and sub["events_behind"] > t.max_events_behind:
+            found.append(f"subscription {sub['name']}: {sub['events_behind']} events not acknowledged "
+                         f"(max {t.max_events_behind})")
+        if t.max_seconds_behind is not None and sub["seconds_behind"] > t.max_seconds_behind:
+            found.append(f"subscription {sub['name']}: {sub['seconds_behind']:.3f}s behind (max {t.max_seconds_behind:g}s)")
     # Replica lag: the hosts reads go to when a replica DSN is given, else every
     # replica attached to the primary.
     for r in report["replicas"]:
@@ -196,6 +210,13 @@ def render(status: dict[str, Any]) -> str:
             lines.append(
                 f"  {p['name']} halted at event {p['failed_position']} ({p['failed_event_type']}), "
                 f"{p['failed_attempts']} tries, since {p['failed_at']}: {p['failed_error']}"
+            )
+    if status.get("subscriptions"):
+        lines.append("subscription     acked     behind  seconds behind    cursor  held by")
+        for sub in status["subscriptions"]:
+            lines.append(
+                f"{sub['name']:<16} {sub['acked_events']:>8} {sub['events_behind']:>9} {sub['seconds_behind']:>15.3f}"
+                f"  {sub['last_position']:>8}  " + ("-" if sub["held_by_pid"] is None else f"pid {sub['held_by_pid']}")
             )
     for b in status.get("rebuilds", []):
         lines.append(

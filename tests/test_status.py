@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cqrs_pg.cli import main
-from cqrs_pg_tools.testing import REPO, Database, scalar, wait_until
+from cqrs_pg_tools.testing import REPO, Database, scalar, seed_shop, wait_until
 
 UNHEALTHY = 3
 
@@ -139,6 +139,7 @@ def produced_fields(report: dict[str, Any]) -> set[str]:
 
 def test_every_json_field_is_documented(db: Database) -> None:
     with psycopg.connect(db.dsn, autocommit=True) as rebuilding:  # a rebuild under way
+        rebuilding.execute("SELECT cqrs.create_subscription('docs', from_beginning => true)")
         rebuilding.execute("SELECT cqrs.rebuild_begin('customer_stats')")
         with psycopg.connect(db.dsn) as blocker:  # an open transaction holding an xid
             blocker.execute("SELECT * FROM shop.register_customer(gen_random_uuid(), 'docs@example.com', 'D')")
@@ -146,7 +147,7 @@ def test_every_json_field_is_documented(db: Database) -> None:
             blocker.rollback()
         rebuilding.execute("SELECT cqrs.rebuild_abort('customer_stats')")
     assert report["fence_blocker"] is not None and report["replicas"] and report["replication"]
-    assert report["rebuilds"]
+    assert report["rebuilds"] and report["subscriptions"]
     assert produced_fields(report) == documented_fields()
 
 
@@ -154,3 +155,13 @@ def test_every_json_field_is_documented(db: Database) -> None:
 def test_a_negative_threshold_is_a_usage_error(db: Database, option: str) -> None:
     result = CliRunner().invoke(main, ["status", "--dsn", db.dsn, option, "-1"])
     assert result.exit_code == 2 and "-1" in result.output
+
+
+def test_a_subscription_past_a_bound_is_unhealthy_and_listed(db: Database) -> None:
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.create_subscription('billing', from_beginning => true)")
+        seed_shop(conn)
+    result = CliRunner().invoke(main, ["status", "--dsn", db.dsn, "--max-events-behind", "2"])
+    assert result.exit_code == 3
+    assert "UNHEALTHY: subscription billing: 3 events not acknowledged (max 2)" in result.output
+    assert any(line.startswith("billing ") for line in result.output.splitlines())
