@@ -30,9 +30,40 @@ BATCH_SIZE_BUCKETS = (1, 5, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 50000)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
-class Metrics:
+class _Served:
+    """A registry of its own, served over HTTP on demand."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve /metrics over HTTP on addr:port (0: any free port); returns the port."""
+        if self._server is None:
+            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        return int(self._server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._server = self._thread = None
+
+    def render(self) -> str:
+        """The exposition text, as /metrics serves it."""
+        return generate_latest(self.registry).decode()
+
+
+class Metrics(_Served):
+    def __init__(self) -> None:
+        super().__init__()
         r = self.registry
         self._applied = Counter(
             "cqrs_pg_events_applied", "Events applied (or covered by a refresh) per projection.", ["projection"], registry=r
@@ -71,9 +102,6 @@ class Metrics:
             "cqrs_pg_events_parked", "Events a projection set aside after they failed (cqrs-pg parked).",
             ["projection"], registry=r,
         )
-        self._server: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
     # -- what the daemon records ----------------------------------------------------------
 
     def batch(self, projection: str, applied: int, seconds: float) -> None:
@@ -101,26 +129,46 @@ class Metrics:
     def parked(self, projection: str) -> None:
         self._parked.labels(projection).inc()
 
-    # -- serving --------------------------------------------------------------------------
 
-    @property
-    def serving(self) -> bool:
-        return self._server is not None
+# `cqrs-pg relay --metrics-port`
+RELAY_NAMES = (
+    "cqrs_pg_relay_events_published_total",
+    "cqrs_pg_relay_batch_duration_seconds",
+    "cqrs_pg_relay_position",
+    "cqrs_pg_relay_lag_seconds",
+    "cqrs_pg_relay_broker_up",
+    "cqrs_pg_relay_errors_total",
+)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve /metrics over HTTP on addr:port (0: any free port); returns the port."""
-        if self._server is None:
-            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
-        return int(self._server.server_port)
 
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            if self._thread is not None:
-                self._thread.join(timeout=5)
-            self._server = self._thread = None
+class RelayMetrics(_Served):
+    def __init__(self) -> None:
+        super().__init__()
+        r = self.registry
+        self._published = Counter("cqrs_pg_relay_events_published", "Events published and acknowledged by the broker.",
+                                  registry=r)
+        self._duration = Histogram("cqrs_pg_relay_batch_duration_seconds",
+                                   "Poll, publish, broker acknowledgements and the ack of one batch.",
+                                   buckets=DURATION_BUCKETS, registry=r)
+        self._position = Gauge("cqrs_pg_relay_position", "Outbox position of the last event published.", registry=r)
+        self._lag = Gauge("cqrs_pg_relay_lag_seconds",
+                          "While batches come full: how long ago the last event published was committed (0: caught up).",
+                          registry=r)
+        self._broker_up = Gauge("cqrs_pg_relay_broker_up", "1 while the broker acknowledges publishes, else 0.", registry=r)
+        self._errors = Counter("cqrs_pg_relay_errors", "Rounds that failed, by what failed (database, broker).", ["kind"],
+                               registry=r)
+        self._full_since: float | None = None
 
-    def render(self) -> str:
-        """The exposition text, as /metrics serves it."""
-        return generate_latest(self.registry).decode()
+    def batch(self, events: int, seconds: float, position: int) -> None:
+        self._published.inc(events)
+        self._duration.observe(seconds)
+        self._position.set(position)
+
+    def lag(self, seconds: float) -> None:
+        self._lag.set(seconds)
+
+    def broker_up(self, up: bool) -> None:
+        self._broker_up.set(1 if up else 0)
+
+    def error(self, kind: str) -> None:
+        self._errors.labels(kind).inc()

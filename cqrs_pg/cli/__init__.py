@@ -202,13 +202,13 @@ def listen(
     "--max-events-behind",
     type=click.IntRange(0),
     metavar="N",
-    help="Unhealthy when a projection has more than N events not yet applied.",
+    help="Unhealthy when a projection (or subscription) has more than N events not yet applied (acknowledged).",
 )
 @click.option(
     "--max-seconds-behind",
     type=click.FloatRange(0),
     metavar="SECONDS",
-    help="Unhealthy when a projection's oldest unapplied event is older than this.",
+    help="Unhealthy when a projection's oldest unapplied event (a subscription's oldest unacknowledged) is older than this.",
 )
 @click.option(
     "--max-replica-lag",
@@ -231,7 +231,7 @@ def status(
     max_replica_lag: float | None,
     max_replica_lag_bytes: int | None,
 ) -> None:
-    """Show each projection's progress, replica lag and what holds the fence back.
+    """Show each projection's and subscription's progress, replica lag and what holds the fence back.
 
     Exit code: 0 healthy; 3 unhealthy (a threshold given is passed, or a replica of
     --replica-dsn is unreachable or not a standby); 1 status could not be read. So it
@@ -308,11 +308,12 @@ def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: in
               help="Keep history younger than this: 0s, 30m, 12h, 7d.")
 @click.option("--dry-run", is_flag=True, help="Print what would be dropped; change nothing.")
 def prune(dsn: str | None, replica_dsn: str | None, keep: str, dry_run: bool) -> None:
-    """Drop outbox history that every projection has passed and that is older than --keep.
+    """Drop outbox history that every projection and subscription has passed and that is older than --keep.
 
     The outbox is partitioned by position, 1,000,000 positions a partition; whole
     partitions are dropped, oldest first, never rows deleted: a partition goes once every
-    projection and rebuild has applied all of it, none of its events is parked, and its
+    projection and rebuild has applied all of it, every subscription's cursor (the
+    relay's too) is past it, none of its events is parked, and its
     newest event is older than --keep. What remains is one unbroken stretch of history.
     Dropping takes a brief lock on the outbox (at most 5 s waited for it). Once history
     is gone, a projection can be rebuilt only from the write model's state (`cqrs-pg
@@ -323,6 +324,68 @@ def prune(dsn: str | None, replica_dsn: str | None, keep: str, dry_run: bool) ->
     from cqrs_pg.retention import render as render_prune
 
     click.echo(render_prune(run_prune(require_dsn(dsn), parse_duration(keep), dry_run)))
+
+
+@main.command()
+@connection_options
+@click.option("--to", "url", required=True, metavar="nats://HOST:PORT", help="The NATS server (JetStream enabled).")
+@click.option("--stream", default="CQRS", show_default=True, metavar="NAME",
+              help="The JetStream stream; created if missing, taking the subjects PREFIX.>.")
+@click.option("--subject-prefix", default="cqrs", show_default=True, metavar="PREFIX",
+              help="Subjects are PREFIX.<aggregate_type>.<event_type>.")
+@click.option("--subscription", metavar="NAME",
+              help="The relay's resume point, a subscription (created if missing) [default: relay:<stream>]. "
+                   "Relays sharing it take turns, never publishing an event twice.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100000), metavar="N",
+              help="Events per poll, published before the batch is acknowledged.")
+@click.option("--from-now", is_flag=True,
+              help="A new subscription starts after the events committed so far (default: at the oldest event held).")
+@click.option("--duplicate-window", default="2m", show_default=True, metavar="DURATION",
+              help="A stream the relay creates keeps message ids this long, to drop a batch published again.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), metavar="PORT", help="Serve Prometheus metrics on this port.")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"]),
+              help="json: one JSON object per line.")
+def relay(dsn: str | None, replica_dsn: str | None, url: str, stream: str, subject_prefix: str, subscription: str | None,
+          batch_size: int, from_now: bool, duplicate_window: str, metrics_port: int | None, log_level: str,
+          log_format: str) -> None:
+    """Publish every event to a NATS JetStream stream, until SIGTERM or SIGINT.
+
+    Each event becomes one message on PREFIX.<aggregate_type>.<event_type> (wildcards and
+    whitespace in a type are percent-encoded), its body a JSON object (position,
+    event_type, aggregate_type, aggregate_id, aggregate_version, payload, metadata,
+    occurred_at), its header Nats-Msg-Id its position. Events go out in outbox order:
+    each aggregate's in version order. A batch is acknowledged in the database only
+    once the broker has stored every message of it; one published again after a crash
+    is dropped by the stream by message id, within its duplicate window. While the broker
+    or the database is away the relay says so in one line and retries with backoff. The
+    login needs only the role cqrs_consumer. On SIGTERM it finishes the batch in hand and
+    exits 0.
+    """
+    import asyncio
+
+    from cqrs_pg.logs import setup_logging
+    from cqrs_pg.relay import Relay, RelayConfig
+    from cqrs_pg.retention import parse_duration
+
+    window = parse_duration(duplicate_window)
+    config = RelayConfig(dsn=require_dsn(dsn), url=url, stream=stream, subject_prefix=subject_prefix,
+                         subscription=subscription, batch_size=batch_size, from_beginning=not from_now,
+                         duplicate_window=window, metrics_port=metrics_port)
+    setup_logging(log_level, log_format)
+
+    async def serve() -> None:
+        runner = Relay(config)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, _stopping, runner, sig)
+        await runner.run()
+
+    def _stopping(runner: Relay, sig: signal.Signals) -> None:
+        logging.getLogger("cqrs_pg.relay").info("received %s: finishing", sig.name)
+        runner.stop()
+
+    asyncio.run(serve())
 
 
 @main.command()

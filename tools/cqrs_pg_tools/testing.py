@@ -255,13 +255,15 @@ def running_daemon(dsn: str, **overrides: Any) -> Iterator[Listener]:
 
 
 class DaemonProcess:
-    """`cqrs-pg listen` as a child process, restarted the way systemd would; everything it
-    writes (its log) is appended to `log`, across restarts."""
+    """`cqrs-pg listen` (or another long-running command: `relay`) as a child process,
+    restarted the way systemd would; everything it writes (its log) is appended to `log`,
+    across restarts."""
 
-    def __init__(self, dsn: str, log: Path, *args: str) -> None:
+    def __init__(self, dsn: str, log: Path, *args: str, command: str = "listen") -> None:
         self.dsn = dsn
         self.log = log
         self.args = args
+        self.command = command
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -270,7 +272,7 @@ class DaemonProcess:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_ROOT, env.get("PYTHONPATH")) if p)
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cqrs_pg", "listen", "--dsn", self.dsn, *self.args],
+                [sys.executable, "-m", "cqrs_pg", self.command, "--dsn", self.dsn, *self.args],
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
         self.starts += 1
