@@ -26,8 +26,8 @@ from typing import Any
 import psycopg
 from nats.errors import Error as NatsError
 
-from cqrs_pg.db import redact
-from cqrs_pg.errors import ConfigError, CqrsPgError
+from cqrs_pg.db import connect, redact, require_migrated
+from cqrs_pg.errors import ConfigError, CqrsPgError, DatabaseUnavailable
 
 logger = logging.getLogger("cqrs_pg.relay")
 
@@ -158,6 +158,7 @@ class Relay:
         self._conn: psycopg.AsyncConnection[Any] | None = None
         self._nc: Any = None
         self._publisher: Publisher | None = None
+        self._checked = False
         self.published = 0
 
     def stop(self) -> None:
@@ -172,11 +173,14 @@ class Relay:
                     cfg.subscription, cfg.url, cfg.stream, cfg.subject_prefix)
         backoff = 0.1
         last_event = time.monotonic()
-        broker_down = False
+        broker_down = database_down = False
         try:
             while not self._stopping.is_set():
                 try:
                     conn = await self._database()
+                    if database_down:
+                        logger.info("database %s is back", redact(cfg.dsn))
+                        database_down = False
                     publisher = await self._broker()
                     if broker_down:
                         logger.info("broker at %s is back", cfg.url)
@@ -201,9 +205,12 @@ class Relay:
                         await self._idle(time.monotonic() - last_event)
                     else:
                         self.metrics.lag(rows[-1][5])
-                except (psycopg.OperationalError, OSError) as exc:
+                except (psycopg.OperationalError, OSError, DatabaseUnavailable) as exc:
                     await self._close_database()
-                    logger.warning("database %s: %s; reconnecting in %.1fs", redact(cfg.dsn), _first_line(exc), backoff)
+                    if not database_down:
+                        logger.warning("database %s: %s; reconnecting with backoff up to %.0fs",
+                                       redact(cfg.dsn), _first_line(exc), MAX_BACKOFF)
+                    database_down = True
                     self.metrics.error("database")
                     backoff = await self._backoff(backoff)
                 except psycopg.Error as exc:
@@ -239,6 +246,10 @@ class Relay:
         cfg = self.config
         conn = await psycopg.AsyncConnection.connect(cfg.dsn, autocommit=True, application_name="cqrs-pg relay",
                                                      connect_timeout=10)
+        if not self._checked:
+            # the engine at this cqrs_pg's version, on a primary: else one line saying what to run
+            await asyncio.to_thread(_require_migrated, cfg.dsn)
+            self._checked = True
         # What the relay writes (its hold and acks) it can redo: a lost ack publishes a
         # batch again, which the stream drops by message id.
         await conn.execute("SET synchronous_commit = off")
@@ -322,6 +333,11 @@ class Relay:
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await self._nc.close()
             self._nc = self._publisher = None
+
+
+def _require_migrated(dsn: str) -> None:
+    with connect(dsn, application_name="cqrs-pg relay") as conn:
+        require_migrated(conn)
 
 
 def _covers(pattern: str, subject: str) -> bool:
