@@ -6,8 +6,8 @@ product (taking an id), waits for another transaction's lock on the next one, an
 writes the later version of that product with the lower transaction id. The tests below
 make that happen deterministically with held locks, and then at random under a
 concurrent workload on hot products, and record what each kind of reader is handed: a
-python projection, a sql projection (its apply function reads cqrs.batch), and a rebuild
-of each.
+python projection, a sql projection (its apply function reads cqrs.batch), a rebuild of
+each, and a subscription's consumer (cqrs.poll, cqrs.ack).
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ CREATE TABLE ordering.python_seen (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, position bigint NOT NULL, aggregate_id uuid NOT NULL, version integer NOT NULL);
 CREATE TABLE ordering.sql_seen (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, position bigint NOT NULL, aggregate_id uuid NOT NULL, version integer NOT NULL);
+CREATE TABLE ordering.sub_seen (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, position bigint NOT NULL, aggregate_id uuid NOT NULL, version integer NOT NULL);
+SELECT cqrs.create_subscription('sub_seen', from_beginning => true);
 CREATE FUNCTION ordering.record(from_position bigint, to_position bigint) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -45,7 +48,8 @@ SELECT cqrs.register_projection('python_seen', 'python', search_path => 'orderin
 SELECT cqrs.register_projection('sql_seen', 'sql', 'ordering.record', search_path => 'ordering',
                                 tables => ARRAY['ordering.sql_seen']::regclass[]);
 """
-RECORDERS = ("python_seen", "sql_seen")
+PROJECTIONS = ("python_seen", "sql_seen")
+RECORDERS = (*PROJECTIONS, "sub_seen")
 
 
 def record(conn: psycopg.Connection, events: list[Event]) -> None:
@@ -76,9 +80,25 @@ def run_recorders(db: Database, seed: int, sizes: tuple[int, int] = (1, 3)) -> i
             applied += conn.execute(
                 "SELECT applied FROM cqrs.run_projection('sql_seen', %s)", (rng.randint(*sizes),)
             ).fetchone()[0]
+            applied += consume(conn, rng, sizes)
             if not applied:
                 return total
             total += applied
+
+
+def consume(conn: psycopg.Connection, rng: random.Random, sizes: tuple[int, int]) -> int:
+    """One poll of the subscription, its events recorded and acknowledged up to a random
+    point of it (the rest comes again); the events recorded."""
+    polled = conn.execute("SELECT position, aggregate_id, aggregate_version, cursor FROM cqrs.poll('sub_seen', %s)",
+                          (rng.randint(*sizes),)).fetchall()
+    if not polled:
+        return 0
+    handled = polled[: rng.randint(1, len(polled))]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany("INSERT INTO ordering.sub_seen (position, aggregate_id, version) VALUES (%s, %s, %s)",
+                        [row[:3] for row in handled])
+        cur.execute("SELECT cqrs.ack('sub_seen', %s)", (handled[-1][3],))
+    return len(handled)
 
 
 def disorder(conn: psycopg.Connection, table: str) -> list[str]:
@@ -156,7 +176,7 @@ def test_later_version_with_the_lower_transaction_id(recorders: Database) -> Non
             assert disorder(conn, table) == []
 
     # a rebuild hands each recorder the whole log again, in the same order
-    for table in RECORDERS:
+    for table in PROJECTIONS:
         rebuild(db.dsn, table, 2, lambda _: None)
     with db.connect() as conn:
         for table in RECORDERS:
@@ -170,18 +190,30 @@ def test_hot_aggregates_under_concurrent_writers(recorders: Database) -> None:
     db = recorders
     workload = ShopWorkload(db.dsn, seed=12, hold_max=0.005)
     workload.setup(customers=20, products=6, stock=100_000)
+    stop = threading.Event()
+
+    def consumer() -> None:  # polling while the writers commit out of order
+        rng = random.Random(13)
+        with db.connect() as conn:
+            while not stop.is_set() or consume(conn, rng, (1, 50)):
+                consume(conn, rng, (1, 50))
+
+    polling = threading.Thread(target=consumer)
+    polling.start()
     with running_daemon(db.dsn, batch_size=20, linger=0.05):
         result = workload.run(8, commands_per_client=60)
         assert not result.errors, result.errors[:3]
         db.wait_caught_up(result.max_token, replica=False)
         writers = threading.Thread(target=lambda: workload.run(4, commands_per_client=30))
         writers.start()
-        for table in RECORDERS:
+        for table in PROJECTIONS:
             rebuild(db.dsn, table, 50, lambda _: None)
         writers.join()
         with db.connect() as conn:
             last = conn.execute("SELECT max(tx_id)::text::bigint FROM cqrs.outbox").fetchone()[0]
         db.wait_caught_up(last, replica=False)
+    stop.set()
+    polling.join(timeout=60)
     with db.connect() as conn:
         for table in RECORDERS:
             assert disorder(conn, table) == []
