@@ -204,7 +204,7 @@ def test_the_engine_without_alembic_creates_the_roles_in_a_new_cluster(cluster: 
     creates them: the same as cqrs-pg migrate made in the test cluster."""
     with psycopg.connect(cluster.primary_dsn(), autocommit=True) as conn:
         expected = conn.execute(ROLES).fetchall()
-    assert [row[0] for row in expected] == ["cqrs_listener", "cqrs_reader", "cqrs_writer"]
+    assert [row[0] for row in expected] == ["cqrs_consumer", "cqrs_listener", "cqrs_reader", "cqrs_writer"]
     with throwaway_cluster("cqrs-pg-core-", replicas=0) as fresh:
         dsn = fresh.cluster.primary_dsn()
         with psycopg.connect(dsn, autocommit=True) as conn:

@@ -224,10 +224,11 @@ def test_group_roles_exist_and_cannot_log_in(db: Database) -> None:
     with db.connect() as conn:
         roles = dict(
             conn.execute(
-                "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN ('cqrs_writer', 'cqrs_reader', 'cqrs_listener')"
+                "SELECT rolname, rolcanlogin FROM pg_roles"
+                " WHERE rolname IN ('cqrs_writer', 'cqrs_reader', 'cqrs_listener', 'cqrs_consumer')"
             ).fetchall()
         )
-    assert roles == {"cqrs_writer": False, "cqrs_reader": False, "cqrs_listener": False}
+    assert roles == {"cqrs_writer": False, "cqrs_reader": False, "cqrs_listener": False, "cqrs_consumer": False}
 
 
 

@@ -26,7 +26,8 @@ from cqrs_pg_tools.testing import (
 from cqrs_pg_tools.verify import all_mismatches
 
 # What docs/production.md tells an operator to run on the new cluster before pg_restore.
-ROLES = "CREATE ROLE cqrs_writer NOLOGIN; CREATE ROLE cqrs_reader NOLOGIN; CREATE ROLE cqrs_listener NOLOGIN;"
+ROLES = ("CREATE ROLE cqrs_writer NOLOGIN; CREATE ROLE cqrs_reader NOLOGIN; CREATE ROLE cqrs_listener NOLOGIN;"
+         " CREATE ROLE cqrs_consumer NOLOGIN;")
 
 
 def caught_up(conn: psycopg.Connection, token: int) -> bool:
@@ -45,6 +46,10 @@ def test_dump_and_restore_into_a_cluster_whose_ids_are_behind(db: Database, tmp_
         with running_daemon(db.dsn):
             applied = new_customer(conn, "Applied before the move")
             wait_until(lambda: caught_up(conn, applied), "the first event to be applied")
+        # a consumer part of the way through the stream when the dump is taken
+        conn.execute("SELECT cqrs.create_subscription('audit', from_beginning => true)")
+        acked = conn.execute("SELECT position, cursor FROM cqrs.poll('audit', 1)").fetchone()
+        conn.execute("SELECT cqrs.ack('audit', %s)", (acked[1],))
         pending = new_customer(conn, "Committed, not applied, before the move")
         source_xid = int(scalar(conn, "SELECT pg_current_xact_id()::text"))
     subprocess.run([str(bindir / "pg_dump"), "-Fc", "-f", dump, db.dsn], check=True, capture_output=True)
@@ -83,4 +88,9 @@ def test_dump_and_restore_into_a_cluster_whose_ids_are_behind(db: Database, tmp_
                 conn, "SELECT count(*) FROM shop.customers")
             assert all_mismatches(conn) == NO_MISMATCH
             assert total >= 4
+            # the consumer goes on after its cursor: every later event, none skipped
+            polled = [r[0] for r in conn.execute("SELECT position FROM cqrs.poll('audit', 100)")]
+            assert polled == [r[0] for r in conn.execute(
+                "SELECT position FROM cqrs.outbox WHERE position > %s ORDER BY position", (acked[0],))]
+            assert polled
             assert cli("status", "--dsn", moved).returncode == 0

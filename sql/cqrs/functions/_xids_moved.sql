@@ -12,5 +12,6 @@ AS $$
                     WHERE c.horizon >= pg_snapshot_xmax(pg_current_snapshot())
                        OR c.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()))
         OR EXISTS (SELECT 1 FROM cqrs.rebuilds r WHERE r.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()))
-        OR EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()));
+        OR EXISTS (SELECT 1 FROM cqrs.listeners l WHERE l.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()))
+        OR EXISTS (SELECT 1 FROM cqrs.subscriptions s WHERE s.mark_xmax >= pg_snapshot_xmax(pg_current_snapshot()));
 $$;

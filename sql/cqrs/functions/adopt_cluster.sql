@@ -3,7 +3,7 @@
 -- cluster's. Where they are ahead of this cluster's (at or above its next xid), they would
 -- say transactions not yet applied were (cqrs.caught_up) and hold marks that never become
 -- usable. This rebases them: horizons back to the start (each recomputed at the next batch
--- or poll), those marks dropped, the old daemons' rows forgotten, old receipts' tokens to
+-- or poll), those marks dropped (subscriptions' too), the old daemons' rows forgotten, old receipts' tokens to
 -- one every horizon passes. Positions are untouched: reading goes on exactly where each
 -- projection's checkpoint is, so no event is skipped or applied twice. Returns the rows
 -- it changed (0: the ids had not moved). The daemon calls it as it connects; an operator
@@ -36,6 +36,9 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     changed := changed + n;
     DELETE FROM cqrs.listeners l WHERE l.mark_xmax >= next_xid;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    changed := changed + n;
+    UPDATE cqrs.subscriptions s SET mark_xmax = NULL, mark_position = NULL WHERE s.mark_xmax >= next_xid;
     GET DIAGNOSTICS n = ROW_COUNT;
     changed := changed + n;
     UPDATE cqrs.commands m SET token = 3 WHERE m.token >= next_xid::text::bigint;
