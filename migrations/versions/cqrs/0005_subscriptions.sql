@@ -266,7 +266,8 @@ AS $$
 $$;
 
 -- sql/cqrs/functions/_subscription.sql
--- A subscription's row; CQ002 naming it when there is none (never created, or dropped).
+-- A subscription's row; CQ002 naming it when there is none (never created, or dropped),
+-- CQ001 for a null name.
 -- lock: take its row lock (waiting for another poll or ack of it to commit).
 CREATE OR REPLACE FUNCTION cqrs._subscription(subscription text, lock boolean DEFAULT false)
 RETURNS cqrs.subscriptions
@@ -276,6 +277,9 @@ AS $$
 DECLARE
     s cqrs.subscriptions;
 BEGIN
+    IF subscription IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'subscription must not be null');
+    END IF;
     IF lock THEN
         SELECT * INTO s FROM cqrs.subscriptions x WHERE x.name = subscription FOR NO KEY UPDATE;
     ELSE
@@ -327,15 +331,21 @@ DECLARE
     list text;
     filter text[];
 BEGIN
-    PERFORM cqrs._require_text('name', name, 200);
+    -- stored trimmed, as they are checked: a type with spaces around it would match nothing
+    name := cqrs._require_text('name', name, 200);
     FOREACH list IN ARRAY ARRAY['event_types', 'aggregate_types'] LOOP
         filter := CASE list WHEN 'event_types' THEN event_types ELSE aggregate_types END;
         IF filter IS NOT NULL THEN
             IF cardinality(filter) = 0 THEN
                 PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', list));
             END IF;
-            PERFORM cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
-               FROM generate_subscripts(filter, 1) AS i;
+            filter := ARRAY(SELECT cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
+                              FROM generate_subscripts(filter, 1) AS i ORDER BY i);
+            IF list = 'event_types' THEN
+                event_types := filter;
+            ELSE
+                aggregate_types := filter;
+            END IF;
         END IF;
     END LOOP;
     SELECT * INTO lim FROM cqrs._read_limit();
@@ -382,6 +392,8 @@ DECLARE
     me_pid integer := pg_backend_pid();
     me_started timestamptz;
     scanned bigint;
+    next_pos bigint;
+    covered bigint := 0::bigint;
     window_end bigint;
     first_pos bigint;
     last_pos bigint;
@@ -393,6 +405,9 @@ BEGIN
     -- before any lock, with no xid yet: the position _read_limit reads can be a mark
     SELECT * INTO lim FROM cqrs._read_limit();
     s := cqrs._subscription(subscription);
+    -- A transaction reads the list of sessions once and keeps it (pg_stat_get_activity):
+    -- read it afresh, or a holder that connected since would count as gone.
+    PERFORM pg_stat_clear_snapshot();
     SELECT a.backend_start INTO me_started FROM pg_stat_get_activity(me_pid) a;
     marking := cqrs._needs_mark(s.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
     -- Read alone when there is nothing to do: no xid, no WAL.
@@ -401,14 +416,23 @@ BEGIN
         RETURN;
     END IF;
     s := cqrs._subscription(subscription, true);
+    PERFORM pg_stat_clear_snapshot();  -- sessions may have connected while it waited
     IF NOT cqrs._may_poll(s, me_pid, me_started) THEN
         RETURN;  -- another consumer's poll got there first
     END IF;
 
     -- Windows of positions, so that a filter matching few events costs a bounded scan per
-    -- poll; the cursor passes what was scanned and matched nothing.
+    -- poll; the cursor passes what was scanned and matched nothing. Each window starts at
+    -- the next event, so no stretch of positions without one (pruned, rolled back) makes
+    -- a poll come back empty while events follow.
     scanned := s.last_position;
     LOOP
+        SELECT o.position - 1 INTO next_pos
+          FROM cqrs.outbox o
+         WHERE o.position > scanned AND o.position <= lim.final_position
+         ORDER BY o.position
+         LIMIT 1;
+        scanned := coalesce(next_pos, lim.final_position);
         window_end := least(lim.final_position, scanned + window_size);
         EXIT WHEN window_end <= scanned;
         SELECT min(x.position), max(x.position), count(*) INTO first_pos, last_pos, n
@@ -419,8 +443,9 @@ BEGIN
                    AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))
                  ORDER BY o.position
                  LIMIT max_events) x;
+        covered := covered + (window_end - scanned);
         scanned := window_end;
-        EXIT WHEN n > 0 OR scanned - s.last_position >= scan_limit;
+        EXIT WHEN n > 0 OR covered >= scan_limit;
     END LOOP;
 
     IF n = 0 AND scanned = s.last_position AND NOT marking THEN
@@ -429,7 +454,11 @@ BEGIN
     now_xmax := pg_snapshot_xmax(pg_current_snapshot());
     UPDATE cqrs.subscriptions x
        SET last_position = CASE WHEN n > 0 THEN first_pos - 1 ELSE scanned END,
-           delivered_position = CASE WHEN n > 0 THEN last_pos ELSE scanned END,
+           -- its own poll again, of fewer events, keeps what it was handed acknowledgeable
+           delivered_position = CASE WHEN n = 0 THEN scanned
+                                     WHEN x.holder_pid = me_pid AND x.holder_started IS NOT DISTINCT FROM me_started
+                                     THEN greatest(x.delivered_position, last_pos)
+                                     ELSE last_pos END,
            holder_pid = CASE WHEN n > 0 THEN me_pid END,
            holder_started = CASE WHEN n > 0 THEN me_started END,
            held_until = CASE WHEN n > 0 THEN now() + cqrs._subscription_hold() END,
@@ -511,6 +540,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF name IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'name must not be null');
+    END IF;
     DELETE FROM cqrs.subscriptions s WHERE s.name = drop_subscription.name;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('subscription %L does not exist', name));

@@ -18,15 +18,21 @@ DECLARE
     list text;
     filter text[];
 BEGIN
-    PERFORM cqrs._require_text('name', name, 200);
+    -- stored trimmed, as they are checked: a type with spaces around it would match nothing
+    name := cqrs._require_text('name', name, 200);
     FOREACH list IN ARRAY ARRAY['event_types', 'aggregate_types'] LOOP
         filter := CASE list WHEN 'event_types' THEN event_types ELSE aggregate_types END;
         IF filter IS NOT NULL THEN
             IF cardinality(filter) = 0 THEN
                 PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', list));
             END IF;
-            PERFORM cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
-               FROM generate_subscripts(filter, 1) AS i;
+            filter := ARRAY(SELECT cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
+                              FROM generate_subscripts(filter, 1) AS i ORDER BY i);
+            IF list = 'event_types' THEN
+                event_types := filter;
+            ELSE
+                aggregate_types := filter;
+            END IF;
         END IF;
     END LOOP;
     SELECT * INTO lim FROM cqrs._read_limit();

@@ -7,6 +7,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF name IS NULL THEN
+        PERFORM cqrs._fail('CQ001', 'name must not be null');
+    END IF;
     DELETE FROM cqrs.subscriptions s WHERE s.name = drop_subscription.name;
     IF NOT FOUND THEN
         PERFORM cqrs._fail('CQ002', format('subscription %L does not exist', name));

@@ -28,6 +28,8 @@ DECLARE
     me_pid integer := pg_backend_pid();
     me_started timestamptz;
     scanned bigint;
+    next_pos bigint;
+    covered bigint := 0::bigint;
     window_end bigint;
     first_pos bigint;
     last_pos bigint;
@@ -39,6 +41,9 @@ BEGIN
     -- before any lock, with no xid yet: the position _read_limit reads can be a mark
     SELECT * INTO lim FROM cqrs._read_limit();
     s := cqrs._subscription(subscription);
+    -- A transaction reads the list of sessions once and keeps it (pg_stat_get_activity):
+    -- read it afresh, or a holder that connected since would count as gone.
+    PERFORM pg_stat_clear_snapshot();
     SELECT a.backend_start INTO me_started FROM pg_stat_get_activity(me_pid) a;
     marking := cqrs._needs_mark(s.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
     -- Read alone when there is nothing to do: no xid, no WAL.
@@ -47,14 +52,23 @@ BEGIN
         RETURN;
     END IF;
     s := cqrs._subscription(subscription, true);
+    PERFORM pg_stat_clear_snapshot();  -- sessions may have connected while it waited
     IF NOT cqrs._may_poll(s, me_pid, me_started) THEN
         RETURN;  -- another consumer's poll got there first
     END IF;
 
     -- Windows of positions, so that a filter matching few events costs a bounded scan per
-    -- poll; the cursor passes what was scanned and matched nothing.
+    -- poll; the cursor passes what was scanned and matched nothing. Each window starts at
+    -- the next event, so no stretch of positions without one (pruned, rolled back) makes
+    -- a poll come back empty while events follow.
     scanned := s.last_position;
     LOOP
+        SELECT o.position - 1 INTO next_pos
+          FROM cqrs.outbox o
+         WHERE o.position > scanned AND o.position <= lim.final_position
+         ORDER BY o.position
+         LIMIT 1;
+        scanned := coalesce(next_pos, lim.final_position);
         window_end := least(lim.final_position, scanned + window_size);
         EXIT WHEN window_end <= scanned;
         SELECT min(x.position), max(x.position), count(*) INTO first_pos, last_pos, n
@@ -65,8 +79,9 @@ BEGIN
                    AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))
                  ORDER BY o.position
                  LIMIT max_events) x;
+        covered := covered + (window_end - scanned);
         scanned := window_end;
-        EXIT WHEN n > 0 OR scanned - s.last_position >= scan_limit;
+        EXIT WHEN n > 0 OR covered >= scan_limit;
     END LOOP;
 
     IF n = 0 AND scanned = s.last_position AND NOT marking THEN
@@ -75,7 +90,11 @@ BEGIN
     now_xmax := pg_snapshot_xmax(pg_current_snapshot());
     UPDATE cqrs.subscriptions x
        SET last_position = CASE WHEN n > 0 THEN first_pos - 1 ELSE scanned END,
-           delivered_position = CASE WHEN n > 0 THEN last_pos ELSE scanned END,
+           -- its own poll again, of fewer events, keeps what it was handed acknowledgeable
+           delivered_position = CASE WHEN n = 0 THEN scanned
+                                     WHEN x.holder_pid = me_pid AND x.holder_started IS NOT DISTINCT FROM me_started
+                                     THEN greatest(x.delivered_position, last_pos)
+                                     ELSE last_pos END,
            holder_pid = CASE WHEN n > 0 THEN me_pid END,
            holder_started = CASE WHEN n > 0 THEN me_started END,
            held_until = CASE WHEN n > 0 THEN now() + cqrs._subscription_hold() END,
