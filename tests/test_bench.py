@@ -52,14 +52,15 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     # labelled as a quick run, so that nobody takes its figures for a real one
     assert report["command"] == "cqrs-pg bench --quick"
     assert report["quick"] is True and report["complete"] is True
-    assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth", "rebuild"}
+    assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth", "rebuild", "relay"}
     for name, part in report["parts"].items():
-        assert part.get("runs") or part.get("refresh_runs"), f"part {name} measured nothing"
+        measured = part.get("runs") or part.get("refresh_runs") or part.get("drain", {}).get("runs")
+        assert measured, f"part {name} measured nothing"
     assert report["machine"]["cpu_count"] >= 1
     assert report["machine"]["server_version"]
     assert report["machine"]["replicas_streaming"] == 1
     # The bench's targets, each with its value and verdict (whatever it is on this machine).
-    assert {t["part"] for t in report["targets"]} == {1, 2, 3, 5}
+    assert {t["part"] for t in report["targets"]} == {1, 2, 3, 5, 7}
     for t in report["targets"]:
         assert t["met"] in (True, False), t
     # Progress on stderr while it runs; the tables on stdout.
@@ -67,7 +68,8 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     assert last in quick["stderr"] and last not in quick["stdout"]
     for title in ("part 1: command throughput", "part 2: projection catch-up", "part 3: end-to-end latency",
                   "part 4: materialized view cost", "part 5: growth of the outbox",
-                  "part 6: rebuild from state and from the log", "== targets =="):
+                  "part 6: rebuild from state and from the log", "part 7: the relay to NATS JetStream",
+                  "== targets =="):
         assert title in quick["stdout"], title
     assert "ratios of medians at 4 clients" in quick["stdout"]
     for name in ("c/b", "d/g", "e/h"):  # the wake-up's cost, each with its target
@@ -265,6 +267,36 @@ def test_quick_rebuild(quick: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+def test_quick_relay(quick: dict[str, Any]) -> None:
+    part = quick["report"]["parts"]["relay"]
+    drain, latency = part["drain"], part["latency"]
+    # the backlog written through the shop tables, every kind of shop event, relayed under its subject
+    assert drain["events"] >= QUICK.relay_backlog
+    assert sum(drain["subjects"].values()) == drain["events"]
+    assert {"cqrs.customer.customer.created", "cqrs.customer.customer.updated", "cqrs.order.order.created",
+            "cqrs.order.order.updated", "cqrs.order.order_line.created", "cqrs.product.product.updated"} <= set(
+        drain["subjects"]), drain["subjects"]
+    # the relay and the direct baseline once each, every event in the stream once after each
+    assert sorted(r["kind"] for r in drain["runs"]) == ["direct", "relay"]
+    for run in drain["runs"]:
+        assert run["events"] == run["stream_messages"] == drain["events"] and run["stream_ok"] is True, run
+        assert run["events_per_second"] > 0 and run["process_cpu_seconds"] is not None, run
+        assert run["nats_cpu_seconds"] is not None and run["other_cpu"] is not None, run
+        if run["kind"] == "relay":
+            assert run["backend_cpu_seconds"] is not None, run  # its server backend found
+    assert drain["ratio_to_direct"]["value"] > 0
+    # latency: every command's (and every direct publish's) message reached the subscriber
+    assert sorted(r["kind"] for r in latency["runs"]) == ["direct", "relay"]
+    for run in latency["runs"]:
+        assert run["errors"] == 0 and run["seen"] == run["sent"] == run["scheduled"] > 0, run
+        assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"], run
+    assert latency["results"]["relay"]["relay_cpu_seconds"]["median"] > 0
+    assert latency["subject"] == "cqrs.customer.customer.created" and latency["body_bytes"] > 100
+    judged = [t["what"] for t in quick["report"]["targets"] if t["part"] == 7]
+    assert len(judged) == 3 and judged[0].startswith("relay drain of"), judged
+
+
+@pytest.mark.slow
 def test_quick_plots(quick: dict[str, Any]) -> None:
     for name in ("throughput.png", "latency.png"):
         data = (quick["plots"] / name).read_bytes()
@@ -282,7 +314,7 @@ def test_statistics() -> None:
 
 def test_bench_options_are_checked() -> None:
     runner = CliRunner()
-    for args, bad in ((["--parts", "1,7"], "'1,7'"), (["--rates", "0"], "'0'"), (["--history", "5"], "'5'"),
+    for args, bad in ((["--parts", "1,8"], "'1,8'"), (["--rates", "0"], "'0'"), (["--history", "5"], "'5'"),
                       (["--clients", "1,x"], "'1,x'"), (["--variants", "b,z"], "'b,z'")):
         result = runner.invoke(main, ["bench", *args])
         assert result.exit_code == 2, (args, result.output)

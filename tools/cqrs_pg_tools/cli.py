@@ -189,9 +189,9 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 
 
 @click.command()
-@click.option("--parts", default="1,2,3,4,5,6", show_default=True, callback=_int_list(1, 6, "1,3"), metavar="N,N,...",
+@click.option("--parts", default="1,2,3,4,5,6,7", show_default=True, callback=_int_list(1, 7, "1,3"), metavar="N,N,...",
               help="Which parts to run: 1 throughput, 2 catch-up, 3 latency, 4 materialized view, 5 growth, "
-                   "6 rebuild.")
+                   "6 rebuild, 7 relay.")
 @click.option("--rounds", type=click.IntRange(1), help="Interleaved repetitions of every measurement [default: 3].")
 @click.option("--seconds", type=click.IntRange(1), help="Part 1: length of each measured pgbench run [default: 10].")
 @click.option("--clients", callback=_client_counts, metavar="N,N,...",
@@ -214,7 +214,8 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
 @click.option("--rates", callback=_int_list(1, 100_000, "20,100,500"), metavar="N,N,...",
               help="Part 3: arrival rates, commands/s [default: 20,100,500].")
 @click.option("--latency-seconds", type=click.FloatRange(0.1), help="Part 3: measured seconds per run [default: 10].")
-@click.option("--latency-clients", type=click.IntRange(1, 100), help="Part 3: connections the commands are spread over [default: 8].")
+@click.option("--latency-clients", type=click.IntRange(1, 100),
+              help="Parts 3 and 7: connections the commands are spread over [default: 8].")
 @click.option("--matview-lines", callback=_int_list(1, 100_000_000, "10000,100000"), metavar="N,N,...",
               help="Part 4: order lines behind product_sales [default: 10000,100000,1000000].")
 @click.option("--load-rate", type=click.IntRange(1), help="Part 4: commands/s during the debounce runs [default: 200].")
@@ -223,6 +224,13 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Part 5: outbox rows of the small and the large history [default: 100000,10000000].")
 @click.option("--rebuild-orders", type=click.IntRange(1000), metavar="N",
               help="Part 6: orders in the history rebuilt from state and from the log [default: 1000000].")
+@click.option("--relay-backlog", type=click.IntRange(1000), metavar="N",
+              help="Part 7: events in the backlog the relay drains [default: 1000000].")
+@click.option("--relay-batch-size", type=click.IntRange(1, 100_000), metavar="N",
+              help="Part 7: the relay's --batch-size, and the direct baseline's batches [default: 1000, the relay's].")
+@click.option("--relay-rate", type=click.IntRange(1), metavar="N",
+              help="Part 7: commands (and direct publishes) per second in the latency runs [default: 500].")
+@click.option("--relay-seconds", type=click.FloatRange(0.1), help="Part 7: measured seconds per latency run [default: 10].")
 @click.option("--quick", is_flag=True,
               help="Every part tiny (1 round, seconds each): checks that it works, measures nothing. "
                    "Options given as well override its sizes.")
@@ -254,6 +262,9 @@ def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir:
        prune time and disk freed at 10M
     6. rebuild of order_summary and customer_stats from the write model's state beside
        from the whole event log, at 1M orders
+    7. `cqrs-pg relay` draining 1M events into NATS JetStream, and command -> message
+       latency at 500/s, beside the same messages published straight to JetStream
+       (a nats-server of the bench's own)
 
     Every figure is a median of interleaved rounds with its min-max spread. Progress goes
     to stderr, the tables to stdout. On a throwaway primary + replica it takes about 30

@@ -12,11 +12,13 @@
 5. growth      per-batch read cost and command latency with a small and a large outbox,
                and what pruning the large one takes and frees
 6. rebuild     `cqrs-pg rebuild` from the write model's state beside from the whole log
+7. relay       `cqrs-pg relay` draining a backlog into NATS JetStream, and its latency at
+               500 commands/s, beside the same messages published straight to JetStream
 
 Everything runs on one throwaway primary + streaming replica (or the server given with
---dsn), in databases cloned from one migrated, seeded template. Every figure is a median
-of repeated runs with its min-max spread; runs of a figure and of its baseline are
-interleaved in a shuffled order. Progress goes to stderr, the tables to stdout.
+--dsn), in databases cloned from one migrated, seeded template; part 7 publishes to a
+nats-server of its own. Every figure is a median of repeated runs with its min-max
+spread; runs of a figure and of its baseline are interleaved in a shuffled order. Progress goes to stderr, the tables to stdout.
 See docs/benchmarks.md.
 """
 
@@ -77,6 +79,13 @@ def run_bench(
         from cqrs_pg_tools.bench.plots import require_matplotlib
 
         require_matplotlib()  # before an hour of benchmarking, not after
+    if 7 in config.parts:
+        from cqrs_pg_tools.natsserver import nats_server_binary
+
+        try:
+            nats_server_binary()
+        except RuntimeError as exc:
+            raise BenchError(f"part 7 (the relay) needs a nats-server: {exc}") from exc
     if json_path is not None and not json_path.parent.is_dir():
         raise BenchError(f"--json {json_path}: the directory {json_path.parent} does not exist")
     unknown = [p for p in config.parts if p not in PART_NAMES]

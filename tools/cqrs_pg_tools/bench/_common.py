@@ -32,7 +32,7 @@ from cqrs_pg_tools.devcluster import DevCluster, find_bindir
 
 Echo = Callable[[str], None]
 
-PART_NAMES = {1: "throughput", 2: "catchup", 3: "latency", 4: "matview", 5: "growth", 6: "rebuild"}
+PART_NAMES = {1: "throughput", 2: "catchup", 3: "latency", 4: "matview", 5: "growth", 6: "rebuild", 7: "relay"}
 PART_TITLES = {
     1: "command throughput",
     2: "projection catch-up",
@@ -40,6 +40,7 @@ PART_TITLES = {
     4: "materialized view cost",
     5: "growth of the outbox",
     6: "rebuild from state and from the log",
+    7: "the relay to NATS JetStream",
 }
 
 
@@ -49,7 +50,7 @@ class BenchError(CqrsPgError):
 
 @dataclass
 class BenchConfig:
-    parts: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
+    parts: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7)
     rounds: int = 3  # repetitions of every measurement, interleaved
     customers: int = 10_000
     products: int = 10_000
@@ -73,8 +74,8 @@ class BenchConfig:
     serial: int = 300  # commands one after another, each awaited on the replica (0: none)
     rates: tuple[int, ...] = (20, 100, 500)  # commands per second, open loop
     latency_seconds: float = 10.0  # measured, per run
-    latency_warmup: float = 2.0  # seconds of load before each measured window
-    latency_clients: int = 8  # connections the commands are spread over
+    latency_warmup: float = 2.0  # seconds of load before each measured window (parts 3 and 7)
+    latency_clients: int = 8  # connections the commands are spread over (parts 3 and 7)
     poll_ms: float = 1.0  # how often the watcher looks at the replica
     # part 4: materialized view cost
     matview_lines: tuple[int, ...] = (10_000, 100_000, 1_000_000)
@@ -87,6 +88,11 @@ class BenchConfig:
     growth_samples: int = 30  # timed executions of each batch query, per round
     # part 6: rebuild from state and from the log
     rebuild_orders: int = 1_000_000
+    # part 7: the relay to NATS JetStream
+    relay_backlog: int = 1_000_000  # events drained
+    relay_batch_size: int = 1000  # the relay's --batch-size (its default)
+    relay_rate: int = 500  # commands per second in the latency runs
+    relay_seconds: float = 10.0  # measured, per latency run
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> BenchConfig:
@@ -99,6 +105,7 @@ class BenchConfig:
             "matview_lines": (2_000, 10_000, 40_000), "load_rate": 100, "load_seconds": 2,
             "history": (10_000, 60_000), "growth_seconds": 1, "growth_samples": 5,
             "rebuild_orders": 5_000,
+            "relay_backlog": 20_000, "relay_seconds": 2.0,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
