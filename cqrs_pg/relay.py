@@ -41,7 +41,7 @@ SELECT p.position, p.cursor, p.aggregate_type, p.event_type,
                          'aggregate_version', p.aggregate_version, 'payload', p.payload,
                          'metadata', p.metadata, 'occurred_at', p.occurred_at)::text,
        extract(epoch FROM clock_timestamp() - p.occurred_at)::float8
-  FROM cqrs.poll(%s, %s) p
+  FROM cqrs.poll(%s, %s, %s) p
 """
 
 # What may not stand in a subject as it is: wildcards, whitespace and control characters.
@@ -54,6 +54,19 @@ def subject_part(value: str) -> str:
     characters a subject cannot hold percent-encoded, an empty token as '_'."""
     encoded = _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), value)
     return ".".join(token or "_" for token in encoded.split("."))
+
+
+def messages(rows: list[Any], subject_prefix: str, subjects: dict[tuple[str, str], str]) -> list[tuple[str, bytes, str]]:
+    """(subject, body, message id) of each row of POLL; subjects: a cache of subjects by
+    (aggregate_type, event_type), filled as it goes."""
+    out = []
+    for position, _, aggregate_type, event_type, body, _ in rows:
+        subject = subjects.get((aggregate_type, event_type))
+        if subject is None:
+            subject = subjects[(aggregate_type, event_type)] = (
+                f"{subject_prefix}.{subject_part(aggregate_type)}.{subject_part(event_type)}")
+        out.append((subject, body.encode(), str(position)))
+    return out
 
 
 @dataclass
@@ -91,59 +104,91 @@ class BrokerError(Exception):
     """The broker refused or did not acknowledge a publish: the batch is tried again."""
 
 
+class _Round:
+    """One batch's messages awaiting the broker's acknowledgements."""
+
+    __slots__ = ("done", "errors", "total", "waiting")
+
+    def __init__(self, total: int) -> None:
+        self.total = self.waiting = total
+        self.errors: list[str] = []
+        self.done = asyncio.Event()
+
+
 class Publisher:
     """Publishes to JetStream with one acknowledgement inbox for all messages, so that a
-    batch costs one subscription callback per message and nothing more."""
+    batch costs one subscription callback per message and nothing more. A batch is sent
+    (send) and its acknowledgements awaited (wait) apart, so that the relay fetches the
+    next batch meanwhile."""
 
     def __init__(self, nc: Any) -> None:
         self.nc = nc
         self.inbox = nc.new_inbox()
-        self._waiting = 0
-        self._errors: list[str] = []
-        self._done = asyncio.Event()
-        self._sub: Any = None
-        self._round = 0
+        self._rounds: dict[str, _Round] = {}
+        self._next = 0
+        self._lost: str | None = None
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(
+        await self.nc.subscribe(
             f"{self.inbox}.*.*", cb=self._on_ack, pending_msgs_limit=10_000_000, pending_bytes_limit=1 << 30
         )
 
+    def lost(self, reason: str) -> None:
+        """The connection is gone: every batch in flight fails now, not at its timeout."""
+        self._lost = reason
+        for r in self._rounds.values():
+            r.done.set()
+
     async def _on_ack(self, msg: Any) -> None:
-        # <inbox>.<round>.<n>: an acknowledgement of an earlier round (a retry) is ignored
-        round_token = msg.subject[len(self.inbox) + 1 :].split(".", 1)[0]
-        if round_token != str(self._round):
+        # <inbox>.<round>.<n>: an acknowledgement of a round given up is ignored
+        r = self._rounds.get(msg.subject[len(self.inbox) + 1 :].split(".", 1)[0])
+        if r is None:
             return
         data = msg.data
         if msg.headers and msg.headers.get("Status") == "503":
-            self._errors.append("no stream takes this subject (503 no responders)")
+            r.errors.append("no stream takes this subject (503 no responders)")
         elif b'"error"' in data or not data:
             try:
                 error = json.loads(data).get("error", {}).get("description", data.decode(errors="replace"))
             except ValueError:
                 error = data.decode(errors="replace") or "an empty reply"
-            self._errors.append(str(error))
-        self._waiting -= 1
-        if self._waiting <= 0:
-            self._done.set()
+            r.errors.append(str(error))
+        r.waiting -= 1
+        if r.waiting <= 0:
+            r.done.set()
+
+    async def send(self, messages: list[tuple[str, bytes, str]]) -> str:
+        """Publishes (subject, body, message id) in order, on the one connection, so the
+        stream stores them in this order; returns the batch's token for wait()."""
+        if self._lost is not None:
+            raise BrokerError(self._lost)
+        self._next += 1
+        token = str(self._next)
+        self._rounds[token] = _Round(len(messages))
+        prefix = f"{self.inbox}.{token}."
+        publish = self.nc.publish
+        for n, (subject, body, msg_id) in enumerate(messages):
+            await publish(subject, body, reply=f"{prefix}{n}", headers={"Nats-Msg-Id": msg_id})
+        return token
+
+    async def wait(self, token: str, timeout: float) -> None:
+        """Returns once the broker has stored every message of the batch; else BrokerError."""
+        r = self._rounds[token]
+        try:
+            try:
+                await asyncio.wait_for(r.done.wait(), timeout)
+            except TimeoutError as exc:
+                raise BrokerError(f"{r.waiting} of {r.total} messages not acknowledged within {timeout:g}s") from exc
+            if self._lost is not None:
+                raise BrokerError(self._lost)
+            if r.errors:
+                raise BrokerError(f"the broker refused {len(r.errors)} messages: {r.errors[0]}")
+        finally:
+            del self._rounds[token]
 
     async def publish(self, messages: list[tuple[str, bytes, str]], timeout: float) -> None:
-        """Publishes (subject, body, message id) in order; returns once the broker has
-        acknowledged each, or raises BrokerError."""
-        self._round += 1
-        self._errors = []
-        self._waiting = len(messages)
-        self._done.clear()
-        prefix = f"{self.inbox}.{self._round}."
-        for n, (subject, body, msg_id) in enumerate(messages):
-            await self.nc.publish(subject, body, reply=f"{prefix}{n}", headers={"Nats-Msg-Id": msg_id})
-        await self.nc.flush(timeout=timeout)
-        try:
-            await asyncio.wait_for(self._done.wait(), timeout)
-        except TimeoutError as exc:
-            raise BrokerError(f"{self._waiting} of {len(messages)} messages not acknowledged within {timeout:g}s") from exc
-        if self._errors:
-            raise BrokerError(f"the broker refused {len(self._errors)} messages: {self._errors[0]}")
+        """send() and wait() for one batch."""
+        await self.wait(await self.send(messages), timeout)
 
 
 class Relay:
@@ -159,6 +204,7 @@ class Relay:
         self._nc: Any = None
         self._publisher: Publisher | None = None
         self._checked = False
+        self._subjects: dict[tuple[str, str], str] = {}
         self.published = 0
 
     def stop(self) -> None:
@@ -174,6 +220,7 @@ class Relay:
         backoff = 0.1
         last_event = time.monotonic()
         broker_down = database_down = False
+        ahead: list[Any] | None = None  # the next batch, fetched while the one before was stored
         try:
             while not self._stopping.is_set():
                 try:
@@ -186,13 +233,14 @@ class Relay:
                         logger.info("broker at %s is back", cfg.url)
                         broker_down = False
                     started = time.monotonic()
-                    rows = await (await conn.execute(POLL, (cfg.subscription, cfg.batch_size))).fetchall()
+                    rows = ahead if ahead is not None else await self._poll(conn)
+                    ahead = None
                     if rows:
-                        await publisher.publish(
-                            [(f"{cfg.subject_prefix}.{subject_part(r[2])}.{subject_part(r[3])}", r[4].encode(), str(r[0]))
-                             for r in rows],
-                            cfg.ack_timeout,
-                        )
+                        token = await publisher.send(self._messages(rows))
+                        if len(rows) == cfg.batch_size and not self._stopping.is_set():
+                            # a backlog: fetch the next batch while the broker stores this one
+                            ahead = await self._poll(conn, after=rows[-1][1])
+                        await publisher.wait(token, cfg.ack_timeout)
                         await conn.execute("SELECT cqrs.ack(%s, %s)", (cfg.subscription, rows[-1][1]))
                         now = time.monotonic()
                         self.published += len(rows)
@@ -206,6 +254,7 @@ class Relay:
                     else:
                         self.metrics.lag(rows[-1][5])
                 except (psycopg.OperationalError, OSError, DatabaseUnavailable) as exc:
+                    ahead = None
                     await self._close_database()
                     if not database_down:
                         logger.warning("database %s: %s; reconnecting with backoff up to %.0fs",
@@ -217,6 +266,9 @@ class Relay:
                     # not the connection: the subscription dropped, a role without the grant
                     raise CqrsPgError(f"subscription {cfg.subscription!r}: {_first_line(exc)}") from exc
                 except (BrokerError, NatsError) as exc:
+                    # what was not stored is published again, from the last batch acknowledged
+                    ahead = None
+                    await self._close_broker()
                     if not broker_down:
                         logger.warning("broker at %s: %s; the batch waits and is published again (retrying with backoff "
                                        "up to %.0fs)", cfg.url, _first_line(exc), MAX_BACKOFF)
@@ -228,6 +280,18 @@ class Relay:
             await self._close_database()
             await self._close_broker()
             self.metrics.close()
+
+    async def _poll(self, conn: psycopg.AsyncConnection[Any], after: str | None = None) -> list[Any]:
+        try:
+            cur = await conn.execute(POLL, (self.config.subscription, self.config.batch_size, after))
+        except psycopg.Error as exc:
+            if after is not None and exc.sqlstate == "CQ001":
+                return []  # its hold passed to another relay meanwhile: the batch in flight is its last
+            raise
+        return await cur.fetchall()
+
+    def _messages(self, rows: list[Any]) -> list[tuple[str, bytes, str]]:
+        return messages(rows, self.config.subject_prefix, self._subjects)
 
     async def _idle(self, quiet: float) -> None:
         """Polls often just after events (the next likely follows), less once quiet."""
@@ -276,20 +340,22 @@ class Relay:
     async def _broker(self) -> Publisher:
         if self._publisher is not None and self._nc is not None and self._nc.is_connected:
             return self._publisher
-        if self._nc is not None and not self._nc.is_closed:
-            # nats-py reconnects by itself; wait for it rather than open another connection
-            raise BrokerError("not connected (reconnecting)")
+        if self._nc is not None:
+            await self._close_broker()
+            raise BrokerError("the connection to the broker was lost")
         import nats
         from nats.errors import NoServersError
 
         cfg = self.config
         try:
-            # once connected, nats-py reconnects by itself; a first connection it would try
-            # for ever, so it is bounded here and retried with the relay's backoff
+            # No reconnecting inside nats-py: it would send what it buffered after messages
+            # lost with the old connection, and the stream would store a batch out of order.
+            # A lost connection fails the batches in flight; the relay connects anew and
+            # publishes from the last batch acknowledged.
             nc = await asyncio.wait_for(nats.connect(
-                cfg.url, name="cqrs-pg relay", connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, pending_size=64 * 1024 * 1024,
-                error_cb=_quiet, disconnected_cb=_quiet_cb, reconnected_cb=_quiet_cb, closed_cb=_quiet_cb,
+                cfg.url, name="cqrs-pg relay", connect_timeout=2, allow_reconnect=False,
+                pending_size=64 * 1024 * 1024, error_cb=_quiet, disconnected_cb=self._broker_lost,
+                closed_cb=self._broker_lost,
             ), 5)
         except (NoServersError, OSError, TimeoutError) as exc:
             raise BrokerError(f"cannot connect: {_first_line(exc) or type(exc).__name__}") from exc
@@ -302,6 +368,10 @@ class Relay:
             raise
         self._nc, self._publisher = nc, publisher
         return publisher
+
+    async def _broker_lost(self) -> None:
+        if self._publisher is not None:
+            self._publisher.lost("the connection to the broker was lost")
 
     async def _ensure_stream(self, nc: Any) -> None:
         from nats.js.api import StreamConfig
@@ -353,10 +423,6 @@ def _covers(pattern: str, subject: str) -> bool:
 
 async def _quiet(exc: Exception) -> None:
     logger.debug("nats: %s", exc)
-
-
-async def _quiet_cb() -> None:
-    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -535,7 +535,7 @@ def test_a_consumer_login_uses_subscriptions_and_nothing_else(db: Database, logi
 
         assert {f[0] for f in functions if allowed(*f)} == {
             "cqrs.create_subscription(text,text[],text[],boolean)",
-            "cqrs.poll(text,integer)",
+            "cqrs.poll(text,integer,text)",
             "cqrs.ack(text,text)",
             "cqrs.drop_subscription(text)",
         }
@@ -642,3 +642,26 @@ def test_a_smaller_poll_again_keeps_what_was_handed_out_acknowledgeable(db: Data
         assert poll(conn, max_events=1) == handed[:1]
         ack(conn, handed[-1].cursor)  # handed out by the first poll: still acknowledgeable
         assert cursor_of(conn) == handed[-1].position
+
+
+def test_the_holder_may_fetch_past_what_it_has_not_acknowledged(db: Database) -> None:
+    with db.connect() as conn, db.connect() as other:
+        conn.execute("SELECT cqrs.create_subscription('feed', from_beginning => true)")
+        seed_shop(conn)
+        for n in range(3):
+            run(conn, "register_customer", f"after{n}@example.com", f"A{n}")
+        everything = outbox(conn)
+        first = poll(conn, max_events=2)
+        second = [Polled(*row) for row in conn.execute(
+            "SELECT position, aggregate_id, aggregate_version, event_type, aggregate_type, cursor"
+            " FROM cqrs.poll('feed', 2, %s)", (first[-1].cursor,))]
+        assert positions(first + second) == everything[:4]
+        assert cursor_of(conn) == 0, "fetching ahead acknowledged nothing"
+        # only the holder, and only from what it was handed
+        assert "after must be a cursor this session was handed" in refused(
+            other, "CQ001", "SELECT * FROM cqrs.poll('feed', 2, %s)", (first[-1].cursor,))
+        assert "after must be a cursor this session was handed" in refused(
+            conn, "CQ001", "SELECT * FROM cqrs.poll('feed', 2, %s)", (str(everything[-1]),))
+        assert poll(other) == []
+        ack(conn, second[-1].cursor)
+        assert positions(poll(other)) == everything[4:]

@@ -51,7 +51,7 @@ TO cqrs_listener;
 GRANT USAGE ON SCHEMA cqrs TO cqrs_consumer;
 GRANT EXECUTE ON FUNCTION
     cqrs.create_subscription(text, text[], text[], boolean),
-    cqrs.poll(text, integer),
+    cqrs.poll(text, integer, text),
     cqrs.ack(text, text),
     cqrs.drop_subscription(text)
 TO cqrs_consumer;

@@ -14,11 +14,7 @@ DECLARE
     s cqrs.subscriptions;
     pos bigint;
 BEGIN
-    IF cursor IS NULL OR cursor !~ '^[0-9]{1,18}$' THEN
-        PERFORM cqrs._fail('CQ001', format(
-            'cursor must be one that cqrs.poll returned, got %s', coalesce(quote_literal(left(cursor, 40)), 'NULL')));
-    END IF;
-    pos := cursor::bigint;
+    pos := cqrs._cursor_position(cursor);
     s := cqrs._subscription(subscription);
     IF pos <= s.last_position THEN
         RETURN;  -- acknowledged already

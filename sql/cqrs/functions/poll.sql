@@ -10,7 +10,11 @@
 -- nothing. Events outside the filter are passed over: the cursor moves past them.
 -- A poll with nothing to hand out writes nothing, unless a mark is due (as a projection
 -- stores one, cqrs._needs_mark), so that events committed while others run become readable.
-CREATE OR REPLACE FUNCTION cqrs.poll(subscription text, max_events integer DEFAULT 100)
+--
+-- after: a cursor this session was handed and has not acknowledged yet: the events after
+-- it instead, so that a consumer fetches its next batch while it still works on the one
+-- before (the relay: while the broker stores it); the cursor stays where it is.
+CREATE OR REPLACE FUNCTION cqrs.poll(subscription text, max_events integer DEFAULT 100, after text DEFAULT NULL)
 RETURNS TABLE ("position" bigint, tx_id xid8, event_type text, aggregate_type text, aggregate_id uuid,
                aggregate_version integer, payload jsonb, metadata jsonb, occurred_at timestamptz,
                payload_version integer, cursor text)
@@ -28,6 +32,7 @@ DECLARE
     me_pid integer := pg_backend_pid();
     me_started timestamptz;
     scanned bigint;
+    start bigint;
     next_pos bigint;
     covered bigint := 0::bigint;
     window_end bigint;
@@ -57,11 +62,21 @@ BEGIN
         RETURN;  -- another consumer's poll got there first
     END IF;
 
+    IF after IS NOT NULL THEN
+        start := cqrs._cursor_position(after);
+        IF start < s.last_position OR start > s.delivered_position
+           OR s.holder_pid IS DISTINCT FROM me_pid OR s.holder_started IS DISTINCT FROM me_started THEN
+            PERFORM cqrs._fail('CQ001', format(
+                'after must be a cursor this session was handed by a poll of subscription %L and has not '
+                'acknowledged (%s to %s), got %s', subscription, s.last_position, s.delivered_position, after));
+        END IF;
+    END IF;
+
     -- Windows of positions, so that a filter matching few events costs a bounded scan per
     -- poll; the cursor passes what was scanned and matched nothing. Each window starts at
     -- the next event, so no stretch of positions without one (pruned, rolled back) makes
     -- a poll come back empty while events follow.
-    scanned := s.last_position;
+    scanned := coalesce(start, s.last_position);
     LOOP
         SELECT o.position - 1 INTO next_pos
           FROM cqrs.outbox o
@@ -84,20 +99,21 @@ BEGIN
         EXIT WHEN n > 0 OR covered >= scan_limit;
     END LOOP;
 
-    IF n = 0 AND scanned = s.last_position AND NOT marking THEN
+    IF n = 0 AND (scanned = s.last_position OR start IS NOT NULL) AND NOT marking THEN
         RETURN;
     END IF;
     now_xmax := pg_snapshot_xmax(pg_current_snapshot());
     UPDATE cqrs.subscriptions x
-       SET last_position = CASE WHEN n > 0 THEN first_pos - 1 ELSE scanned END,
+       SET last_position = CASE WHEN start IS NOT NULL THEN x.last_position
+                                WHEN n > 0 THEN first_pos - 1 ELSE scanned END,
            -- its own poll again, of fewer events, keeps what it was handed acknowledgeable
-           delivered_position = CASE WHEN n = 0 THEN scanned
+           delivered_position = CASE WHEN n = 0 THEN greatest(x.delivered_position, scanned)
                                      WHEN x.holder_pid = me_pid AND x.holder_started IS NOT DISTINCT FROM me_started
                                      THEN greatest(x.delivered_position, last_pos)
                                      ELSE last_pos END,
-           holder_pid = CASE WHEN n > 0 THEN me_pid END,
-           holder_started = CASE WHEN n > 0 THEN me_started END,
-           held_until = CASE WHEN n > 0 THEN now() + cqrs._subscription_hold() END,
+           holder_pid = CASE WHEN n > 0 OR start IS NOT NULL THEN me_pid END,
+           holder_started = CASE WHEN n > 0 OR start IS NOT NULL THEN me_started END,
+           held_until = CASE WHEN n > 0 OR start IS NOT NULL THEN now() + cqrs._subscription_hold() END,
            polled_at = CASE WHEN n > 0 THEN now() ELSE x.polled_at END,
            final_position = greatest(x.final_position, lim.final_position),
            mark_xmax = CASE WHEN lim.mark_position IS NOT NULL AND cqrs._mark_replaceable(x.mark_xmax, lim.fence, now_xmax)

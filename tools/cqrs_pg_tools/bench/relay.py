@@ -45,7 +45,7 @@ import psycopg
 from nats.errors import Error as NatsError
 
 from cqrs_pg.db import scalar
-from cqrs_pg.relay import POLL, BrokerError, Publisher, Relay, RelayConfig, subject_part
+from cqrs_pg.relay import POLL, BrokerError, Publisher, Relay, RelayConfig, messages, subject_part
 from cqrs_pg_tools.bench import generate
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
@@ -501,14 +501,10 @@ def _read_messages(conn: psycopg.Connection, rcfg: RelayConfig) -> list[tuple[st
     subjects: dict[tuple[str, str], str] = {}
     try:
         while True:
-            rows = conn.execute(POLL, (name, READ_BATCH)).fetchall()
+            rows = conn.execute(POLL, (name, READ_BATCH, None)).fetchall()
             if not rows:
                 break
-            for r in rows:
-                subject = subjects.get((r[2], r[3]))
-                if subject is None:
-                    subject = subjects[(r[2], r[3])] = f"{rcfg.subject_prefix}.{subject_part(r[2])}.{subject_part(r[3])}"
-                out.append((subject, r[4].encode(), str(r[0])))
+            out.extend(messages(rows, rcfg.subject_prefix, subjects))
             conn.execute("SELECT cqrs.ack(%s, %s)", (name, rows[-1][1]))
     finally:
         conn.execute("SELECT cqrs.drop_subscription(%s)", (name,))
@@ -525,7 +521,7 @@ def _template(dsn: str, rcfg: RelayConfig) -> tuple[str, bytes, str]:
             row = conn.execute(COMMAND_SQL, (uuid.uuid4(), f"template-{uuid.uuid4().hex}@bench.example",
                                              "Relayed customer")).fetchone()
             assert row is not None
-            rows = conn.execute(POLL, (name, 100)).fetchall()
+            rows = conn.execute(POLL, (name, 100, None)).fetchall()
         finally:
             conn.execute("SELECT cqrs.drop_subscription(%s)", (name,))
     for r in rows:
