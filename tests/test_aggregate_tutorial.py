@@ -142,7 +142,7 @@ def test_tutorial_in_an_empty_database(db: Database, empty_db: Database, writer:
         assert schemas(admin) == set()
         assert admin.execute("SELECT count(*) FROM library_alembic_version").fetchone()[0] == 0
         # roles are cluster-wide: the other databases of this cluster still use them
-        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'cqrs\\_%'").fetchone()[0] == 3
+        assert admin.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'cqrs\\_%'").fetchone()[0] == 4
 
 
 def test_the_engine_the_package_installs_is_the_engines_migration_line(cluster: DevCluster, empty_db: Database) -> None:
