@@ -22,14 +22,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from collections.abc import Iterator, Sequence
-from datetime import datetime
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple
 
 import psycopg
 
+from cqrs_pg import projections
 from cqrs_pg.db import connect
 from cqrs_pg.errors import DatabaseUnavailable, from_psycopg
 
@@ -38,20 +37,12 @@ logger = logging.getLogger("cqrs_pg.subscriptions")
 MAX_BACKOFF = 30.0
 
 
-class Event(NamedTuple):
-    """One event as cqrs.poll hands it out."""
+@dataclass(frozen=True)
+class Event(projections.Event):
+    """One event as cqrs.poll hands it out: a row of cqrs.outbox, as a python projection's
+    handler gets it, and the cursor that acknowledges it."""
 
-    position: int
-    tx_id: int
-    event_type: str
-    aggregate_type: str
-    aggregate_id: uuid.UUID
-    aggregate_version: int
-    payload: Any
-    metadata: Any
-    occurred_at: datetime
-    payload_version: int
-    cursor: str
+    cursor: str = ""
 
 
 POLL = (
