@@ -215,3 +215,30 @@ def test_relay_status_shows_its_subscription_lag(db: Database, broker: NatsServe
                 "the relay's acknowledgement")
     finally:
         relay.stop()
+
+
+def test_relay_serves_its_metrics(db: Database, broker: NatsServer, tmp_path: Path) -> None:
+    import urllib.request
+
+    from cqrs_pg.metrics import RELAY_NAMES
+    from cqrs_pg_tools.natsserver import free_port
+
+    with db.connect() as conn:
+        seed_shop(conn)
+    port = free_port()
+    relay = relay_process(db.dsn, tmp_path / "relay.log", broker, "--metrics-port", str(port))
+    try:
+        events = outbox(db)
+        wait_until(lambda: stream_count(broker.url, "CQRS") == len(events), "the relay to publish")
+
+        def published() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return str(response.read().decode())
+
+        wait_until(lambda: f"cqrs_pg_relay_events_published_total {float(len(events))}" in published(),
+                   "the published count")
+        text = published()
+        assert all(name in text for name in RELAY_NAMES), text
+        assert "cqrs_pg_relay_broker_up 1.0" in text
+    finally:
+        relay.stop()
