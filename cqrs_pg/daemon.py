@@ -42,7 +42,7 @@ import psycopg
 
 from cqrs_pg.config import ListenerConfig
 from cqrs_pg.db import connect, redact, require_migrated, scalar
-from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable, StandbyError
+from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable, StandbyError, first_line
 from cqrs_pg.metrics import Metrics
 from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, after_round, pace
 from cqrs_pg.projections import handler_for, read_events, run_batch
@@ -295,7 +295,7 @@ class Listener:
                     raise  # a wrong DSN is reported at once; only lost connections are retried
                 if self.stopping:
                     break
-                logger.warning("connection lost (%s); reconnecting in %.1fs", _first_line(exc), backoff)
+                logger.warning("connection lost (%s); reconnecting in %.1fs", first_line(exc), backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
         logger.info("%s", self.summary(), extra={"applied_by_projection": dict(self.applied), "batches": self.batches})
@@ -578,7 +578,7 @@ class Listener:
                 # not the projection's error: its connection is lost (the main one will
                 # notice too when the server is down); a new one next round
                 self._close_worker(name)
-                logger.warning("%s: connection lost (%s); reconnecting", name, _first_line(exc),
+                logger.warning("%s: connection lost (%s); reconnecting", name, first_line(exc),
                                extra={"projection": name})
                 progress.retry_after = self.config.poll_interval
             elif isinstance(exc, psycopg.Error) and exc.sqlstate == "CQ002":
@@ -659,7 +659,7 @@ class Listener:
         except psycopg.Error as exc:
             if conn.broken:
                 raise
-            logger.debug("shared round failed, each projection on its own: %s", _first_line(exc))
+            logger.debug("shared round failed, each projection on its own: %s", first_line(exc))
             return None
         seconds = time.monotonic() - started
         progress.work = seconds
@@ -845,7 +845,7 @@ class Listener:
         except psycopg.Error as exc:
             if conn.broken:
                 raise
-            logger.warning("outbox upkeep failed, tried again in %.0fs: %s", EXTEND_INTERVAL, _first_line(exc))
+            logger.warning("outbox upkeep failed, tried again in %.0fs: %s", EXTEND_INTERVAL, first_line(exc))
 
     def _check_held(self, conn: psycopg.Connection, now: float) -> None:
         """Projections another session has held for stall_warning while their checkpoint
@@ -1010,10 +1010,6 @@ def _own_timeouts(conn: psycopg.Connection, cfg: ListenerConfig) -> None:
 def _describe(exc: Exception) -> tuple[str, str | None]:
     """A projection's error in one line, and its SQLSTATE (None: not from the server)."""
     if isinstance(exc, psycopg.Error):
-        return (exc.diag.message_primary or _first_line(exc)), exc.sqlstate
-    return f"{type(exc).__name__}: {_first_line(exc)}", None
+        return (exc.diag.message_primary or first_line(exc)), exc.sqlstate
+    return f"{type(exc).__name__}: {first_line(exc)}", None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

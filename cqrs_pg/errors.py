@@ -89,6 +89,12 @@ def refusals() -> Iterator[None]:
         raise
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line only (a log line's worth), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def from_psycopg(exc: psycopg.Error) -> Exception:
     """The CommandError for a cqrs SQLSTATE; the psycopg error itself otherwise."""
     cls = BY_SQLSTATE.get(exc.sqlstate or "")

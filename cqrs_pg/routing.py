@@ -55,7 +55,7 @@ from psycopg_pool import ConnectionPool
 
 from cqrs_pg.commands import CommandClient, Receipt
 from cqrs_pg.db import REPLICA_DSN_ENV, redact, require_dsn
-from cqrs_pg.errors import ConfigError, ConsistencyTimeout, ReplicaUnavailable, from_psycopg
+from cqrs_pg.errors import ConfigError, ConsistencyTimeout, ReplicaUnavailable, first_line, from_psycopg
 
 logger = logging.getLogger("cqrs_pg.routing")
 
@@ -254,7 +254,7 @@ class Router:
         except psycopg.Error as exc:
             if not is_recovery_conflict(exc):
                 raise
-            logger.info("read cancelled by a recovery conflict on a replica; running it once more: %s", _first_line(exc))
+            logger.info("read cancelled by a recovery conflict on a replica; running it once more: %s", first_line(exc))
         return self._read(fn, consistent_with, projection, wait)
 
     def fetchall(self, query: Any, params: Sequence[Any] | None = None, **read: Any) -> list[Any]:
@@ -442,7 +442,7 @@ class Router:
         True when it still answers (a saturated pool, or connections broken by a restart)."""
         error = self._probe(replica.host)
         if error is None:
-            logger.info("replica %s failed a read (%s) but answers a new connection", replica.host.label, _first_line(exc))
+            logger.info("replica %s failed a read (%s) but answers a new connection", replica.host.label, first_line(exc))
             return True
         with self._lock:
             mine = replica.pool is pool  # else another thread already took it out
@@ -462,7 +462,7 @@ class Router:
         try:
             psycopg.connect(host.conninfo, application_name=self._application_name).close()
         except psycopg.Error as exc:
-            return _first_line(exc)
+            return first_line(exc)
         return None
 
     def _pool(self, conninfo: str, name: str, check: bool = True) -> ConnectionPool:
@@ -485,8 +485,4 @@ class Router:
 def _what(projection: str | None) -> str:
     return "every projection" if projection is None else f"projection {projection!r}"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 

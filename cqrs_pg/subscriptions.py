@@ -30,7 +30,7 @@ import psycopg
 
 from cqrs_pg import projections
 from cqrs_pg.db import connect
-from cqrs_pg.errors import DatabaseUnavailable, from_psycopg
+from cqrs_pg.errors import DatabaseUnavailable, first_line, from_psycopg
 
 logger = logging.getLogger("cqrs_pg.subscriptions")
 
@@ -159,7 +159,7 @@ class Subscription:
                 # unacknowledged events are handed out again after the reconnect
                 self._drop_connection()
                 self._unacked = None
-                logger.warning("subscription %s: %s; reconnecting in %.1fs", self.name, _first_line(exc), backoff)
+                logger.warning("subscription %s: %s; reconnecting in %.1fs", self.name, first_line(exc), backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
@@ -193,8 +193,4 @@ class Subscription:
             self._connection().execute("SELECT cqrs.ack(%s, %s)", (self.name, self._unacked))
             self._unacked = None
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 

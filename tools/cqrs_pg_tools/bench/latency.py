@@ -41,6 +41,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from cqrs_pg.errors import first_line
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
@@ -205,7 +206,7 @@ class _Latency:
                         token = None
                         await conn.execute(PING_SQL, (key,))
                 except psycopg.Error as exc:
-                    errors.append(_first_line(exc))
+                    errors.append(first_line(exc))
                     continue
                 committed[i] = loop.time()
                 give_up = committed[i] + STRAGGLERS_SECONDS
@@ -286,7 +287,7 @@ class _Latency:
                             key, token = inputs[i], None
                             await conn.execute(PING_SQL, (key,))
                     except psycopg.Error as exc:
-                        errors.append(_first_line(exc))
+                        errors.append(first_line(exc))
                         continue
                     committed[i] = loop.time()
                     pending[key] = i
@@ -417,10 +418,6 @@ def _summarize(
         first_error=errors[0] if errors else None,
     )
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _key(rate: int) -> str:

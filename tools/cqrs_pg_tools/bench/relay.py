@@ -45,6 +45,7 @@ import psycopg
 from nats.errors import Error as NatsError
 
 from cqrs_pg.db import scalar
+from cqrs_pg.errors import first_line
 from cqrs_pg.relay import POLL, BrokerError, Publisher, Relay, RelayConfig, messages, subject_part
 from cqrs_pg_tools.bench import generate
 from cqrs_pg_tools.bench._common import (
@@ -445,7 +446,7 @@ class _RelayBench:
                             cur = await conn.execute(COMMAND_SQL, inputs[i])
                             row = await cur.fetchone()
                         except psycopg.Error as exc:
-                            errors.append(_first_line(exc))
+                            errors.append(first_line(exc))
                             continue
                         done[i] = loop.time()
                         assert row is not None
@@ -469,7 +470,7 @@ class _RelayBench:
                     try:
                         await publisher.publish([(subject, bodies[i], f"direct-{rnd}-{i}")], rcfg.ack_timeout)
                     except (BrokerError, NatsError) as exc:  # counted, the schedule goes on
-                        errors.append(_first_line(exc))
+                        errors.append(first_line(exc))
                         continue
                     done[i] = loop.time()
                     keys[ids[i]] = i
@@ -612,10 +613,6 @@ def _summarize(
 def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _label(kind: str) -> str:
