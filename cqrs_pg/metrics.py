@@ -157,7 +157,6 @@ class RelayMetrics(_Served):
         self._broker_up = Gauge("cqrs_pg_relay_broker_up", "1 while the broker acknowledges publishes, else 0.", registry=r)
         self._errors = Counter("cqrs_pg_relay_errors", "Rounds that failed, by what failed (database, broker).", ["kind"],
                                registry=r)
-        self._full_since: float | None = None
 
     def batch(self, events: int, seconds: float, position: int) -> None:
         self._published.inc(events)

@@ -27,7 +27,7 @@ import psycopg
 from nats.errors import Error as NatsError
 
 from cqrs_pg.db import connect, redact, require_migrated
-from cqrs_pg.errors import ConfigError, CqrsPgError, DatabaseUnavailable
+from cqrs_pg.errors import ConfigError, CqrsPgError, DatabaseUnavailable, first_line
 
 logger = logging.getLogger("cqrs_pg.relay")
 
@@ -258,20 +258,20 @@ class Relay:
                     await self._close_database()
                     if not database_down:
                         logger.warning("database %s: %s; reconnecting with backoff up to %.0fs",
-                                       redact(cfg.dsn), _first_line(exc), MAX_BACKOFF)
+                                       redact(cfg.dsn), first_line(exc), MAX_BACKOFF)
                     database_down = True
                     self.metrics.error("database")
                     backoff = await self._backoff(backoff)
                 except psycopg.Error as exc:
                     # not the connection: the subscription dropped, a role without the grant
-                    raise CqrsPgError(f"subscription {cfg.subscription!r}: {_first_line(exc)}") from exc
+                    raise CqrsPgError(f"subscription {cfg.subscription!r}: {first_line(exc)}") from exc
                 except (BrokerError, NatsError) as exc:
                     # what was not stored is published again, from the last batch acknowledged
                     ahead = None
                     await self._close_broker()
                     if not broker_down:
                         logger.warning("broker at %s: %s; the batch waits and is published again (retrying with backoff "
-                                       "up to %.0fs)", cfg.url, _first_line(exc), MAX_BACKOFF)
+                                       "up to %.0fs)", cfg.url, first_line(exc), MAX_BACKOFF)
                     broker_down = True
                     self.metrics.broker_up(False)
                     self.metrics.error("broker")
@@ -322,11 +322,13 @@ class Relay:
             logger.info("created subscription %s (%s)", cfg.subscription,
                         "from the oldest event held" if cfg.from_beginning else "from now")
         except psycopg.Error as exc:
-            if exc.sqlstate != "CQ003":
+            if exc.sqlstate != "CQ003":  # CQ003: it exists already
                 await conn.close()
-                if exc.sqlstate == "42501" or (exc.sqlstate or "").startswith("CQ") or exc.sqlstate == "3F000":
-                    raise CqrsPgError(f"cannot use subscription {cfg.subscription!r}: {_first_line(exc)} "
-                                      "(the relay's login needs the role cqrs_consumer, and `cqrs-pg migrate` run)") from exc
+                if exc.sqlstate == "42501":
+                    raise CqrsPgError(f"cannot use subscription {cfg.subscription!r}: {first_line(exc)} "
+                                      "(the relay's login needs the role cqrs_consumer)") from exc
+                if (exc.sqlstate or "").startswith("CQ"):
+                    raise CqrsPgError(f"cannot use subscription {cfg.subscription!r}: {first_line(exc)}") from exc
                 raise
         self._conn = conn
         return conn
@@ -358,7 +360,7 @@ class Relay:
                 closed_cb=self._broker_lost,
             ), 5)
         except (NoServersError, OSError, TimeoutError) as exc:
-            raise BrokerError(f"cannot connect: {_first_line(exc) or type(exc).__name__}") from exc
+            raise BrokerError(f"cannot connect: {first_line(exc) or type(exc).__name__}") from exc
         try:
             await self._ensure_stream(nc)
             publisher = Publisher(nc)
@@ -424,8 +426,4 @@ def _covers(pattern: str, subject: str) -> bool:
 async def _quiet(exc: Exception) -> None:
     logger.debug("nats: %s", exc)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
