@@ -327,6 +327,41 @@ BEGIN
 END
 $$;
 
+-- sql/cqrs/functions/_subscribed.sql
+-- Whether an event of event_type and aggregate_type passes a subscription's filter (its
+-- event_types and aggregate_types; NULL: every type). No SET clause, so the planner
+-- inlines it into each query: the filter stays one expression over the outbox's columns.
+CREATE OR REPLACE FUNCTION cqrs._subscribed(event_types text[], aggregate_types text[],
+                                            event_type text, aggregate_type text)
+RETURNS boolean
+LANGUAGE sql
+IMMUTABLE
+AS $$
+    SELECT (event_types IS NULL OR event_type OPERATOR(pg_catalog.=) ANY (event_types))
+       AND (aggregate_types IS NULL OR aggregate_type OPERATOR(pg_catalog.=) ANY (aggregate_types));
+$$;
+
+-- sql/cqrs/functions/_require_types.sql
+-- A subscription's filter argument (argument: its name) as stored: NULL (every type), or
+-- its types trimmed, each checked as cqrs._require_text checks a text; CQ001 for an empty
+-- list or a bad type, naming it.
+CREATE OR REPLACE FUNCTION cqrs._require_types(argument text, types text[])
+RETURNS text[]
+LANGUAGE plpgsql
+IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF types IS NULL THEN
+        RETURN NULL;
+    ELSIF cardinality(types) = 0 THEN
+        PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', argument));
+    END IF;
+    RETURN ARRAY(SELECT cqrs._require_text(format('%s[%s]', argument, i), types[i], 200)
+                   FROM generate_subscripts(types, 1) AS i ORDER BY i);
+END
+$$;
+
 -- sql/cqrs/functions/create_subscription.sql
 -- A new subscription: a consumer's place in the outbox, read with cqrs.poll and moved
 -- with cqrs.ack. event_types, aggregate_types: only events of these (NULL: all). It
@@ -345,26 +380,11 @@ AS $$
 DECLARE
     lim record;
     start bigint;
-    list text;
-    filter text[];
 BEGIN
     -- stored trimmed, as they are checked: a type with spaces around it would match nothing
     name := cqrs._require_text('name', name, 200);
-    FOREACH list IN ARRAY ARRAY['event_types', 'aggregate_types'] LOOP
-        filter := CASE list WHEN 'event_types' THEN event_types ELSE aggregate_types END;
-        IF filter IS NOT NULL THEN
-            IF cardinality(filter) = 0 THEN
-                PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', list));
-            END IF;
-            filter := ARRAY(SELECT cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
-                              FROM generate_subscripts(filter, 1) AS i ORDER BY i);
-            IF list = 'event_types' THEN
-                event_types := filter;
-            ELSE
-                aggregate_types := filter;
-            END IF;
-        END IF;
-    END LOOP;
+    event_types := cqrs._require_types('event_types', event_types);
+    aggregate_types := cqrs._require_types('aggregate_types', aggregate_types);
     SELECT * INTO lim FROM cqrs._read_limit();
     start := CASE WHEN from_beginning THEN greatest(coalesce(cqrs._history_start() - 1, 0), 0)
                   ELSE lim.final_position END;
@@ -471,8 +491,7 @@ BEGIN
           FROM (SELECT o.position
                   FROM cqrs.outbox o
                  WHERE o.position > scanned AND o.position <= window_end
-                   AND (s.event_types IS NULL OR o.event_type = ANY (s.event_types))
-                   AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))
+                   AND cqrs._subscribed(s.event_types, s.aggregate_types, o.event_type, o.aggregate_type)
                  ORDER BY o.position
                  LIMIT max_events) x;
         covered := covered + (window_end - scanned);
@@ -509,8 +528,7 @@ BEGIN
         SELECT b.position, b.tx_id, b.event_type, b.aggregate_type, b.aggregate_id, b.aggregate_version,
                b.payload, b.metadata, b.occurred_at, b.payload_version, b.position::text
           FROM cqrs.batch(first_pos - 1, last_pos) b
-         WHERE (s.event_types IS NULL OR b.event_type = ANY (s.event_types))
-           AND (s.aggregate_types IS NULL OR b.aggregate_type = ANY (s.aggregate_types))
+         WHERE cqrs._subscribed(s.event_types, s.aggregate_types, b.event_type, b.aggregate_type)
          ORDER BY b.position;
 END
 $$;
@@ -549,8 +567,8 @@ BEGIN
        SET last_position = pos,
            acked_events = x.acked_events + (SELECT count(*) FROM cqrs.outbox o
                                              WHERE o.position > x.last_position AND o.position <= pos
-                                               AND (x.event_types IS NULL OR o.event_type = ANY (x.event_types))
-                                               AND (x.aggregate_types IS NULL OR o.aggregate_type = ANY (x.aggregate_types))),
+                                               AND cqrs._subscribed(x.event_types, x.aggregate_types,
+                                                                    o.event_type, o.aggregate_type)),
            acked_at = now(),
            holder_pid = CASE WHEN pos >= x.delivered_position THEN NULL ELSE x.holder_pid END,
            holder_started = CASE WHEN pos >= x.delivered_position THEN NULL ELSE x.holder_started END,
@@ -618,8 +636,7 @@ AS $$
            SELECT count(*) AS n, min(o.occurred_at) AS oldest
              FROM cqrs.outbox o
             WHERE o.position > s.last_position
-              AND (s.event_types IS NULL OR o.event_type = ANY (s.event_types))
-              AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))) behind
+              AND cqrs._subscribed(s.event_types, s.aggregate_types, o.event_type, o.aggregate_type)) behind
      ORDER BY s.name;
 $$;
 

@@ -31,8 +31,8 @@ BEGIN
        SET last_position = pos,
            acked_events = x.acked_events + (SELECT count(*) FROM cqrs.outbox o
                                              WHERE o.position > x.last_position AND o.position <= pos
-                                               AND (x.event_types IS NULL OR o.event_type = ANY (x.event_types))
-                                               AND (x.aggregate_types IS NULL OR o.aggregate_type = ANY (x.aggregate_types))),
+                                               AND cqrs._subscribed(x.event_types, x.aggregate_types,
+                                                                    o.event_type, o.aggregate_type)),
            acked_at = now(),
            holder_pid = CASE WHEN pos >= x.delivered_position THEN NULL ELSE x.holder_pid END,
            holder_started = CASE WHEN pos >= x.delivered_position THEN NULL ELSE x.holder_started END,

@@ -15,26 +15,11 @@ AS $$
 DECLARE
     lim record;
     start bigint;
-    list text;
-    filter text[];
 BEGIN
     -- stored trimmed, as they are checked: a type with spaces around it would match nothing
     name := cqrs._require_text('name', name, 200);
-    FOREACH list IN ARRAY ARRAY['event_types', 'aggregate_types'] LOOP
-        filter := CASE list WHEN 'event_types' THEN event_types ELSE aggregate_types END;
-        IF filter IS NOT NULL THEN
-            IF cardinality(filter) = 0 THEN
-                PERFORM cqrs._fail('CQ001', format('%s must list at least one type, or be NULL for all', list));
-            END IF;
-            filter := ARRAY(SELECT cqrs._require_text(format('%s[%s]', list, i), filter[i], 200)
-                              FROM generate_subscripts(filter, 1) AS i ORDER BY i);
-            IF list = 'event_types' THEN
-                event_types := filter;
-            ELSE
-                aggregate_types := filter;
-            END IF;
-        END IF;
-    END LOOP;
+    event_types := cqrs._require_types('event_types', event_types);
+    aggregate_types := cqrs._require_types('aggregate_types', aggregate_types);
     SELECT * INTO lim FROM cqrs._read_limit();
     start := CASE WHEN from_beginning THEN greatest(coalesce(cqrs._history_start() - 1, 0), 0)
                   ELSE lim.final_position END;

@@ -90,8 +90,7 @@ BEGIN
           FROM (SELECT o.position
                   FROM cqrs.outbox o
                  WHERE o.position > scanned AND o.position <= window_end
-                   AND (s.event_types IS NULL OR o.event_type = ANY (s.event_types))
-                   AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))
+                   AND cqrs._subscribed(s.event_types, s.aggregate_types, o.event_type, o.aggregate_type)
                  ORDER BY o.position
                  LIMIT max_events) x;
         covered := covered + (window_end - scanned);
@@ -128,8 +127,7 @@ BEGIN
         SELECT b.position, b.tx_id, b.event_type, b.aggregate_type, b.aggregate_id, b.aggregate_version,
                b.payload, b.metadata, b.occurred_at, b.payload_version, b.position::text
           FROM cqrs.batch(first_pos - 1, last_pos) b
-         WHERE (s.event_types IS NULL OR b.event_type = ANY (s.event_types))
-           AND (s.aggregate_types IS NULL OR b.aggregate_type = ANY (s.aggregate_types))
+         WHERE cqrs._subscribed(s.event_types, s.aggregate_types, b.event_type, b.aggregate_type)
          ORDER BY b.position;
 END
 $$;

@@ -36,7 +36,6 @@ AS $$
            SELECT count(*) AS n, min(o.occurred_at) AS oldest
              FROM cqrs.outbox o
             WHERE o.position > s.last_position
-              AND (s.event_types IS NULL OR o.event_type = ANY (s.event_types))
-              AND (s.aggregate_types IS NULL OR o.aggregate_type = ANY (s.aggregate_types))) behind
+              AND cqrs._subscribed(s.event_types, s.aggregate_types, o.event_type, o.aggregate_type)) behind
      ORDER BY s.name;
 $$;
