@@ -82,9 +82,9 @@ RUN_SHARED_SQL = "SELECT projection, applied, more, busy FROM cqrs.run_projectio
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # Work for a sql or python projection: events it may read now and has not applied; when
-# there is some, the round's mark taken in the same statement (NULL: no work; true: a mark
-# was stored, to wait for; false: none needed).
-PENDING_SQL = "SELECT CASE WHEN cqrs.work_pending(%s) THEN cqrs.take_mark(%s) END"
+# there is some, the round's mark taken in the same statement, on the same read limit
+# (NULL: no work; true: a mark was stored, to wait for; false: none needed).
+PENDING_SQL = "SELECT cqrs.look_for_work(%s, %s)"
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
@@ -439,7 +439,7 @@ class Listener:
 
     def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:
         """Awake after recent events: look for work every linger_poll with one cheap query
-        (cqrs.work_pending) and return as soon as there is some, a running turn has ended
+        (cqrs.look_for_work) and return as soon as there is some, a running turn has ended
         (a refresh, to collect), or at `until`."""
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
@@ -455,7 +455,7 @@ class Listener:
             self._stop.wait(min(poll, remaining))
 
     def _work_found(self, conn: psycopg.Connection, names: list[str]) -> bool:
-        """Whether a sql or python projection has work (cqrs.work_pending); when one has, the
+        """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
         next round's mark is taken in the same statement."""
         probe = [name for name in names if name not in self._matviews]
         if not probe:

@@ -543,6 +543,53 @@ def test_work_pending_sees_only_committed_events_below_the_fence(db: Database) -
                             (everything,)).fetchone()[0], "the poll took an xid"
 
 
+def test_look_for_work_answers_as_work_pending_and_take_mark_together(db: Database) -> None:
+    """The linger poll in one statement: NULL without work; with work, take_mark's answer
+    (false when every position is final: no mark to wait for; true under a running
+    writer, whose mark is then usable once it ends)."""
+    look = "SELECT cqrs.look_for_work(%s, 'looker')"
+    names = ["order_summary", "customer_stats"]
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.listener_heartbeat('looker', false, '1 minute')")
+        customer, sku = seed(conn)
+        assert conn.execute(look, (names,)).fetchone()[0] is False
+        db.run_projections()
+        assert conn.execute(look, (names,)).fetchone()[0] is None
+        with psycopg.connect(db.dsn) as slow:
+            slow.execute("SELECT pg_current_xact_id()")  # holds the fence
+            place(conn, customer, sku)
+            assert conn.execute(look, (names,)).fetchone()[0] is True
+            assert conn.execute("SELECT cqrs.mark_usable('looker')").fetchone()[0] is False
+        assert conn.execute("SELECT cqrs.mark_usable('looker')").fetchone()[0] is True
+        assert db.run_projections() > 0
+        assert conn.execute(look, (names,)).fetchone()[0] is None
+
+
+def test_a_batch_leaves_the_callers_planner_settings_as_they_were(db: Database) -> None:
+    """Small batches are planned with settings of their own (generic plans, nested loops,
+    no JIT), large ones (over more than 1,000 positions) for their bounds: the caller's
+    settings are the same after either, and each applies its events."""
+    settings = ("SELECT current_setting('plan_cache_mode'), current_setting('enable_hashjoin'),"
+                " current_setting('enable_seqscan'), current_setting('jit')")
+    run = "SELECT applied FROM cqrs.run_projection('order_summary', 5000)"
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        db.run_projections()
+        for gap in (0, 5000):  # a small batch, then one over more than 1,000 positions
+            conn.execute("SELECT setval('cqrs.outbox_position_seq', nextval('cqrs.outbox_position_seq') + %s)", (gap,))
+            orders = [place(conn, customer, sku)[0] for _ in range(3)]
+            with conn.transaction():
+                conn.execute("SET LOCAL jit = on")
+                before = conn.execute(settings).fetchone()
+                waiting = conn.execute("SELECT count(*) FROM cqrs.outbox WHERE position >"
+                                       " (SELECT last_position FROM cqrs.projections WHERE name = 'order_summary')"
+                                       ).fetchone()[0]
+                assert conn.execute(run).fetchone()[0] == waiting > 0
+                assert conn.execute(settings).fetchone() == before
+            assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = ANY(%s)",
+                                (orders,)).fetchone()[0] == 3
+
+
 def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
     """With polling slowed to a minute, only the doorbell can explain a prompt catch-up."""
     with db.connect() as conn:

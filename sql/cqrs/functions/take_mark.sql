@@ -17,25 +17,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     lim record;
-    l cqrs.listeners;
-    marking boolean;
 BEGIN
     SELECT * INTO lim FROM cqrs._read_limit();
-    SELECT * INTO l FROM cqrs.listeners x WHERE x.listener_id = take_mark.listener_id;
-    IF NOT FOUND THEN
-        RETURN false;
-    END IF;
-    marking := cqrs._needs_mark(l.mark_xmax, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
-    IF NOT marking AND lim.final_position <= l.final_position THEN
-        RETURN false;  -- nothing new: no write
-    END IF;
-    -- a mark lost in a crash costs nothing but its use: no need to wait for the disk
-    PERFORM set_config('synchronous_commit', 'off', true);
-    UPDATE cqrs.listeners x
-       SET final_position = greatest(x.final_position, lim.final_position),
-           mark_xmax = CASE WHEN marking THEN pg_current_xact_id() ELSE x.mark_xmax END,
-           mark_position = CASE WHEN marking THEN lim.mark_position ELSE x.mark_position END
-     WHERE x.listener_id = take_mark.listener_id;
-    RETURN marking;
+    RETURN cqrs._take_mark(listener_id, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
 END
 $$;

@@ -14,16 +14,6 @@ DECLARE
     lim record;
 BEGIN
     SELECT * INTO lim FROM cqrs._read_limit();
-    RETURN EXISTS (
-        SELECT 1
-          FROM cqrs.projections p
-         WHERE p.name = ANY (projections)
-           AND p.kind <> 'matview'
-           AND (EXISTS (SELECT 1
-                          FROM cqrs.outbox o
-                         WHERE o.position > p.last_position
-                           AND o.position <= lim.final_position)
-                OR cqrs._needs_mark(p.mark_xmax, lim.final_position, lim.fence, lim.mark_position,
-                                    lim.pending_position)));
+    RETURN cqrs._work_pending(projections, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
 END
 $$;

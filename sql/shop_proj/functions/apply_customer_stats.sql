@@ -15,14 +15,13 @@
 --    orders so far, this batch's included); a renamed one gets the new name and email.
 -- No statement joins two batch-derived sets to each other: their row estimates are
 -- guesses, and a nested loop between them is quadratic (an order's state before the batch
--- is read by primary key). plan_cache_mode: the batch bounds are parameters, and a
--- generic plan cannot estimate the batch from them.
+-- is read by primary key).
+-- Plans are the engine's choice (cqrs._apply_batch): no plan_cache_mode of its own.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE OR REPLACE FUNCTION shop_proj.apply_customer_stats(from_position bigint, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     changed uuid[];

@@ -7,14 +7,13 @@
 --    order's row is written once: upserted with its state (applied only over an older
 --    version) plus its lines, or, lines only, updated.
 -- No statement joins two batch-derived sets to each other: their row estimates are
--- guesses, and a nested loop between them is quadratic. plan_cache_mode: the batch bounds
--- are parameters, and a generic plan cannot estimate the batch from them.
+-- guesses, and a nested loop between them is quadratic.
+-- Plans are the engine's choice (cqrs._apply_batch): no plan_cache_mode of its own.
 -- Tables are named without a schema: cqrs.run_projection resolves them through the
 -- projection's search_path, or a rebuild's shadow schema (cqrs.rebuild_step).
 CREATE OR REPLACE FUNCTION shop_proj.apply_order_summary(from_position bigint, to_position bigint)
 RETURNS void
 LANGUAGE plpgsql
-SET plan_cache_mode = force_custom_plan
 AS $$
 DECLARE
     renamed uuid[];
