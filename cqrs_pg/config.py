@@ -45,7 +45,7 @@ class ListenerConfig:
                                    maximum=3600, metavar="SECONDS")
     # Stay awake this long after the last event, so a busy stream of commands never has to
     # ring the doorbell at all; meanwhile look for work every linger_poll with one cheap
-    # query (cqrs.work_pending) and start a round as soon as there is some.
+    # query (cqrs.look_for_work) and start a round as soon as there is some.
     linger: float = setting(0.2, "Stay awake this long after the last event.", minimum=0, option=False)
     linger_poll: float = setting(0.002, "Look for work this often while lingering.", above=0, option=False)
     # While events keep coming, start a round no sooner than batch_delay after the last one
@@ -58,18 +58,19 @@ class ListenerConfig:
         "bigger batches, at the price of latency. 0: only --apply-budget spaces rounds.",
         minimum=0, metavar="SECONDS",
     )
-    # ... and no sooner than w / apply_budget after it started, w being the longest time a
-    # projection of the round worked on its batches (its statements, commits included).
-    # Small batches cost little and follow at once; on a loaded server the work grows and
-    # waits for the CPU too: rounds come less often, their batches grow and the per-batch
-    # fixed cost falls, so the daemon leaves the commands their CPU; latency under load
-    # grows instead (never past poll_interval).
+    # ... and, once the rounds have worked their share of the time (cqrs_pg.pacing's
+    # credit, over BUDGET_WINDOW), no sooner than w / apply_budget after one that worked
+    # w, the longest time a projection of the round worked on its batches (its
+    # statements, commits included). Small rounds cost little and follow at once; on a
+    # loaded server the work grows and waits for the CPU too: rounds come less often,
+    # their batches grow and the per-batch fixed cost falls, so the daemon leaves the
+    # commands their CPU; latency under load grows instead (never past poll_interval).
     apply_budget: float = setting(
         0.25,
-        "While events keep coming, rounds of batches take at most this share of the time: after a round "
-        "whose batches took t seconds the next starts t/FRACTION after it (at most "
-        "--poll-interval). On a loaded server batches grow and the daemon leaves the commands more CPU; latency "
-        "under load grows instead. 1: off.",
+        "While events keep coming, rounds of batches take at most this share of the time (over any 0.2 s): "
+        "within it a round follows the last at once; beyond it, after a round whose batches took t seconds "
+        "the next waits t/FRACTION (at most --poll-interval). On a loaded server batches grow and the daemon "
+        "leaves the commands more CPU; latency under load grows instead. 1: off.",
         above=0, maximum=1, metavar="FRACTION",
     )
     # Before a round, take a mark (cqrs.take_mark) and wait up to this long for the

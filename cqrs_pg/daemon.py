@@ -44,7 +44,7 @@ from cqrs_pg.config import ListenerConfig
 from cqrs_pg.db import connect, redact, require_migrated, scalar
 from cqrs_pg.errors import CqrsPgError, DatabaseUnavailable, StandbyError, first_line
 from cqrs_pg.metrics import Metrics
-from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, after_round, pace
+from cqrs_pg.pacing import BUDGET_WINDOW, WAIT_SLICE, Pace, Round, State, after_busy, after_round, credit_after, pace
 from cqrs_pg.projections import handler_for, read_events, run_batch
 
 __all__ = ["CHANNEL", "Listener", "ListenerConfig"]
@@ -202,6 +202,9 @@ class Listener:
         self._marked: bool | None = None
         # when the last round that applied events ended (monotonic)
         self._last_round = 0.0
+        # the apply budget's credit (cqrs_pg.pacing.credit_after) and when it was counted
+        self._credit = config.apply_budget * BUDGET_WINDOW
+        self._credit_at = time.monotonic()
         # the registrations as last read, and what this daemon serves of them
         self._registry: dict[str, Registration] = {}
         self._registry_due = 0.0
@@ -331,14 +334,16 @@ class Listener:
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
+            self._credit = credit_after(cfg, self._credit, self._credit_at, ended, progress.work)
+            self._credit_at = ended
             done = Round(started=started, ended=ended, last_event=last_event, applied=progress.applied,
                          more=progress.more, work=progress.work, pending=progress.pending, serving=len(names),
-                         retry_after=progress.retry_after)
+                         retry_after=progress.retry_after, credit=self._credit)
             step = pace(cfg, done)
             if step.state is State.BUSY:
-                # Events that came during the round: the load goes on, and the apply budget
-                # spaces the rounds (the look took a mark, usable by the next round). None: a
-                # quiet moment, lingering at once.
+                # Events that came during the round: the load goes on, and once its credit
+                # is spent the apply budget spaces the rounds (the look took a mark, usable
+                # by the next round). None: a quiet moment, lingering at once.
                 step = self._enter(after_round(cfg, done, self._work_found(conn, names), time.monotonic()))
                 if step.state is State.BUSY:
                     self._stop.wait(max(0.0, step.until - time.monotonic()))

@@ -7,12 +7,15 @@ one of these states:
 
 - ``draining``: a batch came back full, so more is waiting now: the next round at once.
 - ``refreshing``: only materialized views' refreshes are running: collect them.
-- ``busy``: events were applied and more came during the round (the load goes on): the
-  next round no sooner than its work divided by ``apply_budget`` after it started (and
-  than ``batch_delay``; at most ``poll_interval``): batches grow with the load, the
-  daemon's share of the CPU stays bounded. The daemon is lingering once that wait is over.
-  When none came during the round (a quiet moment), it is lingering at once: while rounds
-  are small and quick, the next starts as soon as there is work.
+- ``busy``: events were applied and more came during the round (the load goes on). The
+  apply budget is a credit of work time: it grows by ``apply_budget`` x the time that
+  passes, up to that share of ``BUDGET_WINDOW``, and each round's work is taken from it.
+  While it lasts, the next round starts at once: small, quick rounds follow each other as
+  events come. Once spent, the next round waits until it is paid back (and no sooner than
+  ``batch_delay`` after this one started; at most ``poll_interval``): batches grow with
+  the load, and the daemon's share of the CPU stays bounded. The daemon is lingering once
+  that wait is over. When none came during the round (a quiet moment), it is lingering at
+  once.
 - ``lingering``: events came recently: awake, looking for work every ``linger_poll`` with
   one cheap query until ``linger`` after the last event, and starting a round as soon as
   there is some.
@@ -31,6 +34,9 @@ from cqrs_pg.config import ListenerConfig
 # Wait for notifications, or for a running refresh, in slices this long, so a stop
 # request is seen promptly.
 WAIT_SLICE = 0.25
+# The apply budget holds over any stretch this long: a burst of rounds may work up to
+# apply_budget x this without waiting (at 0.25, 50 ms of work), and no more.
+BUDGET_WINDOW = 0.2
 
 
 class State(enum.Enum):
@@ -59,6 +65,9 @@ class Round:
     serving: int = 0
     # the soonest a failing projection is tried again, in seconds from ended
     retry_after: float | None = None
+    # the apply budget's credit after this round's work (credit_after); None: this
+    # round's alone, none carried from before
+    credit: float | None = None
 
 
 @dataclass(frozen=True)
@@ -78,14 +87,23 @@ def pace(cfg: ListenerConfig, r: Round) -> Pace:
     if r.applied and r.more:
         return Pace(State.DRAINING, r.ended)
     if r.applied:
-        spacing = min(max(cfg.batch_delay, r.work / cfg.apply_budget), cfg.poll_interval)
-        return Pace(State.BUSY, max(r.ended, r.started + spacing))
+        credit = (r.ended - r.started) * cfg.apply_budget - r.work if r.credit is None else r.credit
+        paid_back = r.ended + max(0.0, -credit) / cfg.apply_budget
+        spacing_end = min(max(r.started + cfg.batch_delay, paid_back), r.started + cfg.poll_interval)
+        return Pace(State.BUSY, max(r.ended, spacing_end))
     timeout = cfg.poll_interval if r.retry_after is None else min(cfg.poll_interval, r.retry_after)
     if r.pending:  # awake while a refresh runs, to collect it
         return Pace(State.LINGERING, r.ended + min(timeout, WAIT_SLICE))
     if r.ended - r.last_event < cfg.linger:
         return Pace(State.LINGERING, min(r.last_event + cfg.linger, r.ended + timeout))
     return Pace(State.ASLEEP, r.ended + timeout)
+
+
+def credit_after(cfg: ListenerConfig, credit: float, since: float, now: float, work: float) -> float:
+    """The apply budget's credit at `now`, after `work` seconds of a round: what it was at
+    `since`, grown by apply_budget x the time between (up to apply_budget x BUDGET_WINDOW),
+    less the work."""
+    return min(cfg.apply_budget * BUDGET_WINDOW, credit + (now - since) * cfg.apply_budget) - work
 
 
 def after_round(cfg: ListenerConfig, r: Round, waiting: bool, now: float) -> Pace:
@@ -101,4 +119,4 @@ def after_round(cfg: ListenerConfig, r: Round, waiting: bool, now: float) -> Pac
 def after_busy(cfg: ListenerConfig, r: Round, now: float) -> Pace:
     """Once a busy wait is over: lingering, from now (a long spacing is no quiet spell)."""
     return pace(cfg, Round(started=r.started, ended=now, last_event=now, pending=r.pending, serving=r.serving,
-                           retry_after=r.retry_after))
+                           retry_after=r.retry_after, credit=r.credit))

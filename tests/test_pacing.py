@@ -9,7 +9,17 @@ import pytest
 
 from cqrs_pg.config import ListenerConfig, option_settings
 from cqrs_pg.errors import ConfigError
-from cqrs_pg.pacing import WAIT_SLICE, Pace, Round, State, after_busy, after_round, pace
+from cqrs_pg.pacing import (
+    BUDGET_WINDOW,
+    WAIT_SLICE,
+    Pace,
+    Round,
+    State,
+    after_busy,
+    after_round,
+    credit_after,
+    pace,
+)
 from cqrs_pg_tools.testing import assert_one_line_error, cli
 
 CFG = ListenerConfig(dsn="host=unused", batch_delay=0.01, apply_budget=0.25, poll_interval=1.0, linger=0.2)
@@ -55,6 +65,53 @@ def test_rounds_are_spaced_by_their_work_only_unless_a_batch_delay_is_asked_for(
     default = ListenerConfig(dsn="host=unused")
     assert default.batch_delay == 0
     assert pace(default, round_(applied=3, work=0.01)) == Pace(State.BUSY, pytest.approx(T0 + 0.01 / 0.25))
+
+
+def test_while_the_budget_has_credit_the_next_round_starts_at_once() -> None:
+    default = ListenerConfig(dsn="host=unused")
+    assert pace(default, round_(applied=3, work=0.004, credit=0.001)) == Pace(State.BUSY, T0 + 0.005)
+    # spent: the next round waits until the deficit is paid back at apply_budget
+    assert pace(default, round_(applied=3, work=0.004, credit=-0.01)) == Pace(
+        State.BUSY, pytest.approx(T0 + 0.005 + 0.01 / 0.25))
+    # never past poll_interval after the round started, whatever the deficit
+    assert pace(default, round_(applied=3, work=0.004, credit=-5.0)) == Pace(State.BUSY, T0 + default.poll_interval)
+
+
+def test_the_credit_grows_with_time_up_to_the_window_and_pays_for_work() -> None:
+    cap = CFG.apply_budget * BUDGET_WINDOW
+    assert credit_after(CFG, 0.0, T0, T0 + 60, 0.0) == pytest.approx(cap)
+    assert credit_after(CFG, cap, T0, T0 + 0.004, 0.02) == pytest.approx(cap - 0.02)
+    assert credit_after(CFG, -0.01, T0, T0 + 0.02, 0.0) == pytest.approx(-0.005)
+
+
+@pytest.mark.parametrize(("rate", "waits"), [(100, False), (2000, True)])
+def test_the_budget_holds_the_daemons_share_while_small_rounds_run_free(rate: int, waits: bool) -> None:
+    """Events arriving steadily, a round costing 2 ms plus 20 us an event: at 100/s every
+    round starts as soon as its event is there; at 2,000/s rounds wait, and over the run
+    the daemon works at most apply_budget of the time (plus one window's burst)."""
+    cfg = ListenerConfig(dsn="host=unused")
+    clock = credit_at = T0
+    credit = cfg.apply_budget * BUDGET_WINDOW
+    arrived = applied = 0
+    worked, waited = 0.0, False
+    while clock < T0 + 5:
+        arrived = int((clock - T0) * rate)
+        if arrived == applied:
+            clock = T0 + (applied + 1) / rate + 1e-9  # idle until the next event: at once after it
+            continue
+        n, started = arrived - applied, clock
+        work = 0.002 + n * 0.00002
+        clock += work
+        worked += work
+        applied += n
+        credit, credit_at = credit_after(cfg, credit, credit_at, clock, work), clock
+        step = pace(cfg, Round(started=started, ended=clock, last_event=clock, applied=n, work=work, serving=2,
+                               credit=credit))
+        assert step.state is State.BUSY
+        waited = waited or step.until > clock + 1e-9
+        clock = max(clock, step.until)
+    assert waited is waits
+    assert worked <= cfg.apply_budget * (clock - T0) + cfg.apply_budget * BUDGET_WINDOW + 0.003 or not waits
 
 
 def test_after_a_busy_wait_it_lingers_from_then() -> None:

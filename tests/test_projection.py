@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from cqrs_pg.pacing import BUDGET_WINDOW
 from cqrs_pg.projections import register, unregister
 from cqrs_pg_tools.testing import (
     NO_MISMATCH,
@@ -312,7 +313,8 @@ def test_a_slow_view_is_refreshed_within_its_budget(db: Database) -> None:
 
 
 def test_under_load_rounds_keep_to_the_apply_budget(db: Database) -> None:
-    """After a round that took t seconds the next starts no sooner than t / apply_budget
+    """Once the budget's credit (a burst of apply_budget x BUDGET_WINDOW of work) is spent,
+    after a round that took t seconds the next starts no sooner than t / apply_budget
     after it, however often events arrive: on a loaded server batches grow instead of
     the daemon's rounds taking all the CPU."""
     starts: list[float] = []
@@ -334,8 +336,11 @@ def test_under_load_rounds_keep_to_the_apply_budget(db: Database) -> None:
         unregister("slow_handler")
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) >= 2, starts
-    # 0.1 s / 0.25: at least 0.4 s apart (without the budget: 0.1 s plus batch_delay)
-    assert min(gaps) >= 0.39, gaps
+    # 0.1 s / 0.25: at least 0.4 s apart (without the budget: 0.1 s plus batch_delay),
+    # less, after the first round, what the credit the daemon starts with paid for
+    burst = 0.25 * BUDGET_WINDOW / 0.25
+    assert gaps[0] >= 0.39 - burst, gaps
+    assert min(gaps[1:]) >= 0.39, gaps
 
 
 GATE = 4242  # an advisory lock key: the test holds it to keep a view's refresh running
