@@ -205,7 +205,7 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
 @click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
 @click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS",
-              help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0.01].")
+              help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0: off].")
 @click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
               help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
 @click.option("--serial", type=click.IntRange(0), metavar="N",
