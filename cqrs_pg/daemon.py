@@ -83,8 +83,11 @@ RUN_SHARED_SQL = "SELECT projection, applied, more, busy FROM cqrs.run_projectio
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # Work for a sql or python projection: events it may read now and has not applied; when
 # there is some, the round's mark taken in the same statement, on the same read limit
-# (NULL: no work; true: a mark was stored, to wait for; false: none needed).
-PENDING_SQL = "SELECT cqrs.look_for_work(%s, %s)"
+# (NULL: no work; true: a mark was stored, to wait for; false: none needed); with none,
+# the settled position, if every position up to it is final.
+PENDING_SQL = "SELECT marked, settled_position FROM cqrs.look_for_work(%s, %s)"
+# Whether the outbox's sequence moved since a settled position: the cheap look between two.
+LAST_POSITION_SQL = "SELECT cqrs.last_position()"
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
@@ -200,6 +203,10 @@ class Listener:
         # the linger poll that found work took the next round's mark: whether it stored one
         # to wait for (None: the round takes its own)
         self._marked: bool | None = None
+        # the last look found no work, every position up to this one final, for these
+        # projections (cqrs.look_for_work): until the sequence moves past it, none can come
+        # but by an operator's hand
+        self._settled: tuple[tuple[str, ...], int] | None = None
         # when the last round that applied events ended (monotonic)
         self._last_round = 0.0
         # the apply budget's credit (cqrs_pg.pacing.credit_after) and when it was counted
@@ -316,6 +323,7 @@ class Listener:
                 extra={"rebased": adopted},
             )
         conn.execute(f"LISTEN {CHANNEL}")
+        self._settled = None
         self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)
         sleeping = False  # what the heartbeat last told commands
@@ -445,19 +453,32 @@ class Listener:
     def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:
         """Awake after recent events: look for work every linger_poll with one cheap query
         (cqrs.look_for_work) and return as soon as there is some, a running turn has ended
-        (a refresh, to collect), or at `until`."""
+        (a refresh, to collect), or at `until`. Just after a round, when the next event is
+        likeliest, it looks four times as often; while every position handed out is final
+        and applied (settled), it also reads the sequence that often in between, and looks
+        when it moved."""
+        cfg = self.config
+        look_due = 0.0
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
-            if self._work_found(conn, names):
-                return
             now = time.monotonic()
-            remaining = until - now
+            eager = now - self._last_round < EAGER_FOR
+            settled = self._settled is not None and self._settled[0] == tuple(names)
+            if now >= look_due or (settled and self._moved(conn)):
+                if self._work_found(conn, names):
+                    return
+                look_due = now + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 return
-            # just after events the next is likeliest: look more often then
-            poll = self.config.linger_poll / 4 if now - self._last_round < EAGER_FOR else self.config.linger_poll
-            self._stop.wait(min(poll, remaining))
+            step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
+            self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), remaining)))
+
+    def _moved(self, conn: psycopg.Connection) -> bool:
+        """Whether the outbox's sequence has handed out a position since the settled one."""
+        assert self._settled is not None
+        return bool(scalar(conn, LAST_POSITION_SQL) != self._settled[1])
 
     def _work_found(self, conn: psycopg.Connection, names: list[str]) -> bool:
         """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
@@ -466,9 +487,11 @@ class Listener:
         if not probe:
             return False
         row = conn.execute(PENDING_SQL, (probe, self.config.listener_id)).fetchone()
-        if row is None or row[0] is None:
+        marked, settled = row if row is not None else (None, None)
+        self._settled = None if settled is None else (tuple(names), settled)
+        if marked is None:
             return False
-        self._marked = bool(row[0])  # the round needs no mark of its own
+        self._marked = bool(marked)  # the round needs no mark of its own
         return True
 
     def _mark(self, conn: psycopg.Connection, wait: float = 0.0) -> None:

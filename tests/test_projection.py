@@ -549,25 +549,35 @@ def test_work_pending_sees_only_committed_events_below_the_fence(db: Database) -
 
 
 def test_look_for_work_answers_as_work_pending_and_take_mark_together(db: Database) -> None:
-    """The linger poll in one statement: NULL without work; with work, take_mark's answer
-    (false when every position is final: no mark to wait for; true under a running
-    writer, whose mark is then usable once it ends)."""
-    look = "SELECT cqrs.look_for_work(%s, 'looker')"
+    """The linger poll in one statement: marked NULL without work; with work, take_mark's
+    answer (false when every position is final: no mark to wait for; true under a running
+    writer, whose mark is then usable once it ends). Settled (no work, every position
+    handed out final): the last position, which cqrs.last_position reads until the next
+    event takes one."""
+    look = "SELECT marked, settled_position FROM cqrs.look_for_work(%s, 'looker')"
+    last = "SELECT cqrs.last_position()"
     names = ["order_summary", "customer_stats"]
     with db.connect() as conn:
         conn.execute("SELECT cqrs.listener_heartbeat('looker', false, '1 minute')")
         customer, sku = seed(conn)
-        assert conn.execute(look, (names,)).fetchone()[0] is False
+        assert conn.execute(look, (names,)).fetchone() == (False, None)
         db.run_projections()
-        assert conn.execute(look, (names,)).fetchone()[0] is None
+        settled = conn.execute(look, (names,)).fetchone()
+        assert settled == (None, conn.execute(last).fetchone()[0])
         with psycopg.connect(db.dsn) as slow:
             slow.execute("SELECT pg_current_xact_id()")  # holds the fence
             place(conn, customer, sku)
-            assert conn.execute(look, (names,)).fetchone()[0] is True
+            assert conn.execute(last).fetchone()[0] > settled[1]  # moved: the daemon looks
+            assert conn.execute(look, (names,)).fetchone() == (True, None)
             assert conn.execute("SELECT cqrs.mark_usable('looker')").fetchone()[0] is False
         assert conn.execute("SELECT cqrs.mark_usable('looker')").fetchone()[0] is True
         assert db.run_projections() > 0
-        assert conn.execute(look, (names,)).fetchone()[0] is None
+        assert conn.execute(look, (names,)).fetchone() == (None, conn.execute(last).fetchone()[0])
+        with psycopg.connect(db.dsn) as writer:
+            writer.execute("BEGIN")
+            place(writer, customer, sku)  # not committed: not final, so not settled
+            assert conn.execute(look, (names,)).fetchone()[1] is None
+            writer.execute("ROLLBACK")
 
 
 def test_a_batch_leaves_the_callers_planner_settings_as_they_were(db: Database) -> None:

@@ -40,6 +40,7 @@ GRANT EXECUTE ON FUNCTION
     cqrs.fence_status(),
     cqrs.work_pending(text[]),
     cqrs.look_for_work(text[], text),
+    cqrs.last_position(),
     cqrs.caught_up(bigint, text),
     cqrs.prune_receipts(interval, integer),
     cqrs.extend_outbox(bigint, integer),

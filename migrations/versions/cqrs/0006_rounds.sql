@@ -1,9 +1,10 @@
 -- cqrs_0006: a round of small batches costs less. A small batch's apply function runs on
 -- generic plans made once per session (cqrs._apply_small_batch), and no batch is JIT
 -- compiled. The daemon's look for work takes the round's mark on the same read limit
--- (cqrs.look_for_work); a shared round reads one read limit for all its projections and
--- one batch's bounds for those at the same checkpoint; cqrs._horizon walks at most 5,001
--- events on one generic plan.
+-- (cqrs.look_for_work), and says when all is settled, so that the daemon can watch the
+-- outbox's sequence alone in between (cqrs.last_position). A shared round reads one read
+-- limit for all its projections and one batch's bounds for those at the same checkpoint;
+-- cqrs._horizon walks at most 5,001 events on one generic plan.
 
 -- sql/cqrs/functions/_apply_small_batch.sql
 -- Runs a sql projection's apply function over a small batch (for cqrs._apply_batch) on
@@ -190,11 +191,15 @@ $$;
 -- sql/cqrs/functions/look_for_work.sql
 -- The daemon's look for work while it lingers: cqrs.work_pending and, when there is work,
 -- cqrs.take_mark for the round it starts, on one read limit (cqrs._read_limit, read before
--- the mark's write gives this transaction an xid). NULL: no work; otherwise take_mark's
--- answer (true: a mark was stored, to wait for with cqrs.mark_usable). Call it in a
--- transaction of its own, READ COMMITTED.
-CREATE OR REPLACE FUNCTION cqrs.look_for_work(projections text[], listener_id text)
-RETURNS boolean
+-- the mark's write gives this transaction an xid). marked: NULL when there is no work;
+-- otherwise take_mark's answer (true: a mark was stored, to wait for with
+-- cqrs.mark_usable). settled_position: with no work, and every position handed out final,
+-- the last one: until the outbox's sequence moves past it (cqrs.last_position) no work can
+-- appear but by an operator's hand (a checkpoint moved, a projection added), so the
+-- daemon may look for it with that one read in between. Call it in a transaction of its
+-- own, READ COMMITTED.
+CREATE OR REPLACE FUNCTION cqrs.look_for_work(projections text[], listener_id text,
+                                              OUT marked boolean, OUT settled_position bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -203,11 +208,26 @@ DECLARE
     lim record;
 BEGIN
     SELECT * INTO lim FROM cqrs._read_limit();
-    IF NOT cqrs._work_pending(projections, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-        RETURN NULL;
+    IF cqrs._work_pending(projections, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
+        marked := cqrs._take_mark(listener_id, lim.final_position, lim.fence, lim.mark_position,
+                                  lim.pending_position);
+    ELSIF lim.final_position >= lim.mark_position THEN
+        settled_position := lim.mark_position;
     END IF;
-    RETURN cqrs._take_mark(listener_id, lim.final_position, lim.fence, lim.mark_position, lim.pending_position);
 END
+$$;
+
+-- sql/cqrs/functions/last_position.sql
+-- The last position the outbox's sequence handed out (0: none yet), whether or not its
+-- transaction has committed: the daemon's cheapest look for new events between its looks
+-- for work (cqrs.look_for_work's settled_position).
+CREATE OR REPLACE FUNCTION cqrs.last_position()
+RETURNS bigint
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0);
 $$;
 
 -- sql/cqrs/functions/run_projections.sql
@@ -281,7 +301,7 @@ $$;
 
 -- privileges: as sql/cqrs/privileges.sql grants them
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cqrs FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION cqrs.look_for_work(text[], text) TO cqrs_listener;
+GRANT EXECUTE ON FUNCTION cqrs.look_for_work(text[], text), cqrs.last_position() TO cqrs_listener;
 
 -- sql/cqrs/version.sql
 -- The engine's version: its newest revision of migrations/versions/cqrs/, which every
