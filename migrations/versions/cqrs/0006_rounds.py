@@ -1,6 +1,6 @@
 """A round of small batches costs less: a small batch runs on generic plans made once per
 session, no batch is JIT compiled, the look for work takes the round's mark on the same
-read limit, a shared round reads one read limit and shares batch bounds, and the horizon
+read limit, a shared round reads one read limit for all its projections, and the horizon
 is found on one generic plan.
 
 Revision ID: cqrs_0006

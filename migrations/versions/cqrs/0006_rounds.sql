@@ -3,8 +3,8 @@
 -- compiled. The daemon's look for work takes the round's mark on the same read limit
 -- (cqrs.look_for_work), and says when all is settled, so that the daemon can watch the
 -- outbox's sequence alone in between (cqrs.last_position). A shared round reads one read
--- limit for all its projections and one batch's bounds for those at the same checkpoint;
--- cqrs._horizon walks at most 5,001 events on one generic plan.
+-- limit for all its projections (cqrs._run_batch, run_projection's body on a read limit
+-- given); cqrs._horizon walks at most 5,001 events on one generic plan.
 
 -- sql/cqrs/functions/_apply_small_batch.sql
 -- Runs a sql projection's apply function over a small batch (for cqrs._apply_batch) on
@@ -230,15 +230,139 @@ AS $$
     SELECT coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0);
 $$;
 
+-- sql/cqrs/functions/_run_batch.sql
+-- The body of cqrs.run_projection for projection p (sql or matview), on a read limit
+-- already read (cqrs._read_limit's columns, read before this transaction took an xid):
+-- cqrs.run_projection reads one for its projection, cqrs.run_projections one for all of
+-- its projections, whose batches then share its position as their mark.
+CREATE OR REPLACE FUNCTION cqrs._run_batch(
+    p cqrs.projections, max_events integer, refresh_interval interval,
+    final_position bigint, fence xid8, mark_position bigint, pending_position bigint,
+    OUT applied bigint, OUT more boolean, OUT busy boolean, OUT retry_after double precision)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    projection text := p.name;
+    b record;
+    relevant boolean := false;
+BEGIN
+    applied := 0;
+    more := false;
+    busy := false;
+    -- Before any lock, with no xid yet: an idle projection is found by reading alone (no
+    -- xid to hold readers back, no WAL).
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    IF b.n = 0 AND NOT cqrs._write_due(p, _run_batch.final_position, _run_batch.fence, _run_batch.mark_position,
+                                       _run_batch.pending_position) THEN
+        RETURN;
+    END IF;
+    -- A view's refresh is left out of every reader's fence (it writes no events), which
+    -- only a transaction without an xid can be: before the lock gives it one.
+    IF p.kind = 'matview' AND b.n > 0 AND NOT coalesce(p.refreshed_at > now() - refresh_interval, false) THEN
+        PERFORM cqrs._exempt_from_fence(projection);
+    END IF;
+
+    -- One runner per projection at a time, across daemons: the projection's row lock
+    -- (cqrs._lock), which no role but the engine's owner can take. Released at commit,
+    -- after our checkpoint is visible, so the next holder reads the checkpoint we wrote.
+    IF NOT cqrs._lock('projection', projection, false) THEN
+        busy := true;
+        RETURN;
+    END IF;
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    -- a view's refresh covers every event up to the final position
+    SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
+                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+
+    IF b.n = 0 THEN
+        -- Nothing to apply: write only a mark or a horizon that is due.
+        IF cqrs._write_due(p, _run_batch.final_position, _run_batch.fence, _run_batch.mark_position,
+                           _run_batch.pending_position) THEN
+            PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
+                                             _run_batch.final_position, _run_batch.fence, _run_batch.mark_position);
+        END IF;
+        RETURN;
+    END IF;
+
+    IF p.kind = 'sql' THEN
+        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, p.last_position, b.end_position);
+    ELSE
+        SELECT EXISTS (
+            SELECT 1
+              FROM cqrs.outbox o
+             WHERE o.position > p.last_position
+               AND o.position <= b.end_position
+               AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
+          INTO relevant;
+        IF relevant THEN
+            IF p.refreshed_at > now() - refresh_interval THEN
+                retry_after := extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
+                RETURN;
+            END IF;
+            -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
+            -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
+            -- is replayed on replicas to cancel their queries.
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview::regclass);
+        END IF;
+    END IF;
+
+    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.n, relevant,
+                                     _run_batch.final_position, _run_batch.fence, _run_batch.mark_position);
+    applied := b.n;
+    more := p.kind = 'sql' AND b.n >= max_events;
+END
+$$;
+
+-- sql/cqrs/functions/run_projection.sql
+-- Applies the next batch of one projection in the caller's transaction and advances its
+-- checkpoint in that same transaction (sql and matview projections; a python projection
+-- is run by the daemon with cqrs.claim_batch and cqrs.complete_batch). Returns what it did:
+--   applied      events applied (or, for a matview, covered by the refresh)
+--   more         a full batch was applied: call again at once
+--   busy         another daemon is running this projection right now
+--   retry_after  a matview refresh is due but held back by refresh_interval: seconds left
+--
+-- Events are read in position order, which is each aggregate's version order, and only up
+-- to the final position (cqrs._read_limit): no transaction can add an event there any
+-- more, so none can appear behind the checkpoint. A transaction that commits late is
+-- delayed, never skipped, and writers take no lock for it. See sql/cqrs/DESIGN.md.
+CREATE OR REPLACE FUNCTION cqrs.run_projection(
+    projection text,
+    max_events integer DEFAULT 10000,
+    refresh_interval interval DEFAULT '1 second')
+RETURNS TABLE (applied bigint, more boolean, busy boolean, retry_after double precision)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p cqrs.projections;
+    lim record;
+BEGIN
+    PERFORM cqrs._require_range('max_events', max_events, 1);
+    p := cqrs._projection(projection);
+    IF p.kind = 'python' THEN
+        PERFORM cqrs._fail('CQ001', format(
+            'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
+            projection));
+    END IF;
+    -- Before any lock, with no xid yet: the position _read_limit reads can be a mark.
+    SELECT * INTO lim FROM cqrs._read_limit();
+    RETURN QUERY SELECT * FROM cqrs._run_batch(p, max_events, refresh_interval, lim.final_position, lim.fence,
+                                              lim.mark_position, lim.pending_position);
+END
+$$;
+
 -- sql/cqrs/functions/run_projections.sql
 -- One batch of each of these sql projections, in the caller's transaction: what
 -- cqrs.run_projection does for each, in order, under one commit. The daemon's round when
 -- batches are small: one statement and one commit instead of one per projection. They
 -- share one read limit (cqrs._read_limit, read before the first lock gives the
--- transaction its xid: its position is a mark for each), and projections at the same
--- checkpoint one batch (final events do not change). A failing apply function rolls back
--- every batch of the call; the daemon then runs each projection on its own, where the
--- failure is that projection's alone.
+-- transaction its xid: its position is a mark for each, cqrs._run_batch). A failing
+-- apply function rolls back every batch of the call; the daemon then runs each
+-- projection on its own, where the failure is that projection's alone.
 -- Returns a row per projection, in the order given, as cqrs.run_projection's.
 CREATE OR REPLACE FUNCTION cqrs.run_projections(projections text[], max_events integer DEFAULT 10000)
 RETURNS TABLE (projection text, applied bigint, more boolean, busy boolean)
@@ -249,8 +373,7 @@ AS $$
 DECLARE
     lim record;
     p cqrs.projections;
-    b record;
-    batch_from bigint;  -- the checkpoint b was read after
+    r record;
 BEGIN
     IF projections IS NULL OR cardinality(projections) = 0 THEN
         PERFORM cqrs._fail('CQ001', 'projections must name at least one projection');
@@ -263,37 +386,11 @@ BEGIN
             PERFORM cqrs._fail('CQ001', format(
                 'projection %L is not a sql projection: run it with cqrs.run_projection', projection));
         END IF;
-        applied := 0;
-        more := false;
-        busy := false;
-        -- as in cqrs.run_projection: an idle projection is found by reading alone
-        IF batch_from IS DISTINCT FROM p.last_position THEN
-            SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
-            batch_from := p.last_position;
-        END IF;
-        IF b.n > 0 OR cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-            -- the projection's lock (cqrs._lock), and its row as the last holder left it
-            SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection FOR NO KEY UPDATE SKIP LOCKED;
-            IF NOT FOUND THEN
-                busy := true;
-            ELSE
-                IF batch_from <> p.last_position THEN
-                    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position, max_events);
-                    batch_from := p.last_position;
-                END IF;
-                IF b.n > 0 THEN
-                    PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, p.last_position, b.end_position);
-                    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.n, false,
-                                                     lim.final_position, lim.fence, lim.mark_position);
-                    applied := b.n;
-                    more := b.n >= max_events;
-                ELSIF cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-                    -- nothing to apply: only a mark or a horizon that is due
-                    PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
-                                                     lim.final_position, lim.fence, lim.mark_position);
-                END IF;
-            END IF;
-        END IF;
+        SELECT * INTO r FROM cqrs._run_batch(p, max_events, '1 second', lim.final_position, lim.fence,
+                                            lim.mark_position, lim.pending_position);
+        applied := r.applied;
+        more := r.more;
+        busy := r.busy;
         RETURN NEXT;
     END LOOP;
 END

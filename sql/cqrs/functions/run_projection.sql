@@ -22,8 +22,6 @@ AS $$
 DECLARE
     p cqrs.projections;
     lim record;
-    b record;
-    relevant boolean := false;
 BEGIN
     PERFORM cqrs._require_range('max_events', max_events, 1);
     p := cqrs._projection(projection);
@@ -32,69 +30,9 @@ BEGIN
             'projection %L is a python projection: the daemon runs its handler (cqrs.claim_batch, cqrs.complete_batch)',
             projection));
     END IF;
-
-    -- Before any lock, with no xid yet: the position _read_limit reads can be a mark, and
-    -- an idle projection is found by reading alone (no xid to hold readers back, no WAL).
+    -- Before any lock, with no xid yet: the position _read_limit reads can be a mark.
     SELECT * INTO lim FROM cqrs._read_limit();
-    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
-                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
-    IF b.n = 0 AND NOT cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
-        RETURN;
-    END IF;
-    -- A view's refresh is left out of every reader's fence (it writes no events), which
-    -- only a transaction without an xid can be: before the lock gives it one.
-    IF p.kind = 'matview' AND b.n > 0 AND NOT coalesce(p.refreshed_at > now() - refresh_interval, false) THEN
-        PERFORM cqrs._exempt_from_fence(projection);
-    END IF;
-
-    -- One runner per projection at a time, across daemons: the projection's row lock
-    -- (cqrs._lock), which no role but the engine's owner can take. Released at commit,
-    -- after our checkpoint is visible, so the next holder reads the checkpoint we wrote.
-    IF NOT cqrs._lock('projection', projection, false) THEN
-        RETURN QUERY SELECT 0::bigint, false, true, NULL::double precision;
-        RETURN;
-    END IF;
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    -- a view's refresh covers every event up to the final position
-    SELECT * INTO b FROM cqrs._next_batch(p.last_position, lim.final_position,
-                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
-
-    IF b.n = 0 THEN
-        -- Nothing to apply: write only a mark or a horizon that is due.
-        IF cqrs._write_due(p, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-            PERFORM cqrs._advance_checkpoint(projection, false, p.last_position, 0, false,
-                                             lim.final_position, lim.fence, lim.mark_position);
-        END IF;
-        RETURN QUERY SELECT 0::bigint, false, false, NULL::double precision;
-        RETURN;
-    END IF;
-
-    IF p.kind = 'sql' THEN
-        PERFORM cqrs._apply_batch(p.apply_function::regproc, p.search_path, p.last_position, b.end_position);
-    ELSE
-        SELECT EXISTS (
-            SELECT 1
-              FROM cqrs.outbox o
-             WHERE o.position > p.last_position
-               AND o.position <= b.end_position
-               AND (p.event_types IS NULL OR o.event_type = ANY (p.event_types)))
-          INTO relevant;
-        IF relevant THEN
-            IF p.refreshed_at > now() - refresh_interval THEN
-                RETURN QUERY SELECT 0::bigint, false, false,
-                    extract(epoch FROM p.refreshed_at + refresh_interval - now())::double precision;
-                RETURN;
-            END IF;
-            -- out of every reader's fence while it runs (cqrs._exempt_from_fence, above)
-            -- CONCURRENTLY: readers on the primary keep reading, and no AccessExclusiveLock
-            -- is replayed on replicas to cancel their queries.
-            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %s', p.matview::regclass);
-        END IF;
-    END IF;
-
-    PERFORM cqrs._advance_checkpoint(projection, false, b.end_position, b.n, relevant,
-                                     lim.final_position, lim.fence, lim.mark_position);
-    RETURN QUERY SELECT b.n, p.kind = 'sql' AND b.n >= max_events, false, NULL::double precision;
+    RETURN QUERY SELECT * FROM cqrs._run_batch(p, max_events, refresh_interval, lim.final_position, lim.fence,
+                                              lim.mark_position, lim.pending_position);
 END
 $$;
