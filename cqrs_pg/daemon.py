@@ -59,6 +59,12 @@ EXTEND_INTERVAL = 60.0
 # After a round that applied events, look for the next ones four times as often as
 # linger_poll for this long: in a stream of commands the next is likeliest soon.
 EAGER_FOR = 0.01
+# Waiting for the transactions a lingering look found running (usually one command about
+# to commit), the server looks again at once for this long before it sleeps between
+# looks: its sleep's finest step is a millisecond, on average half a millisecond after the
+# commit (cqrs.mark_usable). Only then: under load the round's wait follows the apply
+# budget's, and the mark is usually usable by the time the round starts.
+MARK_SPIN = 0.003
 # Read the registrations (projections added, removed, halted, retried) this often.
 REGISTRY_INTERVAL = 1.0
 # The longest wait before a failing batch is tried again.
@@ -78,7 +84,10 @@ PARKED_FAILED_SQL = "SELECT cqrs.parked_failed(%s, %s, %s, %s)"
 # One batch of a sql projection, or a materialized view's refresh.
 RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
 # A batch of each of several sql projections, in one transaction (a round of small batches).
-RUN_SHARED_SQL = "SELECT projection, applied, more, busy FROM cqrs.run_projections(%s, %s)"
+RUN_SHARED_SQL = (
+    "SELECT projection, applied, more, busy FROM cqrs.run_projections(%s, %s, %s,"
+    " make_interval(secs => %s), make_interval(secs => %s))"
+)
 # The fence, and whether committed events wait above it (held back by an open transaction).
 FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # Work for a sql or python projection: events it may read now and has not applied; when
@@ -91,7 +100,7 @@ LAST_POSITION_SQL = "SELECT cqrs.last_position()"
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
-MARK_USABLE_SQL = "SELECT cqrs.mark_usable(%s, make_interval(secs => %s))"
+MARK_USABLE_SQL = "SELECT cqrs.mark_usable(%s, make_interval(secs => %s), make_interval(secs => %s))"
 # Projections held by another session: their checkpoints, and who holds them.
 HELD_SQL = (
     "SELECT name, last_position, events_behind, held_by_pid, held_by_user, held_by_application, held_by_state,"
@@ -203,6 +212,8 @@ class Listener:
         # the linger poll that found work took the next round's mark: whether it stored one
         # to wait for (None: the round takes its own)
         self._marked: bool | None = None
+        # ... a look while lingering: the round spins for that mark (MARK_SPIN)
+        self._found_lingering = False
         # the last look found no work, every position up to this one final, for these
         # projections (cqrs.look_for_work): until the sequence moves past it, none can come
         # but by an operator's hand
@@ -466,7 +477,7 @@ class Listener:
             eager = now - self._last_round < EAGER_FOR
             settled = self._settled is not None and self._settled[0] == tuple(names)
             if now >= look_due or (settled and self._moved(conn)):
-                if self._work_found(conn, names):
+                if self._work_found(conn, names, lingering=True):
                     return
                 look_due = now + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
             remaining = until - time.monotonic()
@@ -480,9 +491,10 @@ class Listener:
         assert self._settled is not None
         return bool(scalar(conn, LAST_POSITION_SQL) != self._settled[1])
 
-    def _work_found(self, conn: psycopg.Connection, names: list[str]) -> bool:
+    def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False) -> bool:
         """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
-        next round's mark is taken in the same statement."""
+        next round's mark is taken in the same statement (lingering: by a look between
+        rounds of a light load, whose round spins for it, MARK_SPIN)."""
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
@@ -492,6 +504,7 @@ class Listener:
         if marked is None:
             return False
         self._marked = bool(marked)  # the round needs no mark of its own
+        self._found_lingering = lingering
         return True
 
     def _mark(self, conn: psycopg.Connection, wait: float = 0.0) -> None:
@@ -501,7 +514,7 @@ class Listener:
         needed."""
         stored = scalar(conn, MARK_SQL, (self.config.listener_id,))
         if stored and wait > 0:
-            conn.execute(MARK_USABLE_SQL, (self.config.listener_id, wait))
+            conn.execute(MARK_USABLE_SQL, (self.config.listener_id, wait, 0.0))
 
     def _run_all(self, conn: psycopg.Connection, names: list[str], every: bool = False) -> Progress:
         """A turn of every projection, each on its own connection, in parallel. The round
@@ -510,14 +523,19 @@ class Listener:
         a later round, so it never delays the next batch of the others. With every, the
         round waits for all. A round that follows a full batch (a catch-up) takes no mark:
         there is work enough up to the last one."""
-        if self._marked is not None:  # taken by the linger poll that found the work
-            if self._marked and self.config.mark_wait > 0:
-                conn.execute(MARK_USABLE_SQL, (self.config.listener_id, self.config.mark_wait))
+        cfg = self.config
+        # the mark to wait for before the round: (wait, spin) for cqrs.mark_usable
+        mark: tuple[float, float] | None = None
+        if self._marked is not None:  # taken by the look that found the work
+            if self._marked and cfg.mark_wait > 0:
+                mark = (cfg.mark_wait, MARK_SPIN if self._found_lingering else 0.0)
             self._marked = None
         elif not self._catching_up:
-            self._mark(conn, self.config.mark_wait)
+            self._mark(conn, cfg.mark_wait)
         progress = Progress()
         if len(names) == 1:
+            if mark is not None:
+                conn.execute(MARK_USABLE_SQL, (cfg.listener_id, *mark))
             progress.merge(self._turn(names[0]))
             self._catching_up = progress.more
             return progress
@@ -533,6 +551,7 @@ class Listener:
             shared = []
         assert self._pool is not None, "run() starts the pool"
         now = time.monotonic()
+        turns = []
         for name in names:
             if name in self._running or name in shared:
                 continue
@@ -540,9 +559,15 @@ class Listener:
             if due > now and not every:  # a view whose refresh waits for its interval: not asked again before
                 progress.add(0, due - now)
                 continue
+            turns.append(name)
+        if mark is not None and (turns or not shared):
+            conn.execute(MARK_USABLE_SQL, (cfg.listener_id, *mark))
+            mark = None
+        for name in turns:
             self._running[name] = self._pool.submit(self._turn, name)
         if shared:
-            together = self._shared_round(conn, shared)
+            # the shared round's statement waits for the mark itself: one round trip less
+            together = self._shared_round(conn, shared, mark)
             if together is None:  # each on its own, now
                 for name in shared:
                     self._running[name] = self._pool.submit(self._turn, name)
@@ -675,7 +700,9 @@ class Listener:
                        "work_ms": round(work * 1000, 3)},
             )
 
-    def _shared_round(self, conn: psycopg.Connection, names: list[str]) -> Progress | None:
+    def _shared_round(
+        self, conn: psycopg.Connection, names: list[str], mark: tuple[float, float] | None = None
+    ) -> Progress | None:
         """One batch of each of these sql projections in one statement and one commit
         (cqrs.run_projections), on the listening connection: the round while batches are
         small. None when it failed: every batch of it was rolled back, and each projection
@@ -683,7 +710,10 @@ class Listener:
         progress = Progress()
         started = time.monotonic()
         try:
-            rows = conn.execute(RUN_SHARED_SQL, (names, self.config.batch_size)).fetchall()
+            wait, spin = mark or (0.0, 0.0)
+            rows = conn.execute(
+                RUN_SHARED_SQL, (names, self.config.batch_size, self.config.listener_id if mark else None, wait, spin)
+            ).fetchall()
         except psycopg.Error as exc:
             if conn.broken:
                 raise

@@ -580,6 +580,32 @@ def test_look_for_work_answers_as_work_pending_and_take_mark_together(db: Databa
             writer.execute("ROLLBACK")
 
 
+def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:
+    """cqrs.run_projections with a daemon's listener_id first waits (spinning, then
+    sleeping) for the mark that daemon's look took under a running writer: it applies
+    the writer's events, committed while it waited; without the wait it finds none
+    final. A wait that runs out goes on with what is final."""
+    look = "SELECT marked FROM cqrs.look_for_work(%s, 'spinner')"
+    run = "SELECT sum(applied)::int FROM cqrs.run_projections(%s, 5000, %s, make_interval(secs => %s), '0.01 s')"
+    names = ["order_summary", "customer_stats"]
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.listener_heartbeat('spinner', false, '1 minute')")
+        customer, sku = seed(conn)
+        db.run_projections()
+        with psycopg.connect(db.dsn) as writer:
+            writer.execute("BEGIN")
+            order_id = place(writer, customer, sku)[0]
+            assert conn.execute(look, (names,)).fetchone()[0] is True
+            assert conn.execute(run, (names, None, 0)).fetchone()[0] == 0  # not final: not read
+            assert conn.execute(run, (names, "spinner", 0.05)).fetchone()[0] == 0  # the wait ran out
+            ends = threading.Timer(0.2, writer.commit)
+            ends.start()
+            assert conn.execute(run, (names, "spinner", 30)).fetchone()[0] > 0
+            ends.join()
+        assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s",
+                            (order_id,)).fetchone()[0] == 1
+
+
 def test_a_batch_leaves_the_callers_planner_settings_as_they_were(db: Database) -> None:
     """Small batches are planned with settings of their own (generic plans, nested loops,
     no JIT), large ones (over more than 1,000 positions) for their bounds: the caller's

@@ -20,7 +20,7 @@ GRANT USAGE ON SCHEMA cqrs TO cqrs_listener;
 GRANT SELECT ON cqrs.projections, cqrs.parked TO cqrs_listener;
 GRANT EXECUTE ON FUNCTION
     cqrs.run_projection(text, integer, interval),
-    cqrs.run_projections(text[], integer),
+    cqrs.run_projections(text[], integer, text, interval, interval),
     cqrs.claim_batch(text, integer, boolean, boolean),
     cqrs.batch_events(text, bigint, bigint),
     cqrs.complete_batch(text, bigint, bigint, integer, boolean),
@@ -30,7 +30,7 @@ GRANT EXECUTE ON FUNCTION
     cqrs._xids_moved(),
     cqrs.rebuild_status(),
     cqrs.take_mark(text),
-    cqrs.mark_usable(text, interval),
+    cqrs.mark_usable(text, interval, interval),
     cqrs.projection_status(),
     cqrs.projection_failed(text, bigint, text, text, integer),
     cqrs.claim_parked(text),

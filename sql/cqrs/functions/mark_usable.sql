@@ -1,24 +1,30 @@
 -- Whether a daemon's mark (cqrs.take_mark) is usable: every transaction that ran when it
--- was taken has ended. True when the daemon has none. Waits up to `wait` for it, looking
--- every half millisecond, so that the daemon need not ask again and again; it reads only,
--- and holds no xid meanwhile.
-CREATE OR REPLACE FUNCTION cqrs.mark_usable(listener_id text, wait interval DEFAULT '0 s')
+-- was taken has ended. True when the daemon has none. Waits up to `wait` for it, so that
+-- the daemon need not ask again and again; it reads only, and holds no xid meanwhile.
+-- For the first `spin` of the wait it looks again at once, then every half millisecond:
+-- pg_sleep's finest step is a millisecond, on average half a millisecond after the
+-- commit it waits for. A daemon that found one command in flight while lingering spins:
+-- that command commits within a millisecond or two, and the round should start with it.
+CREATE OR REPLACE FUNCTION cqrs.mark_usable(listener_id text, wait interval DEFAULT '0 s',
+                                            spin interval DEFAULT '0 s')
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    deadline timestamptz := clock_timestamp() + wait;
+    started timestamptz := clock_timestamp();
     mark xid8;
 BEGIN
     SELECT l.mark_xmax INTO mark FROM cqrs.listeners l WHERE l.listener_id = mark_usable.listener_id;
     -- each time a statement of its own: a new snapshot
     WHILE mark IS NOT NULL AND mark > cqrs._fence(pg_current_snapshot()) LOOP
-        IF clock_timestamp() >= deadline THEN
+        IF clock_timestamp() >= started + wait THEN
             RETURN false;
         END IF;
-        PERFORM pg_sleep(0.0005);
+        IF clock_timestamp() >= started + spin THEN
+            PERFORM pg_sleep(0.0005);
+        END IF;
     END LOOP;
     RETURN true;
 END

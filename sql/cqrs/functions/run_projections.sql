@@ -5,8 +5,13 @@
 -- transaction its xid: its position is a mark for each, cqrs._run_batch). A failing
 -- apply function rolls back every batch of the call; the daemon then runs each
 -- projection on its own, where the failure is that projection's alone.
+-- With listener_id, it first waits as cqrs.mark_usable(listener_id, mark_wait, mark_spin)
+-- for that daemon's mark: the round then reads what committed up to the mark, one round
+-- trip after the look that took it.
 -- Returns a row per projection, in the order given, as cqrs.run_projection's.
-CREATE OR REPLACE FUNCTION cqrs.run_projections(projections text[], max_events integer DEFAULT 10000)
+CREATE OR REPLACE FUNCTION cqrs.run_projections(projections text[], max_events integer DEFAULT 10000,
+                                                listener_id text DEFAULT NULL, mark_wait interval DEFAULT '0 s',
+                                                mark_spin interval DEFAULT '0 s')
 RETURNS TABLE (projection text, applied bigint, more boolean, busy boolean)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -21,6 +26,9 @@ BEGIN
         PERFORM cqrs._fail('CQ001', 'projections must name at least one projection');
     END IF;
     PERFORM cqrs._require_range('max_events', max_events, 1);
+    IF listener_id IS NOT NULL THEN
+        PERFORM cqrs.mark_usable(listener_id, mark_wait, mark_spin);
+    END IF;
     SELECT * INTO lim FROM cqrs._read_limit();
     FOREACH projection IN ARRAY projections LOOP
         p := cqrs._projection(projection);
