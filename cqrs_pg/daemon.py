@@ -85,7 +85,7 @@ PARKED_FAILED_SQL = "SELECT cqrs.parked_failed(%s, %s, %s, %s)"
 RUN_SQL = "SELECT applied, more, busy, retry_after FROM cqrs.run_projection(%s, %s, make_interval(secs => %s))"
 # A batch of each of several sql projections, in one transaction (a round of small batches).
 RUN_SHARED_SQL = (
-    "SELECT projection, applied, more, busy FROM cqrs.run_projections(%s, %s, %s,"
+    "SELECT projection, applied, more, busy, waited FROM cqrs.run_projections(%s, %s, %s,"
     " make_interval(secs => %s), make_interval(secs => %s))"
 )
 # The fence, and whether committed events wait above it (held back by an open transaction).
@@ -720,10 +720,11 @@ class Listener:
             logger.debug("shared round failed, each projection on its own: %s", first_line(exc))
             return None
         seconds = time.monotonic() - started
-        progress.work = seconds
-        for name, applied, more, busy in rows:
+        # the wait for the mark (commands in flight committing) is no work of the daemon's
+        progress.work = max(0.0, seconds - (rows[0][4] if rows else 0.0))
+        for name, applied, more, busy, _ in rows:
             progress.add(applied, None, bool(more) and not busy)
-            self._account(name, applied, busy, seconds, seconds)
+            self._account(name, applied, busy, seconds, progress.work)
         return progress
 
     def _failed(self, conn: psycopg.Connection, name: str, exc: Exception, size: int) -> None:

@@ -216,7 +216,7 @@ def test_run_projections_applies_a_batch_of_each_in_one_transaction(db: Database
         order, token = place(conn, customer, sku, 2)
         total = outbox_count(conn)
         rows = conn.execute("SELECT * FROM cqrs.run_projections('{order_summary,customer_stats}', 100)").fetchall()
-        assert rows == [("order_summary", total, False, False), ("customer_stats", total, False, False)]
+        assert rows == [("order_summary", total, False, False, 0), ("customer_stats", total, False, False, 0)]
         assert conn.execute("SELECT cqrs.caught_up(%s, 'order_summary') AND cqrs.caught_up(%s, 'customer_stats')",
                             (token, token)).fetchone()[0]
         assert mismatches(conn, "order_summary") == mismatches(conn, "customer_stats") == 0
@@ -224,7 +224,7 @@ def test_run_projections_applies_a_batch_of_each_in_one_transaction(db: Database
         for _ in range(3):
             place(conn, customer, sku)
         rows = conn.execute("SELECT * FROM cqrs.run_projections('{customer_stats,order_summary}', 2)").fetchall()
-        assert rows == [("customer_stats", 2, True, False), ("order_summary", 2, True, False)]
+        assert rows == [("customer_stats", 2, True, False, 0), ("order_summary", 2, True, False, 0)]
         # one failing apply function: nothing of the call is kept
         before = applied_counts(conn)
         conn.execute("ALTER TABLE shop_read.customer_stats ADD CONSTRAINT never CHECK (orders_placed < 0) NOT VALID")
@@ -584,9 +584,11 @@ def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db:
     """cqrs.run_projections with a daemon's listener_id first waits (spinning, then
     sleeping) for the mark that daemon's look took under a running writer: it applies
     the writer's events, committed while it waited; without the wait it finds none
-    final. A wait that runs out goes on with what is final."""
+    final. A wait that runs out goes on with what is final. Every row reports how long
+    the wait took (waited), which the daemon's apply budget leaves out."""
     look = "SELECT marked FROM cqrs.look_for_work(%s, 'spinner')"
-    run = "SELECT sum(applied)::int FROM cqrs.run_projections(%s, 5000, %s, make_interval(secs => %s), '0.01 s')"
+    run = ("SELECT sum(applied)::int, min(waited), max(waited)"
+           " FROM cqrs.run_projections(%s, 5000, %s, make_interval(secs => %s), '0.01 s')")
     names = ["order_summary", "customer_stats"]
     with db.connect() as conn:
         conn.execute("SELECT cqrs.listener_heartbeat('spinner', false, '1 minute')")
@@ -596,11 +598,14 @@ def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db:
             writer.execute("BEGIN")
             order_id = place(writer, customer, sku)[0]
             assert conn.execute(look, (names,)).fetchone()[0] is True
-            assert conn.execute(run, (names, None, 0)).fetchone()[0] == 0  # not final: not read
-            assert conn.execute(run, (names, "spinner", 0.05)).fetchone()[0] == 0  # the wait ran out
+            assert conn.execute(run, (names, None, 0)).fetchone() == (0, 0, 0)  # not final: not read
+            applied, waited, same = conn.execute(run, (names, "spinner", 0.05)).fetchone()
+            assert applied == 0 and 0.05 <= waited == same < 30  # the wait ran out
             ends = threading.Timer(0.2, writer.commit)
+            started = time.monotonic()
             ends.start()
-            assert conn.execute(run, (names, "spinner", 30)).fetchone()[0] > 0
+            applied, waited, same = conn.execute(run, (names, "spinner", 30)).fetchone()
+            assert applied > 0 and 0.1 < waited == same < time.monotonic() - started
             ends.join()
         assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s",
                             (order_id,)).fetchone()[0] == 1

@@ -7,12 +7,13 @@
 -- projection on its own, where the failure is that projection's alone.
 -- With listener_id, it first waits as cqrs.mark_usable(listener_id, mark_wait, mark_spin)
 -- for that daemon's mark: the round then reads what committed up to the mark, one round
--- trip after the look that took it.
+-- trip after the look that took it. waited: the seconds that took (on every row), which
+-- the daemon's apply budget does not charge: waiting for commands to commit is not work.
 -- Returns a row per projection, in the order given, as cqrs.run_projection's.
 CREATE OR REPLACE FUNCTION cqrs.run_projections(projections text[], max_events integer DEFAULT 10000,
                                                 listener_id text DEFAULT NULL, mark_wait interval DEFAULT '0 s',
                                                 mark_spin interval DEFAULT '0 s')
-RETURNS TABLE (projection text, applied bigint, more boolean, busy boolean)
+RETURNS TABLE (projection text, applied bigint, more boolean, busy boolean, waited double precision)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
@@ -21,13 +22,17 @@ DECLARE
     lim record;
     p cqrs.projections;
     r record;
+    started timestamptz;
 BEGIN
     IF projections IS NULL OR cardinality(projections) = 0 THEN
         PERFORM cqrs._fail('CQ001', 'projections must name at least one projection');
     END IF;
     PERFORM cqrs._require_range('max_events', max_events, 1);
+    waited := 0;
     IF listener_id IS NOT NULL THEN
+        started := clock_timestamp();
         PERFORM cqrs.mark_usable(listener_id, mark_wait, mark_spin);
+        waited := extract(epoch FROM clock_timestamp() - started)::double precision;
     END IF;
     SELECT * INTO lim FROM cqrs._read_limit();
     FOREACH projection IN ARRAY projections LOOP
