@@ -305,8 +305,8 @@ class _Latency:
                             return
                     keys = list(itertools.islice(pending, WATCH_LIMIT))
                     toks = list(itertools.islice(tokens, WATCH_LIMIT))
+                    s = loop.time()
                     if keys or toks:
-                        s = loop.time()
                         try:
                             cur = await watcher.execute(WATCH_SQL[kind], {"ids": keys, "tokens": toks})
                             row = await cur.fetchone()
@@ -326,7 +326,9 @@ class _Latency:
                             i = tokens.pop(token, None)
                             if i is not None:
                                 caught[i] = at
-                    await asyncio.sleep(cfg.poll_ms / 1000)
+                    # the next poll is due a period after this one started: the period is
+                    # the poll's own, not the poll's round trip plus a sleep
+                    await asyncio.sleep(max(0.0, s + cfg.poll_ms / 1000 - loop.time()))
 
             sending = asyncio.ensure_future(asyncio.gather(*(client(c) for c in conns)))
             await asyncio.gather(sending, watch(sending))
