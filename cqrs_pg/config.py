@@ -67,7 +67,7 @@ class ListenerConfig:
     # commands their CPU; latency under load grows instead (never past poll_interval).
     apply_budget: float = setting(
         0.25,
-        "While events keep coming, rounds of batches take at most this share of the time (over any 0.2 s): "
+        "While events keep coming, rounds of batches take at most this share of the time (over any 1 s): "
         "within it a round follows the last at once; beyond it, after a round whose batches took t seconds "
         "the next waits t/FRACTION (at most --poll-interval). On a loaded server batches grow and the daemon "
         "leaves the commands more CPU; latency under load grows instead. 1: off.",

@@ -35,8 +35,10 @@ from cqrs_pg.config import ListenerConfig
 # request is seen promptly.
 WAIT_SLICE = 0.25
 # The apply budget holds over any stretch this long: a burst of rounds may work up to
-# apply_budget x this without waiting (at 0.25, 50 ms of work), and no more.
-BUDGET_WINDOW = 0.2
+# apply_budget x this without waiting (at 0.25, 250 ms of work), and no more. Long
+# enough to ride out a materialized view's refresh (a few hundred ms of a core), which
+# slows the rounds beside it; a steady load is held to apply_budget all the same.
+BUDGET_WINDOW = 1.0
 
 
 class State(enum.Enum):
