@@ -22,8 +22,9 @@ Two kinds of run for each, interleaved in a shuffled order in every round:
 - replication: INSERT of one row into a plain table, no trigger, no daemon work. Visible =
                the row on the replica. This is the floor any replica read pays.
 
-One watcher connection on the replica asks, every --poll-ms, which of the committed and
-not yet seen ids are visible (primary-key look-ups of at most 1,000 ids). A sighting is
+At the rates one watcher connection on the replica, in a thread of its own, asks every
+--poll-ms (from the start of one poll to the next) which of the committed and not yet
+seen ids are visible (primary-key look-ups of at most 1,000 ids). A sighting is
 timed at the middle of that poll's round trip: latency = sighting - commit returned, an
 upper bound that is late by up to one poll period for both kinds alike. The first
 --latency-warmup seconds of each run (a tenth of the commands one after another) are not
@@ -35,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -261,7 +264,8 @@ class _Latency:
             await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="cqrs-pg bench latency")
             for _ in range(cfg.latency_clients)
         ]
-        watcher = await psycopg.AsyncConnection.connect(watch_dsn, autocommit=True, application_name="cqrs-pg bench watcher")
+        lock = threading.Lock()  # pending and tokens, shared with the watcher's thread
+        sent = threading.Event()  # every command was issued
         try:
             for conn in conns:  # connections warmed: the first command pays no catalog lookups
                 await conn.execute("SELECT 1")
@@ -289,51 +293,60 @@ class _Latency:
                     except psycopg.Error as exc:
                         errors.append(first_line(exc))
                         continue
-                    committed[i] = loop.time()
-                    pending[key] = i
-                    if token is not None:
-                        tokens[token] = i
+                    committed[i] = loop.time()  # time.monotonic(), the watcher's clock
+                    with lock:
+                        pending[key] = i
+                        if token is not None:
+                            tokens[token] = i
 
-            async def watch(sending: asyncio.Future[Any]) -> None:
+            def watch() -> None:
+                """The watcher, in a thread of its own with its own connection: its polls
+                keep their period to a fraction of a millisecond (time.sleep), where the
+                event loop's timers round up to whole milliseconds."""
                 give_up: float | None = None
-                while True:
-                    if sending.done():
-                        if not pending and not tokens:
-                            return
-                        give_up = give_up or loop.time() + STRAGGLERS_SECONDS
-                        if loop.time() > give_up:
-                            return
-                    keys = list(itertools.islice(pending, WATCH_LIMIT))
-                    toks = list(itertools.islice(tokens, WATCH_LIMIT))
-                    s = loop.time()
-                    if keys or toks:
-                        try:
-                            cur = await watcher.execute(WATCH_SQL[kind], {"ids": keys, "tokens": toks})
-                            row = await cur.fetchone()
-                        except psycopg.errors.SerializationFailure:
-                            # Cancelled by a conflict with recovery on the replica: ask again.
-                            await asyncio.sleep(cfg.poll_ms / 1000)
-                            continue
-                        r = loop.time()
-                        assert row is not None
-                        at = (s + r) / 2
-                        polls.append(at)
-                        for key in row[0]:
-                            i = pending.pop(key, None)
-                            if i is not None:
-                                seen[i] = at
-                        for token in row[1]:
-                            i = tokens.pop(token, None)
-                            if i is not None:
-                                caught[i] = at
-                    # the next poll is due a period after this one started: the period is
-                    # the poll's own, not the poll's round trip plus a sleep
-                    await asyncio.sleep(max(0.0, s + cfg.poll_ms / 1000 - loop.time()))
+                period = cfg.poll_ms / 1000
+                with psycopg.connect(watch_dsn, autocommit=True, application_name="cqrs-pg bench watcher") as watcher:
+                    while True:
+                        if sent.is_set():
+                            with lock:
+                                if not pending and not tokens:
+                                    return
+                            give_up = give_up or time.monotonic() + STRAGGLERS_SECONDS
+                            if time.monotonic() > give_up:
+                                return
+                        with lock:
+                            keys = list(itertools.islice(pending, WATCH_LIMIT))
+                            toks = list(itertools.islice(tokens, WATCH_LIMIT))
+                        s = time.monotonic()
+                        if keys or toks:
+                            try:
+                                row = watcher.execute(WATCH_SQL[kind], {"ids": keys, "tokens": toks}).fetchone()
+                            except psycopg.errors.SerializationFailure:
+                                row = None  # cancelled by a conflict with recovery on the replica: ask again
+                            r = time.monotonic()
+                            at = (s + r) / 2
+                            polls.append(at)
+                            if row is not None:
+                                with lock:
+                                    for key in row[0]:
+                                        i = pending.pop(key, None)
+                                        if i is not None:
+                                            seen[i] = at
+                                    for token in row[1]:
+                                        i = tokens.pop(token, None)
+                                        if i is not None:
+                                            caught[i] = at
+                        # the next poll is due a period after this one started
+                        time.sleep(max(0.0, s + period - time.monotonic()))
 
-            sending = asyncio.ensure_future(asyncio.gather(*(client(c) for c in conns)))
-            await asyncio.gather(sending, watch(sending))
+            watching = loop.run_in_executor(None, watch)
+            try:
+                await asyncio.gather(*(client(c) for c in conns))
+            finally:
+                sent.set()
+                await watching
         finally:
-            for conn in [*conns, watcher]:
+            for conn in conns:
                 await conn.close()
 
         return _summarize(rnd, kind, rate, range(warm, total), due, started, committed, seen, caught, errors, polls)
