@@ -1,5 +1,6 @@
 """A shared round reports how long it waited for the daemon's mark, which the apply budget
-does not charge.
+does not charge; a batch is looked up again under the projection's lock only when its
+checkpoint moved.
 
 Revision ID: cqrs_0008
 Revises: cqrs_0007

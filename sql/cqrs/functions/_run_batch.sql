@@ -13,6 +13,7 @@ DECLARE
     projection text := p.name;
     b record;
     relevant boolean := false;
+    read_from bigint := p.last_position;
 BEGIN
     applied := 0;
     more := false;
@@ -39,9 +40,13 @@ BEGIN
         RETURN;
     END IF;
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
-    -- a view's refresh covers every event up to the final position
-    SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
-                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    -- Read again only if another session moved the checkpoint meanwhile: up to the final
+    -- position every event has committed, so the same bounds find the same batch. A
+    -- view's refresh covers every event up to the final position.
+    IF p.last_position IS DISTINCT FROM read_from THEN
+        SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
+                                             CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    END IF;
 
     IF b.n = 0 THEN
         -- Nothing to apply: write only a mark or a horizon that is due.
