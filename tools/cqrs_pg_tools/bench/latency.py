@@ -325,8 +325,8 @@ class _Latency:
                                 row = None  # cancelled by a conflict with recovery on the replica: ask again
                             r = time.monotonic()
                             at = (s + r) / 2
-                            polls.append(at)
-                            if row is not None:
+                            if row is not None:  # a cancelled poll saw nothing: not counted
+                                polls.append(at)
                                 with lock:
                                     for key in row[0]:
                                         i = pending.pop(key, None)
