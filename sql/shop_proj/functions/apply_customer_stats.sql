@@ -48,6 +48,13 @@ BEGIN
            SET name = excluded.name, email = excluded.email, version = excluded.version
          WHERE c.version < excluded.version
         RETURNING c.customer_id),
+    -- whether each was new: not there before this statement (whose snapshot does not see
+    -- cu's writes). A join, not a subquery per customer: planned for an empty table, that
+    -- scanned the heap cu was filling once per customer (1.5 s for a first batch of 10,000).
+    f AS (
+        SELECT cu.customer_id, k.customer_id IS NULL AS fresh
+          FROM cu
+          LEFT JOIN customer_stats_customers k ON k.customer_id = cu.customer_id),
     o AS MATERIALIZED (
         SELECT e.aggregate_id AS order_id,
                (array_agg((e.payload ->> 'customer_id')::uuid ORDER BY e.aggregate_version DESC)
@@ -106,10 +113,7 @@ BEGIN
     SELECT (SELECT array_agg(d.customer_id) FROM d), (SELECT array_agg(d.placed) FROM d),
            (SELECT array_agg(d.cancelled) FROM d), (SELECT array_agg(d.shipped) FROM d),
            (SELECT array_agg(d.value) FROM d),
-           (SELECT array_agg(cu.customer_id) FROM cu),
-           -- new: not there before this statement (whose snapshot does not see cu's writes)
-           (SELECT array_agg(NOT EXISTS (SELECT 1 FROM customer_stats_customers k WHERE k.customer_id = cu.customer_id))
-              FROM cu)
+           (SELECT array_agg(f.customer_id) FROM f), (SELECT array_agg(f.fresh) FROM f)
       INTO changed, placed, cancelled, shipped, value, named, fresh;
 
     IF changed IS NOT NULL THEN
