@@ -39,7 +39,12 @@ def setting(
 @dataclass
 class ListenerConfig:
     dsn: str
-    batch_size: int = setting(5000, "Events per batch and transaction.", minimum=1, metavar="N")
+    # A catch-up's batch: larger ones touch each read-model row fewer times (a customer's
+    # counts are updated once per batch, not per event) and pay the plan and commit less
+    # often. At 1M events customer_stats alone applied 92,000 events/s in batches of 5,000,
+    # 115,000 in 20,000, 129,000 in 50,000; a batch of 20,000 still commits within a
+    # fifth of a second, and a python handler holds that many events at once.
+    batch_size: int = setting(20_000, "Events per batch and transaction.", minimum=1, metavar="N")
     # Fallback when no doorbell rings: correctness never depends on NOTIFY.
     poll_interval: float = setting(1.0, "Seconds between polls when no NOTIFY arrives.", minimum=0.01,
                                    maximum=3600, metavar="SECONDS")

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from cqrs_pg.config import ListenerConfig
 from cqrs_pg_tools.devcluster import ROOT_ENV
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -203,7 +204,8 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Part 1: seconds of load before the measured run with the daemon running [default: 3].")
 @click.option("--backlog", type=click.IntRange(1), metavar="N",
               help="Part 2: events in the large backlog; the small one has N/10 [default: 1000000].")
-@click.option("--batch-size", type=click.IntRange(1), help="Parts 2 and 5: the daemon's --batch-size [default: 5000].")
+@click.option("--batch-size", type=click.IntRange(1),
+              help=f"Parts 2 and 5: the daemon's --batch-size [default: {ListenerConfig.batch_size}, listen's own].")
 @click.option("--batch-delay", type=click.FloatRange(0), metavar="SECONDS",
               help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0: off].")
 @click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",

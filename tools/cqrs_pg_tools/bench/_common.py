@@ -25,6 +25,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cqrs_pg import __version__
+from cqrs_pg.config import ListenerConfig
 from cqrs_pg.db import connect, redact, scalar
 from cqrs_pg.errors import CqrsPgError
 from cqrs_pg_tools import testing
@@ -67,7 +68,7 @@ class BenchConfig:
     variants: tuple[str, ...] | None = None  # part 1: run only these (keys of throughput.VARIANTS); None: all
     # part 2: projection catch-up; backlogs of backlog // 10 and backlog events
     backlog: int = 1_000_000
-    batch_size: int = 5000  # the daemon's --batch-size (its default)
+    batch_size: int = ListenerConfig.batch_size  # the daemon's --batch-size (its default)
     batch_delay: float | None = None  # the daemon's --batch-delay in every part (None: its default)
     apply_budget: float | None = None  # the daemon's --apply-budget in every part (None: its default)
     # part 3: end-to-end latency
