@@ -698,11 +698,11 @@ class Listener:
             else:
                 # one statement, its own transaction: one round trip, commit included
                 row = conn.execute(RUN_SQL, (name, size, self._refresh_interval(name))).fetchone()
-                if name not in self._matviews:  # a refresh keeps to its own budget
-                    progress.work += time.monotonic() - started
                 assert row is not None
                 applied, more, busy, retry_after = row
-                self._replans[name].after(conn, applied)
+                if name not in self._matviews:  # a refresh keeps to its own budget, and has no apply's plans
+                    progress.work += time.monotonic() - started
+                    self._replans[name].after(conn, applied)
             progress.add(applied, retry_after, bool(more) and not busy)
             if name in self._matviews:
                 if applied:
@@ -865,6 +865,7 @@ class Listener:
         return conn
 
     def _close_worker(self, name: str) -> None:
+        self._replans.pop(name, None)
         conn = self._workers.pop(name, None)
         if conn is not None:
             with contextlib.suppress(psycopg.Error):
