@@ -42,13 +42,19 @@ BEGIN
            -- a stored xid at or above xmax is not one of this cluster's (a logical restore's)
            max(r.mark_position) FILTER (WHERE r.mark_xmax > fence AND r.mark_xmax < pg_snapshot_xmax(snap))
       INTO final_position, pending_position
+      -- IS NOT NULL (every row): a way through the primary key, for when a table's heap
+      -- has grown far beyond its rows (sql/cqrs/DESIGN.md, the engine's busy rows)
       FROM (SELECT p.final_position, p.mark_xmax, p.mark_position FROM cqrs.projections p
+             WHERE p.name IS NOT NULL
             UNION ALL
             SELECT b.final_position, b.mark_xmax, b.mark_position FROM cqrs.rebuilds b
+             WHERE b.projection IS NOT NULL
             UNION ALL
             SELECT l.final_position, l.mark_xmax, l.mark_position FROM cqrs.listeners l
+             WHERE l.listener_id IS NOT NULL
             UNION ALL
-            SELECT s.final_position, s.mark_xmax, s.mark_position FROM cqrs.subscriptions s) r;
+            SELECT s.final_position, s.mark_xmax, s.mark_position FROM cqrs.subscriptions s
+             WHERE s.name IS NOT NULL) r;
     final_position := greatest(final_position, now_final, 0);
 END
 $$;

@@ -10,15 +10,18 @@ STABLE
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    one cqrs.projections;
 BEGIN
     PERFORM cqrs._require_range('token', token, 0);
     IF projection IS NOT NULL THEN
-        PERFORM cqrs._projection(projection);
+        one := cqrs._projection(projection);
+        RETURN NOT (one.horizon <= token::text::xid8 OR one.horizon >= pg_snapshot_xmax(pg_current_snapshot()));
     END IF;
     RETURN NOT EXISTS (
         SELECT 1
           FROM cqrs.projections p
-         WHERE (projection IS NULL OR p.name = projection)
+         WHERE p.name IS NOT NULL  -- a way through the primary key
            AND (p.horizon <= token::text::xid8 OR p.horizon >= pg_snapshot_xmax(pg_current_snapshot())));
 END
 $$;
