@@ -11,7 +11,8 @@ one of these states:
   apply budget is a credit of work time: it grows by ``apply_budget`` x the time that
   passes, up to that share of ``BUDGET_WINDOW``, and each round's work is taken from it.
   While it lasts, the next round starts at once: small, quick rounds follow each other as
-  events come. Once spent, the next round waits until it is paid back (and no sooner than
+  events come. Once spent, the next round waits until it is paid back, at most
+  work / ``apply_budget`` after a round that worked that long (and no sooner than
   ``batch_delay`` after this one started; at most ``poll_interval``): batches grow with
   the load, and the daemon's share of the CPU stays bounded. The daemon is lingering once
   that wait is over. When none came during the round (a quiet moment), it is lingering at
@@ -104,8 +105,11 @@ def pace(cfg: ListenerConfig, r: Round) -> Pace:
 def credit_after(cfg: ListenerConfig, credit: float, since: float, now: float, work: float) -> float:
     """The apply budget's credit at `now`, after `work` seconds of a round: what it was at
     `since`, grown by apply_budget x the time between (up to apply_budget x BUDGET_WINDOW),
-    less the work."""
-    return min(cfg.apply_budget * BUDGET_WINDOW, credit + (now - since) * cfg.apply_budget) - work
+    less the work. A debt is never carried into a round: a round's work is paid by the
+    one wait after it (work / apply_budget), not by the rounds after. Rounds that start
+    after a quiet moment do not wait, and their debts would add up, under a steady light
+    load, to one wait of up to poll_interval for whichever round found events waiting."""
+    return max(0.0, min(cfg.apply_budget * BUDGET_WINDOW, credit + (now - since) * cfg.apply_budget)) - work
 
 
 def after_round(cfg: ListenerConfig, r: Round, waiting: bool, now: float) -> Pace:

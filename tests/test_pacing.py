@@ -81,7 +81,19 @@ def test_the_credit_grows_with_time_up_to_the_window_and_pays_for_work() -> None
     cap = CFG.apply_budget * BUDGET_WINDOW
     assert credit_after(CFG, 0.0, T0, T0 + 60, 0.0) == pytest.approx(cap)
     assert credit_after(CFG, cap, T0, T0 + 0.004, 0.02) == pytest.approx(cap - 0.02)
-    assert credit_after(CFG, -0.01, T0, T0 + 0.02, 0.0) == pytest.approx(-0.005)
+    assert credit_after(CFG, 0.01, T0, T0 + 0.02, 0.003) == pytest.approx(0.012)
+
+
+def test_a_debt_is_paid_by_the_wait_after_its_round_not_carried() -> None:
+    """Rounds after quiet moments start at once and may overspend; the round that then
+    finds events waiting waits for its own work only (work / apply_budget), not for the
+    debt of all of them."""
+    deep = credit_after(CFG, -0.2, T0, T0 + 0.01, 0.003)
+    assert deep == pytest.approx(-0.003)
+    step = pace(CFG, Round(started=T0, ended=T0 + 0.003, last_event=T0 + 0.003, applied=5, work=0.003,
+                           serving=2, credit=deep))
+    assert step.state is State.BUSY
+    assert step.until == pytest.approx(T0 + 0.003 + 0.003 / CFG.apply_budget)
 
 
 @pytest.mark.parametrize(("rate", "waits"), [(100, False), (2000, True)])
