@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from cqrs_pg import rebuild as rebuild_module
 from cqrs_pg.cli import main
+from cqrs_pg.db import scalar
 from cqrs_pg.projections import (
     Event,
     Handler,
@@ -40,6 +41,7 @@ from cqrs_pg_tools.testing import (
     place,
     running_daemon,
     seed_shop,
+    wait_until,
 )
 from cqrs_pg_tools.verify import all_mismatches
 from cqrs_pg_tools.workload import ShopWorkload, WorkloadResult
@@ -107,6 +109,92 @@ def test_rebuild_command_line(db: Database) -> None:
 # -- python projections: the tutorial's handler (cqrs_pg_tools.testing) --------------------
 # The behaviour under load, for both kinds, is in the suite:
 # tests/test_projection_suite.py::test_rebuild_under_load_is_invisible_to_readers.
+
+
+def finish_while_a_batch_commits(db: Database, finish: Callable[[psycopg.Connection], object],
+                                 batch: Callable[[], None]) -> object:
+    """finish(connection) run once it has read its limit and waits for the rebuild's lock
+    (held by a lock that assigns no xid, so the daemon's limits run on past it), while
+    batch() commits a live batch that read its limit later. Returns what finish returned,
+    or its error."""
+    outcome: list[object] = []
+    with db.connect() as blocker, db.connect() as finisher, db.connect() as watcher:
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE cqrs.rebuilds IN EXCLUSIVE MODE")
+
+        def run() -> None:
+            try:
+                outcome.append(finish(finisher))
+            except psycopg.Error as exc:
+                outcome.append(exc)
+
+        pid = finisher.info.backend_pid
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            wait_until(lambda: scalar(watcher, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                      (pid,)), "the rebuild's finish to wait for its lock")
+            batch()
+        finally:
+            blocker.execute("COMMIT")
+            thread.join(30)
+    assert outcome, "the rebuild's finish did not end"
+    return outcome[0]
+
+
+def test_rebuild_finish_catches_up_with_a_batch_committed_while_it_waited(db: Database) -> None:
+    """cqrs.rebuild_finish reads how far the shadow must catch up, then waits for the
+    locks; a daemon's batch that read its limit later and committed meanwhile has moved the
+    live checkpoint past that. The swap still happens, the shadow caught up with the live
+    model, never refused (CQ003) nor older than it."""
+    with db.connect() as conn, db.connect() as daemon:
+        customer, sku = seed_shop(conn)
+        for _ in range(3):
+            place(conn, customer, sku)
+        conn.execute("SELECT cqrs.rebuild_begin('customer_stats')")
+        while scalar(conn, "SELECT more FROM cqrs.rebuild_step('customer_stats', 100)"):
+            pass
+
+        def batch() -> None:
+            for _ in range(2):
+                place(conn, customer, sku)
+            assert scalar(daemon, "SELECT applied FROM cqrs.run_projection('customer_stats')") > 0
+
+        built = finish_while_a_batch_commits(
+            db, lambda finisher: scalar(finisher, "SELECT cqrs.rebuild_finish('customer_stats')"), batch)
+        assert built == outbox_count(conn), built
+        assert scalar(conn, "SELECT last_position FROM cqrs.projections WHERE name = 'customer_stats'") == scalar(
+            conn, "SELECT max(position) FROM cqrs.outbox")
+        assert all_mismatches(conn)["customer_stats"] == 0
+
+
+def test_python_rebuild_final_claim_catches_up_with_a_batch_committed_while_it_waited(db: Database) -> None:
+    """The same for a python projection: the final transaction's first claim reads its
+    limit, then waits for the locks while the daemon commits a batch past it; the handler
+    still catches the shadow up with the live model, and the swap happens."""
+    subject, handler = python_subject(db)
+    with db.connect() as conn, db.connect() as daemon:
+        customer, sku = seed_shop(conn)
+        for _ in range(3):
+            place(conn, customer, sku)
+        conn.execute("SELECT cqrs.rebuild_begin(%s)", (NAME,))
+        while run_batch(conn, NAME, handler, 4, rebuild=True).more:
+            pass
+
+        def finish(finisher: psycopg.Connection) -> object:
+            with finisher.transaction():
+                while run_batch(finisher, NAME, handler, 4, rebuild=True, final=True).applied:
+                    pass
+                return scalar(finisher, "SELECT cqrs.rebuild_finish(%s)", (NAME,))
+
+        def batch() -> None:
+            for _ in range(2):
+                place(conn, customer, sku)
+            assert subject.drain(daemon) > 0
+
+        built = finish_while_a_batch_commits(db, finish, batch)
+        assert built == subject.applied(conn) == outbox_count(conn), built
+        assert mismatches(conn) == 0
 
 
 @contextmanager

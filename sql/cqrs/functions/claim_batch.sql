@@ -41,6 +41,11 @@ BEGIN
         SELECT * INTO r FROM cqrs.rebuilds x WHERE x.projection = claim_batch.projection;
         IF final THEN
             PERFORM cqrs._lock('projection', projection, true);
+            -- as in cqrs.rebuild_finish: a daemon's batch that read its limit after this
+            -- one may have committed while this waited for the locks; read it again
+            IF (cqrs._projection(projection)).last_position > lim.final_position THEN
+                SELECT * INTO lim FROM cqrs._read_limit();
+            END IF;
         END IF;
         PERFORM cqrs._rebuild_reads(r);
         checkpoint := r.last_position;

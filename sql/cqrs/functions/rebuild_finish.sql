@@ -42,6 +42,12 @@ BEGIN
     PERFORM cqrs._lock('rebuild', projection, true);
     PERFORM cqrs._lock('projection', projection, true);
     SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
+    -- A daemon's batch that read its limit after this one and committed while this waited
+    -- for the locks has moved the live checkpoint past it: read the limit again, now at
+    -- least that batch's end, and catch the shadow up that far.
+    IF p.last_position > lim.final_position THEN
+        SELECT * INTO lim FROM cqrs._read_limit();
+    END IF;
     LOOP
         EXIT WHEN p.kind <> 'sql';
         PERFORM cqrs._rebuild_reads(r);
