@@ -65,7 +65,7 @@ EAGER_FOR = 0.01
 # commit (cqrs.mark_usable). Only then: under load the round's wait follows the apply
 # budget's, and the mark is usually usable by the time the round starts.
 MARK_SPIN = 0.003
-# A session's generic plans for small batches (cqrs._apply_small_batch) are made from the
+# A session's generic plans for small batches (cqrs._apply_batch) are made from the
 # statistics of their first use: made while a read model was empty, a join keeps it on the
 # outer side and reads all of it for every batch once it has grown (at 1,200 orders the
 # first statement of customer_stats' apply took 0.97 ms a batch instead of 0.16). So each

@@ -17,19 +17,16 @@ BEGIN
     IF final_position <= from_position THEN
         RETURN;
     END IF;
-    -- A full batch (the usual case in a catch-up) ends at the max_events-th event: one
-    -- index walk, no count. Only a short batch is counted.
-    SELECT o.position INTO end_position
-      FROM cqrs.outbox o
-     WHERE o.position > from_position AND o.position <= final_position
-     ORDER BY o.position
-    OFFSET max_events - 1
-     LIMIT 1;
-    IF FOUND THEN
-        n := max_events::bigint;
-        RETURN;
+    -- One index walk: a full batch (the usual case in a catch-up) ends at its
+    -- max_events-th event, a short one at final_position.
+    SELECT count(*), max(x.position) INTO n, end_position
+      FROM (SELECT o.position
+              FROM cqrs.outbox o
+             WHERE o.position > from_position AND o.position <= final_position
+             ORDER BY o.position
+             LIMIT max_events) x;
+    IF n < max_events THEN
+        end_position := CASE WHEN n > 0 THEN final_position END;
     END IF;
-    SELECT count(*) INTO n FROM cqrs.outbox o WHERE o.position > from_position AND o.position <= final_position;
-    end_position := CASE WHEN n > 0 THEN final_position END;
 END
 $$;

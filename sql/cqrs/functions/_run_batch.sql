@@ -20,8 +20,8 @@ BEGIN
     busy := false;
     -- Before any lock, with no xid yet: an idle projection is found by reading alone (no
     -- xid to hold readers back, no WAL).
-    SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
-                                         CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+    b := cqrs._next_batch(p.last_position, _run_batch.final_position,
+                          CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
     IF b.n = 0 AND NOT cqrs._write_due(p, _run_batch.final_position, _run_batch.fence, _run_batch.mark_position,
                                        _run_batch.pending_position) THEN
         RETURN;
@@ -33,19 +33,20 @@ BEGIN
     END IF;
 
     -- One runner per projection at a time, across daemons: the projection's row lock
-    -- (cqrs._lock), which no role but the engine's owner can take. Released at commit,
-    -- after our checkpoint is visible, so the next holder reads the checkpoint we wrote.
-    IF NOT cqrs._lock('projection', projection, false) THEN
+    -- (as cqrs._lock takes it), which no role but the engine's owner can take, and the
+    -- row as it is under the lock, in one statement. Released at commit, after our
+    -- checkpoint is visible, so the next holder reads the checkpoint we wrote.
+    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
         busy := true;
         RETURN;
     END IF;
-    SELECT * INTO p FROM cqrs.projections c WHERE c.name = projection;
     -- Read again only if another session moved the checkpoint meanwhile: up to the final
     -- position every event has committed, so the same bounds find the same batch. A
     -- view's refresh covers every event up to the final position.
     IF p.last_position IS DISTINCT FROM read_from THEN
-        SELECT * INTO b FROM cqrs._next_batch(p.last_position, _run_batch.final_position,
-                                             CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
+        b := cqrs._next_batch(p.last_position, _run_batch.final_position,
+                              CASE WHEN p.kind = 'sql' THEN max_events ELSE 2147483647 END);
     END IF;
 
     IF b.n = 0 THEN

@@ -34,15 +34,15 @@ BEGIN
         PERFORM cqrs.mark_usable(listener_id, mark_wait, mark_spin);
         waited := extract(epoch FROM clock_timestamp() - started)::double precision;
     END IF;
-    SELECT * INTO lim FROM cqrs._read_limit();
+    lim := cqrs._read_limit();
     FOREACH projection IN ARRAY projections LOOP
         p := cqrs._projection(projection);
         IF p.kind <> 'sql' THEN
             PERFORM cqrs._fail('CQ001', format(
                 'projection %L is not a sql projection: run it with cqrs.run_projection', projection));
         END IF;
-        SELECT * INTO r FROM cqrs._run_batch(p, max_events, '1 second', lim.final_position, lim.fence,
-                                            lim.mark_position, lim.pending_position);
+        r := cqrs._run_batch(p, max_events, '1 second', lim.final_position, lim.fence, lim.mark_position,
+                             lim.pending_position);
         applied := r.applied;
         more := r.more;
         busy := r.busy;
