@@ -101,10 +101,15 @@ FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # Work for a sql or python projection: events it may read now and has not applied; when
 # there is some, the round's mark taken in the same statement, on the same read limit
 # (NULL: no work; true: a mark was stored, to wait for; false: none needed); with none,
-# the settled position, if every position up to it is final.
-PENDING_SQL = "SELECT marked, settled_position FROM cqrs.look_for_work(%s, %s)"
+# the settled position, if every position up to it is final. Given a settled position, the
+# server first waits up to the given seconds for the sequence to move past it.
+PENDING_SQL = ("SELECT marked, settled_position FROM cqrs.look_for_work(%s, %s, %s,"
+               " make_interval(secs => %s))")
 # Whether the outbox's sequence moved since a settled position: the cheap look between two.
 LAST_POSITION_SQL = "SELECT cqrs.last_position()"
+# A settled daemon's look waits on the server at most this long, so that a stop request or
+# a refresh that ended is seen soon.
+SETTLED_WAIT = 0.05
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
 MARK_SQL = "SELECT cqrs.take_mark(%s)"
@@ -496,38 +501,48 @@ class Listener:
         (a refresh, to collect), or at `until`. Just after a round, when the next event is
         likeliest, it looks four times as often; while every position handed out is final
         and applied (settled), it also reads the sequence that often in between, and looks
-        when it moved."""
+        when it moved. Settled and past that, each look first waits on the server for the
+        sequence to move (up to SETTLED_WAIT), which looks at it every millisecond for a
+        few microseconds, where a look from here costs a round trip."""
         cfg = self.config
         look_due = 0.0
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
             now = time.monotonic()
+            remaining = until - now
+            if remaining <= 0:
+                return
             eager = now - self._last_round < EAGER_FOR
             settled = self._settled is not None and self._settled[0] == tuple(names)
+            if settled and not eager:
+                if self._work_found(conn, names, lingering=True, wait=min(remaining, SETTLED_WAIT)):
+                    return
+                continue
             if now >= look_due or (settled and self._moved(conn)):
                 if self._work_found(conn, names, lingering=True):
                     return
                 look_due = now + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
-            remaining = until - time.monotonic()
-            if remaining <= 0:
-                return
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
-            self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), remaining)))
+            self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), until - time.monotonic())))
 
     def _moved(self, conn: psycopg.Connection) -> bool:
         """Whether the outbox's sequence has handed out a position since the settled one."""
         assert self._settled is not None
         return bool(scalar(conn, LAST_POSITION_SQL) != self._settled[1])
 
-    def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False) -> bool:
+    def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False,
+                    wait: float = 0.0) -> bool:
         """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
         next round's mark is taken in the same statement (lingering: by a look between
-        rounds of a light load, whose round spins for it, MARK_SPIN)."""
+        rounds of a light load, whose round spins for it, MARK_SPIN). With wait, when the
+        last look found every position settled, the server first waits up to that long for
+        the sequence to move."""
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
-        row = conn.execute(PENDING_SQL, (probe, self.config.listener_id)).fetchone()
+        settled = self._settled[1] if wait > 0 and self._settled is not None else None
+        row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, settled, wait)).fetchone()
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)
         if marked is None:

@@ -582,6 +582,52 @@ def test_look_for_work_answers_as_work_pending_and_take_mark_together(db: Databa
             writer.execute("ROLLBACK")
 
 
+def test_a_settled_look_waits_on_the_server_until_the_sequence_moves(db: Database) -> None:
+    """Given the settled position of its last look and a wait, cqrs.look_for_work first
+    waits on the server while the outbox's sequence stays there: with nothing new it
+    answers settled once the wait is over; a command that takes a position ends the wait,
+    and its events are work. Given any other position it does not wait. A wait out of
+    range is refused in one line (CQ001)."""
+    look = ("SELECT marked, settled_position FROM cqrs.look_for_work(%s, 'waiter', %s,"
+            " make_interval(secs => %s))")
+    names = ["order_summary", "customer_stats"]
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.listener_heartbeat('waiter', false, '1 minute')")
+        customer, sku = seed(conn)
+        db.run_projections()
+        settled = conn.execute(look, (names, None, 0)).fetchone()[1]
+        assert settled is not None
+
+        started = time.monotonic()
+        assert conn.execute(look, (names, settled, 0.3)).fetchone() == (None, settled)
+        assert time.monotonic() - started >= 0.3
+
+        started = time.monotonic()
+        assert conn.execute(look, (names, settled - 1, 30)).fetchone() == (None, settled)
+        assert time.monotonic() - started < 25, "it waited though the sequence was elsewhere"
+
+        def command() -> None:
+            with db.connect() as other:
+                place(other, customer, sku)
+
+        timer = threading.Timer(0.3, command)
+        timer.start()
+        try:
+            started = time.monotonic()
+            marked, _ = conn.execute(look, (names, settled, 30)).fetchone()
+            waited = time.monotonic() - started
+        finally:
+            timer.join()
+        assert marked is not None, "the command's events were not found"
+        assert 0.3 <= waited < 25, waited
+
+        for wait in (-1, 61, None):
+            with pytest.raises(psycopg.Error) as raised:
+                conn.execute(look, (names, settled, wait))
+            assert raised.value.sqlstate == "CQ001"
+            assert "wait must be between 0 s and 1 min" in str(raised.value)
+
+
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:
     """cqrs.run_projections with a daemon's listener_id first waits (spinning, then
     sleeping) for the mark that daemon's look took under a running writer: it applies

@@ -39,7 +39,7 @@ GRANT EXECUTE ON FUNCTION
     cqrs.fence_blockers(),
     cqrs.fence_status(),
     cqrs.work_pending(text[]),
-    cqrs.look_for_work(text[], text),
+    cqrs.look_for_work(text[], text, bigint, interval),
     cqrs.last_position(),
     cqrs.caught_up(bigint, text),
     cqrs.prune_receipts(interval, integer),
