@@ -509,7 +509,8 @@ def render(part: dict[str, Any]) -> list[str]:
             f"  {_label(key)} commands: achieved {fmt_spread(c['achieved_rate'])}/s,"
             f" started late (> 2 ms) {fmt_spread(c['late_share'], '{:.1%}')},"
             f" due -> committed p50 {fmt_spread(c['command_p50_ms'], fmt)} ms, p99 {fmt_spread(c['command_p99_ms'], fmt)} ms;"
-            f" poll period {fmt_spread(c['poll_period_ms'], fmt)} ms; unseen {c['unseen']}, errors {c['errors']}"
+            f" poll period {fmt_spread(c['poll_period_ms'], fmt)} ms; unseen {c['unseen']}, errors {c['errors']};"
+            f" daemon CPU {fmt_spread(c['daemon_cpu_seconds'], fmt)} s (process + backends, whole run)"
         )
     others = [r["other_cpu"] for r in part["runs"] if r.get("other_cpu") is not None]
     if others and max(others) > OTHER_CPU_WARNING:
