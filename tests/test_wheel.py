@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -49,6 +50,9 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtualenv, outside the repository, with the wheel of this checkout."""
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
+    # setuptools builds through build/lib and keeps what it holds: a revision renamed since
+    # the last build would ship beside its new name
+    shutil.rmtree(REPO / "build", ignore_errors=True)
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, REPO, cwd=root)
     (wheel,) = dist.glob("cqrs_pg-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
