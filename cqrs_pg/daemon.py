@@ -506,6 +506,8 @@ class Listener:
         few microseconds, where a look from here costs a round trip."""
         cfg = self.config
         look_due = 0.0
+        # within the daemon's own statement_timeout, however short an operator set it
+        longest = min(SETTLED_WAIT, cfg.statement_timeout / 2) if cfg.statement_timeout else SETTLED_WAIT
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
@@ -516,7 +518,7 @@ class Listener:
             eager = now - self._last_round < EAGER_FOR
             settled = self._settled is not None and self._settled[0] == tuple(names)
             if settled and not eager:
-                if self._work_found(conn, names, lingering=True, wait=min(remaining, SETTLED_WAIT)):
+                if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
                     return
                 continue
             if now >= look_due or (settled and self._moved(conn)):
