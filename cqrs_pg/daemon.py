@@ -543,8 +543,8 @@ class Listener:
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
-        settled = self._settled[1] if wait > 0 and self._settled is not None else None
-        row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, settled, wait)).fetchone()
+        after = self._settled[1] if wait > 0 and self._settled is not None else None
+        row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, after, wait)).fetchone()
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)
         if marked is None:
