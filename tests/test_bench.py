@@ -199,15 +199,17 @@ def test_quick_latency(quick: dict[str, Any]) -> None:
     assert part["config"]["watched_on"] == "replica"
     schedules = ["serial", *map(str, QUICK.rates)]  # one after another, then the rates
     assert part["config"]["schedules"] == schedules
-    assert len(part["runs"]) == len(schedules) * 2
-    for kind in ("command", "replication"):
-        for rate in schedules:
-            cell = part["results"][kind][rate]
-            assert cell["errors"] == 0 and cell["unseen"] == 0, cell
-            assert cell["samples"] > 0
-            assert cell["p50_ms"]["median"] <= cell["p95_ms"]["median"] <= cell["p99_ms"]["median"]
-            if kind == "command":  # read-your-writes: caught_up turns true once the row is there, not before
-                assert cell["caught_up_p50_ms"]["median"] >= cell["p50_ms"]["median"]
+    # one after another, also the command and its consistent read through Router
+    assert len(part["runs"]) == len(schedules) * 2 + 1
+    cells = [(kind, rate) for kind in ("command", "replication") for rate in schedules] + [("router", "serial")]
+    assert set(part["results"]["router"]) == {"serial"}
+    for kind, rate in cells:
+        cell = part["results"][kind][rate]
+        assert cell["errors"] == 0 and cell["unseen"] == 0, cell
+        assert cell["samples"] > 0
+        assert cell["p50_ms"]["median"] <= cell["p95_ms"]["median"] <= cell["p99_ms"]["median"]
+        if kind == "command":  # read-your-writes: caught_up turns true once the row is there, not before
+            assert cell["caught_up_p50_ms"]["median"] >= cell["p50_ms"]["median"]
     for run in part["runs"]:
         assert run["seen"] == run["committed"] == run["scheduled"], run
 

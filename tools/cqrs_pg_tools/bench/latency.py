@@ -22,6 +22,14 @@ Two kinds of run for each, interleaved in a shuffled order in every round:
 - replication: INSERT of one row into a plain table, no trigger, no daemon work. Visible =
                the row on the replica. This is the floor any replica read pays.
 
+One after another, a third kind shows what an application sees through the library:
+
+- router:      the same command through cqrs_pg.routing.Router (router.command), then the
+               order's row read through it with consistent_with=token and
+               projection='order_summary' (its own wait: cqrs.caught_up polled on the
+               replica connection the read then uses). Visible = that read returned the
+               row with both lines; no watcher.
+
 At the rates one watcher connection on the replica, in a thread of its own, asks every
 --poll-ms (from the start of one poll to the next) which of the committed and not yet
 seen ids are visible (primary-key look-ups of at most 1,000 ids). A sighting is
@@ -45,7 +53,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from cqrs_pg.errors import first_line
+from cqrs_pg.errors import CqrsPgError, first_line
+from cqrs_pg.routing import Router
 from cqrs_pg_tools.bench._common import (
     OTHER_CPU_WARNING,
     BenchError,
@@ -59,6 +68,8 @@ from cqrs_pg_tools.bench._common import (
 )
 
 KINDS = ("command", "replication")
+# One after another only: the command and its consistent read through Router.
+ROUTER = "router"
 # Read-your-writes (caught_up true on the replica), at every rate and one after another.
 TARGET_P50_MS = 3.0
 TARGET_P99_MS = 10.0
@@ -84,6 +95,8 @@ WATCH_SQL = {
         SELECT array(SELECT p.id FROM cqrs_bench.ping p WHERE p.id = ANY(%(ids)s::uuid[])), '{}'::bigint[]""",
 }
 # One after another: is this one command's effect there yet.
+# Through Router: the order's row, read once the replica has caught up with the command.
+ROUTER_READ_SQL = "SELECT line_count FROM shop_read.order_summary WHERE order_id = %s"
 SERIAL_WATCH_SQL = {
     "command": """
         SELECT EXISTS (SELECT 1 FROM shop_read.order_summary s WHERE s.order_id = %(id)s AND s.line_count = 2),
@@ -144,12 +157,13 @@ class _Latency:
         plan = []
         rates = self.rates()
         for r in range(cfg.rounds):
-            order = [(rate, kind) for rate in rates for kind in KINDS]
+            order = [(rate, kind) for rate in rates for kind in _kinds(rate)]
             rng.shuffle(order)
             plan += [(r + 1, rate, kind) for rate, kind in order]
         per_run = cfg.latency_seconds + cfg.latency_warmup + 4
         self.progress(
-            f"{len(plan)} runs: {', '.join(map(_label, rates))} x {{command, replication}} x {cfg.rounds} round(s)"
+            f"{len(plan)} runs: {', '.join(map(_label, rates))} x {{command, replication}} (and through Router one"
+            f" after another) x {cfg.rounds} round(s)"
             f" of {cfg.latency_seconds:g}s ({cfg.serial} commands one after another),"
             f" {cfg.latency_clients} connections (about {len(plan) * per_run / 60:.1f} min)"
         )
@@ -162,9 +176,12 @@ class _Latency:
                     self.s.wait_asleep(conn, daemon)
                     daemon_cpu = DaemonCpu(self.s, conn, daemon)
                 watch = CpuWatch(self.s)
-                one = self._serial_run(rnd, kind, dsn, watch_dsn) if rate == SERIAL else self._one_run(
-                    rnd, kind, rate, dsn, watch_dsn)
-                result = asyncio.run(one)
+                if kind == ROUTER:
+                    result = self._router_run(rnd, dsn, watch_dsn)
+                else:
+                    one = self._serial_run(rnd, kind, dsn, watch_dsn) if rate == SERIAL else self._one_run(
+                        rnd, kind, rate, dsn, watch_dsn)
+                    result = asyncio.run(one)
                 cpu = watch.result()
                 result.daemon_cpu_seconds = daemon_cpu.total()
                 result.machine_cpu_busy, result.other_cpu = cpu["machine_cpu_busy"], cpu["other_cpu"]
@@ -235,6 +252,38 @@ class _Latency:
             for c in (conn, watcher):
                 await c.close()
         return _summarize(rnd, kind, SERIAL, range(warm, total), started, started, committed, seen, caught, errors, polls)
+
+    def _router_run(self, rnd: int, dsn: str, replica_dsn: str) -> Run:
+        """Commands one after another through Router, each followed by a read of its row
+        that is consistent with it (the Router's own wait on the replica)."""
+        cfg = self.cfg
+        total = max(2, cfg.serial)
+        warm = max(1, total // 10)
+        rng = random.Random(f"{cfg.seed}-{rnd}-{ROUTER}-serial")
+        nan = float("nan")
+        started, committed, seen = ([nan] * total for _ in range(3))
+        errors: list[str] = []
+        with Router(dsn, replica_dsn, fallback="error", on_stale="error", wait_timeout=STRAGGLERS_SECONDS,
+                    min_size=1, max_size=1, application_name="cqrs-pg bench router") as router:
+            router.fetchone("SELECT 1")  # connections open: the first command pays no connect
+            router.command("shop.place_order", *self._order(rng, uuid.uuid4())[1:])
+            for i in range(total):
+                _, customer, lines = self._order(rng, uuid.uuid4())
+                started[i] = time.monotonic()
+                try:
+                    receipt = router.command("shop.place_order", customer, lines)
+                    committed[i] = time.monotonic()
+                    row = router.fetchone(ROUTER_READ_SQL, (receipt.aggregate_id,), consistent_with=receipt.token,
+                                          projection="order_summary")
+                except (CqrsPgError, psycopg.Error) as exc:
+                    errors.append(first_line(exc))
+                    continue
+                if row is not None and row[0] == 2:
+                    seen[i] = time.monotonic()
+                else:
+                    errors.append(f"order {receipt.aggregate_id}: read after caught_up found {row!r}, not its two lines")
+        return _summarize(rnd, ROUTER, SERIAL, range(warm, total), started, started, committed, seen, [nan] * total,
+                          errors, [])
 
     async def _one_run(self, rnd: int, kind: str, rate: int, dsn: str, watch_dsn: str) -> Run:
         cfg = self.cfg
@@ -364,9 +413,11 @@ class _Latency:
     def _report(self, runs: list[Run], where: str) -> dict[str, Any]:
         cfg = self.cfg
         results: dict[str, dict[str, Any]] = {}
-        for kind in KINDS:
+        for kind in (*KINDS, ROUTER):
             for rate in self.rates():
                 mine = [r for r in runs if r.kind == kind and r.rate == rate]
+                if not mine:
+                    continue
                 cell: dict[str, Any] = {
                     key: spread([getattr(r, key) for r in mine])
                     for key in ("p50_ms", "p95_ms", "p99_ms", "max_ms", "command_p50_ms", "command_p99_ms",
@@ -399,7 +450,8 @@ class _Latency:
                 "before_each_run": "VACUUM (ANALYZE), no autovacuum worker running, CHECKPOINT, replica replayed,"
                 " daemon asleep",
                 "timing": "sighting at the middle of the watcher's poll round trip; latency = sighting - commit"
-                " returned: an upper bound, late by up to one poll period, the same for both kinds",
+                " returned: an upper bound, late by up to one poll period, the same for both kinds; through Router:"
+                " command returned -> consistent read returned",
             },
             "runs": [asdict(r) for r in runs],
             "results": results,
@@ -433,6 +485,10 @@ def _summarize(
         first_error=errors[0] if errors else None,
     )
 
+
+
+def _kinds(rate: int) -> tuple[str, ...]:
+    return (*KINDS, ROUTER) if rate == SERIAL else KINDS
 
 
 def _key(rate: int) -> str:
@@ -498,6 +554,9 @@ def render(part: dict[str, Any]) -> list[str]:
             ("caught_up(token) true there", c["caught_up_p50_ms"], c["caught_up_p95_ms"], c["caught_up_p99_ms"], c["samples"]),
             ("baseline: plain row replicated", b["p50_ms"], b["p95_ms"], b["p99_ms"], b["samples"]),
         ]
+        r = part["results"].get(ROUTER, {}).get(key)
+        if r is not None:
+            rows.append(("Router read, consistent_with=token", r["p50_ms"], r["p95_ms"], r["p99_ms"], r["samples"]))
         for label, p50, p95, p99, n in rows:
             lines.append(
                 f"{_label(key):>17} {label:<34} {fmt_spread(p50, fmt):>20} {fmt_spread(p95, fmt):>20} {fmt_spread(p99, fmt):>20} {n:>9,}"
