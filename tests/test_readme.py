@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 from cqrs_pg import errors
-from cqrs_pg_tools.testing import REPO, Database, psql, readme_block
+from cqrs_pg_tools.testing import REPO, Database, psql, readme_block, scalar, wait_until
 
 README = (REPO / "README.md").read_text()
 
@@ -21,11 +22,19 @@ def test_psql_example_on_primary_then_replica(db: Database) -> None:
         orders.append((match.group(1), int(match.group(2))))
     assert orders[0][0] != orders[1][0]
 
-    db.run_projections()
-    for order_id, token in orders:
-        db.wait_caught_up(token)
-        out = psql(db.replica_dsn, readme_block("replica"), f"token={token}", f"order_id={order_id}")
-        assert out.split() == ["t", "placed|3|1350"]
+    # The replica block waits on the server until the command's effect has replicated: both
+    # run before the projections have applied anything, and finish once they have.
+    with ThreadPoolExecutor(len(orders)) as pool:
+        reads = [pool.submit(psql, db.replica_dsn, readme_block("replica"), f"token={token}", f"order_id={order_id}")
+                 for order_id, token in orders]
+        with db.connect_replica() as conn:
+            wait_until(lambda: scalar(conn, "SELECT count(*) FROM pg_stat_activity"
+                                             " WHERE state = 'active' AND query LIKE 'DO $$%%'") == len(orders),
+                       "the README's replica block to wait")
+        assert not any(read.done() for read in reads)
+        db.run_projections()
+        for read in reads:
+            assert read.result(timeout=30).split() == ["SET", "SET", "DO", "RESET", "t", "placed|3|1350"]
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM shop.customers").fetchone() == (2,)
         assert conn.execute("SELECT count(*) FROM shop.products").fetchone() == (2,)
