@@ -257,7 +257,7 @@ def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir:
        beside a raw set-based upsert of the same events; the daemon's peak memory
     3. end-to-end latency: commit -> row in order_summary and caught_up(token) on the
        replica, p50/p95/p99 one after another and at fixed arrival rates, beside the bare
-       replication latency
+       replication latency; one after another also a consistent read through Router
     4. refresh time of product_sales at 10k, 100k, 1M order lines; refresh count with and
        without the debounce under a steady load
     5. per-batch read cost and command latency with 100k vs 10M outbox rows, with plans;
