@@ -499,11 +499,13 @@ class Listener:
         """Awake after recent events: look for work every linger_poll with one cheap query
         (cqrs.look_for_work) and return as soon as there is some, a running turn has ended
         (a refresh, to collect), or at `until`. Just after a round, when the next event is
-        likeliest, it looks four times as often; while every position handed out is final
-        and applied (settled), it also reads the sequence that often in between, and looks
-        when it moved. Settled and past that, each look first waits on the server for the
-        sequence to move (up to SETTLED_WAIT), which looks at it every millisecond for a
-        few microseconds, where a look from here costs a round trip."""
+        likeliest, it looks four times as often; but while every position handed out is
+        final and applied (settled), only a move of the outbox's sequence brings events:
+        it reads the sequence that often instead (cqrs.last_position, half a look's cost),
+        looks when it moved, and otherwise every linger_poll. Settled and past that, each
+        look first waits on the server for the sequence to move (up to SETTLED_WAIT),
+        which looks at it every millisecond for a few microseconds, where a look from here
+        costs a round trip."""
         cfg = self.config
         look_due = 0.0
         # within the daemon's own statement_timeout, however short an operator set it
@@ -524,7 +526,9 @@ class Listener:
             if now >= look_due or (settled and self._moved(conn)):
                 if self._work_found(conn, names, lingering=True):
                     return
-                look_due = now + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
+                # settled, only a move of the sequence brings events: read it often, look seldom
+                settled = self._settled is not None and self._settled[0] == tuple(names)
+                look_due = now + (cfg.linger_poll / 4 if eager and not settled else cfg.linger_poll)
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
             self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), until - time.monotonic())))
 
