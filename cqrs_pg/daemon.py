@@ -502,7 +502,7 @@ class Listener:
         likeliest, it looks four times as often; but while every position handed out is
         final and applied (settled), only a move of the outbox's sequence brings events:
         it reads the sequence that often instead (cqrs.last_position, half a look's cost),
-        looks when it moved, and otherwise every linger_poll. Settled and past that, each
+        looks when it moved, and otherwise every SETTLED_WAIT. Settled and past that, each
         look first waits on the server for the sequence to move (up to SETTLED_WAIT),
         which looks at it every millisecond for a few microseconds, where a look from here
         costs a round trip."""
@@ -526,9 +526,10 @@ class Listener:
             if now >= look_due or (settled and self._moved(conn)):
                 if self._work_found(conn, names, lingering=True):
                     return
-                # settled, only a move of the sequence brings events: read it often, look seldom
+                # settled, only a move of the sequence (or an operator's hand) brings work:
+                # read the sequence often, look as seldom as a settled wait would
                 settled = self._settled is not None and self._settled[0] == tuple(names)
-                look_due = now + (cfg.linger_poll / 4 if eager and not settled else cfg.linger_poll)
+                look_due = now + (longest if settled else cfg.linger_poll / 4 if eager else cfg.linger_poll)
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
             self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), until - time.monotonic())))
 
