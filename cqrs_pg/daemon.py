@@ -102,11 +102,10 @@ FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # there is some, the round's mark taken in the same statement, on the same read limit
 # (NULL: no work; true: a mark was stored, to wait for; false: none needed); with none,
 # the settled position, if every position up to it is final. Given a settled position, the
-# server first waits up to the given seconds for the sequence to move past it.
+# server first waits up to the given seconds for the sequence to move past it; with no
+# wait it only glances at the sequence, and looks in full once it moved.
 PENDING_SQL = ("SELECT marked, settled_position FROM cqrs.look_for_work(%s, %s, %s,"
                " make_interval(secs => %s))")
-# Whether the outbox's sequence moved since a settled position: the cheap look between two.
-LAST_POSITION_SQL = "SELECT cqrs.last_position()"
 # A settled daemon's look waits on the server at most this long, so that a stop request or
 # a refresh that ended is seen soon.
 SETTLED_WAIT = 0.05
@@ -501,8 +500,9 @@ class Listener:
         (a refresh, to collect), or at `until`. Just after a round, when the next event is
         likeliest, it looks four times as often; but while every position handed out is
         final and applied (settled), only a move of the outbox's sequence brings events:
-        it reads the sequence that often instead (cqrs.last_position, half a look's cost),
-        looks when it moved, and otherwise every SETTLED_WAIT. Settled and past that, each
+        that often it only glances at the sequence (the look given the settled position,
+        half a full look's cost), which looks in full once it moved, and a full look comes
+        every SETTLED_WAIT otherwise (an operator's hand). Settled and past that, each
         look first waits on the server for the sequence to move (up to SETTLED_WAIT),
         which looks at it every millisecond for a few microseconds, where a look from here
         costs a round trip."""
@@ -523,32 +523,30 @@ class Listener:
                 if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
                     return
                 continue
-            if now >= look_due or (settled and self._moved(conn)):
-                if self._work_found(conn, names, lingering=True):
+            if now >= look_due or settled:
+                glance = settled and now < look_due
+                if self._work_found(conn, names, lingering=True, glance=glance):
                     return
-                # settled, only a move of the sequence (or an operator's hand) brings work:
-                # read the sequence often, look as seldom as a settled wait would
-                settled = self._settled is not None and self._settled[0] == tuple(names)
-                look_due = now + (longest if settled else cfg.linger_poll / 4 if eager else cfg.linger_poll)
+                if not glance:
+                    # settled, only a move of the sequence (or an operator's hand) brings
+                    # work: glance often, look in full as seldom as a settled wait would
+                    settled = self._settled is not None and self._settled[0] == tuple(names)
+                    look_due = now + (longest if settled else cfg.linger_poll / 4 if eager else cfg.linger_poll)
+            # the next look or glance a step after this one started, not after it answered
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
-            self._stop.wait(max(0.0, min(step, look_due - time.monotonic(), until - time.monotonic())))
-
-    def _moved(self, conn: psycopg.Connection) -> bool:
-        """Whether the outbox's sequence has handed out a position since the settled one."""
-        assert self._settled is not None
-        return bool(scalar(conn, LAST_POSITION_SQL) != self._settled[1])
+            self._stop.wait(max(0.0, min(now + step, look_due, until) - time.monotonic()))
 
     def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False,
-                    wait: float = 0.0) -> bool:
+                    wait: float = 0.0, glance: bool = False) -> bool:
         """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
         next round's mark is taken in the same statement (lingering: by a look between
         rounds of a light load, whose round spins for it, MARK_SPIN). With wait, when the
         last look found every position settled, the server first waits up to that long for
-        the sequence to move."""
+        the sequence to move; with glance, it looks in full only if the sequence moved."""
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
-        after = self._settled[1] if wait > 0 and self._settled is not None else None
+        after = self._settled[1] if (wait > 0 or glance) and self._settled is not None else None
         row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, after, wait)).fetchone()
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)

@@ -21,6 +21,7 @@ from cqrs_pg_tools.testing import (
     applied_counts,
     outbox_count,
     running_daemon,
+    scalar,
     wait_until,
 )
 from cqrs_pg_tools.verify import all_mismatches, mismatches
@@ -626,6 +627,40 @@ def test_a_settled_look_waits_on_the_server_until_the_sequence_moves(db: Databas
                 conn.execute(look, (names, settled, wait))
             assert raised.value.sqlstate == "CQ001"
             assert "wait must be between 0 s and 1 min" in str(raised.value)
+
+
+def test_a_settled_glance_looks_in_full_only_once_the_sequence_moved(db: Database) -> None:
+    """Given the settled position of its last look and no wait, cqrs.look_for_work only
+    glances at the outbox's sequence: while it has not moved the answer is settled, even
+    where a full look would find an operator's hand (a checkpoint moved back); once a
+    command has taken a position, the same call looks in full and takes the round's mark
+    while the command is still running."""
+    look = ("SELECT marked, settled_position FROM cqrs.look_for_work(%s, 'glancer', %s,"
+            " make_interval(secs => 0))")
+    names = ["order_summary", "customer_stats"]
+    with db.connect() as conn:
+        conn.execute("SELECT cqrs.listener_heartbeat('glancer', false, '1 minute')")
+        customer, sku = seed(conn)
+        db.run_projections()
+        settled = conn.execute(look, (names, None)).fetchone()[1]
+        assert settled is not None
+        assert conn.execute(look, (names, settled)).fetchone() == (None, settled)
+
+        last = scalar(conn, "SELECT last_position FROM cqrs.projections WHERE name = 'order_summary'")
+        conn.execute("UPDATE cqrs.projections SET last_position = 0 WHERE name = 'order_summary'")
+        try:
+            assert conn.execute(look, (names, settled)).fetchone() == (None, settled)
+            assert conn.execute(look, (names, None)).fetchone()[0] is not None  # a full look finds it
+        finally:
+            conn.execute("UPDATE cqrs.projections SET last_position = %s WHERE name = 'order_summary'", (last,))
+        settled = conn.execute(look, (names, None)).fetchone()[1]
+        assert settled is not None
+
+        with psycopg.connect(db.dsn) as writer:
+            place(writer, customer, sku)  # its transaction still open: positions taken, not final
+            marked, settled_now = conn.execute(look, (names, settled)).fetchone()
+            assert marked is True and settled_now is None
+            writer.commit()
 
 
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:

@@ -1,6 +1,7 @@
 -- The last position the outbox's sequence handed out (0: none yet), whether or not its
--- transaction has committed: the daemon's cheapest look for new events between its looks
--- for work (cqrs.look_for_work's settled_position).
+-- transaction has committed: the cheapest sign of new events since a settled position
+-- (cqrs.look_for_work's settled_position). The daemon glances through cqrs.look_for_work
+-- itself, which looks in full in the same call once the sequence moved.
 CREATE OR REPLACE FUNCTION cqrs.last_position()
 RETURNS bigint
 LANGUAGE sql
