@@ -518,7 +518,7 @@ class Listener:
             if remaining <= 0:
                 return
             eager = now - self._last_round < EAGER_FOR
-            settled = self._settled is not None and self._settled[0] == tuple(names)
+            settled = self._settled_at(names) is not None
             if settled and not eager:
                 if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
                     return
@@ -530,11 +530,17 @@ class Listener:
                 if not glance:
                     # settled, only a move of the sequence (or an operator's hand) brings
                     # work: glance often, look in full as seldom as a settled wait would
-                    settled = self._settled is not None and self._settled[0] == tuple(names)
+                    settled = self._settled_at(names) is not None
                     look_due = now + (longest if settled else cfg.linger_poll / 4 if eager else cfg.linger_poll)
             # the next look or glance a step after this one started, not after it answered
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
             self._stop.wait(max(0.0, min(now + step, look_due, until) - time.monotonic()))
+
+    def _settled_at(self, names: list[str]) -> int | None:
+        """The settled position the last look found for these projections, if any."""
+        if self._settled is None or self._settled[0] != tuple(names):
+            return None
+        return self._settled[1]
 
     def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False,
                     wait: float = 0.0, glance: bool = False) -> bool:
@@ -546,7 +552,7 @@ class Listener:
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
-        after = self._settled[1] if (wait > 0 or glance) and self._settled is not None else None
+        after = self._settled_at(names) if wait > 0 or glance else None
         row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, after, wait)).fetchone()
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)
