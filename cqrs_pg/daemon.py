@@ -250,6 +250,8 @@ class Listener:
         # projections (cqrs.look_for_work): until the sequence moves past it, none can come
         # but by an operator's hand
         self._settled: tuple[tuple[str, ...], int] | None = None
+        # when the last look in full (not a glance) for these projections was made
+        self._looked: tuple[tuple[str, ...], float] | None = None
         # when the last round that applied events ended (monotonic)
         self._last_round = 0.0
         # the apply budget's credit (cqrs_pg.pacing.credit_after) and when it was counted
@@ -366,7 +368,7 @@ class Listener:
                 extra={"rebased": adopted},
             )
         conn.execute(f"LISTEN {CHANNEL}")
-        self._settled = None
+        self._settled = self._looked = None
         self._replan = Replan()
         self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)
@@ -507,9 +509,20 @@ class Listener:
         which looks at it every millisecond for a few microseconds, where a look from here
         costs a round trip."""
         cfg = self.config
-        look_due = 0.0
         # within the daemon's own statement_timeout, however short an operator set it
         longest = min(SETTLED_WAIT, cfg.statement_timeout / 2) if cfg.statement_timeout else SETTLED_WAIT
+
+        def next_look(after: float) -> float:
+            """When the next look in full is due, one made at `after`."""
+            if self._settled_at(names) is not None:
+                # settled, only a move of the sequence (or an operator's hand) brings work:
+                # glance often, look in full as seldom as a settled wait would
+                return after + longest
+            eager = after - self._last_round < EAGER_FOR
+            return after + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
+
+        # the busy round's look just before is the first look of the spell
+        look_due = 0.0 if self._looked is None or self._looked[0] != tuple(names) else next_look(self._looked[1])
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
@@ -528,10 +541,8 @@ class Listener:
                 if self._work_found(conn, names, lingering=True, glance=glance):
                     return
                 if not glance:
-                    # settled, only a move of the sequence (or an operator's hand) brings
-                    # work: glance often, look in full as seldom as a settled wait would
                     settled = self._settled_at(names) is not None
-                    look_due = now + (longest if settled else cfg.linger_poll / 4 if eager else cfg.linger_poll)
+                    look_due = next_look(now)
             # the next look or glance a step after this one started, not after it answered
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
             self._stop.wait(max(0.0, min(now + step, look_due, until) - time.monotonic()))
@@ -553,7 +564,10 @@ class Listener:
         if not probe:
             return False
         after = self._settled_at(names) if wait > 0 or glance else None
+        started = time.monotonic()
         row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, after, wait)).fetchone()
+        if after is None or wait > 0:  # a look in full, at the end of any wait
+            self._looked = (tuple(names), started if after is None else time.monotonic())
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)
         if marked is None:

@@ -8,11 +8,14 @@ import math
 import threading
 import time
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from cqrs_pg.config import ListenerConfig
+from cqrs_pg.daemon import PENDING_SQL, SETTLED_WAIT, Listener
 from cqrs_pg.pacing import BUDGET_WINDOW
 from cqrs_pg.projections import register, unregister
 from cqrs_pg_tools.testing import (
@@ -661,6 +664,38 @@ def test_a_settled_glance_looks_in_full_only_once_the_sequence_moved(db: Databas
             marked, settled_now = conn.execute(look, (names, settled)).fetchone()
             assert marked is True and settled_now is None
             writer.commit()
+
+
+class _LooksKept(psycopg.Connection):
+    """A connection that keeps the parameters of every look for work sent on it."""
+
+    looks: list[Any]
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if query is PENDING_SQL:
+            self.looks.append(params)
+        return super().execute(query, params, **kwargs)
+
+
+def test_a_daemon_lingering_after_a_round_glances_first(db: Database) -> None:
+    """A round that applied events is followed by a look in full, which finds every
+    position settled; lingering from there the daemon only glances at the sequence, and
+    waits on the server for it, until the next look in full is due a SETTLED_WAIT after
+    that one: no look in full again at once."""
+    names = ["order_summary", "customer_stats"]
+    listener = Listener(ListenerConfig(dsn=db.dsn))
+    with _LooksKept.connect(db.dsn, autocommit=True) as conn:
+        conn.looks = []
+        seed(conn)
+        db.run_projections()
+        assert not listener._work_found(conn, names)  # the look after the round
+        assert listener._settled_at(names) is not None
+        listener._last_round = time.monotonic()
+        conn.looks.clear()
+        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT / 2)
+    assert conn.looks, "it looked for work while lingering"
+    full = [params for params in conn.looks if params[2] is None]  # no settled position given
+    assert full == [], f"{len(full)} of {len(conn.looks)} looks in full"
 
 
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:
