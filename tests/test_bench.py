@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from psycopg.conninfo import make_conninfo
 
 from cqrs_pg.cli import main
-from cqrs_pg_tools.bench import RATIOS, VARIANTS, doorbell_variant, render
+from cqrs_pg_tools.bench import RATIOS, VARIANTS, doorbell_variant, latency, render
 from cqrs_pg_tools.bench._common import BenchConfig, percentile, spread
 from cqrs_pg_tools.testing import REPO, Database
 
@@ -363,3 +363,30 @@ def test_doorbell_variants(db: Database) -> None:
             conn.execute("SELECT cqrs._ring_doorbell()")
             assert bool(list(listen.notifies(timeout=0.5, stop_after=1))) is rings, capture
         listen.close()
+
+
+def test_latency_watcher_reports_exactly_the_tokens_caught_up(db: Database) -> None:
+    """The latency watcher asks cqrs.caught_up for the tokens in ascending order up to the
+    first that does not hold: it reports every token caught up, and none that is not."""
+    place = ("SELECT aggregate_id, token FROM shop.place_order(gen_random_uuid(), %s,"
+             " '[{\"sku\": \"W-1\", \"quantity\": 1}, {\"sku\": \"W-2\", \"quantity\": 1}]')")
+    with db.connect() as conn:
+        customer = conn.execute(
+            "SELECT aggregate_id FROM shop.register_customer(gen_random_uuid(), 'w@example.com', 'W')"
+        ).fetchone()[0]
+        for sku in ("W-1", "W-2"):
+            conn.execute("SELECT shop.add_product(gen_random_uuid(), %s, %s, 100, 100)", (sku, sku))
+        applied = [conn.execute(place, (customer,)).fetchone() for _ in range(3)]
+        db.run_projections()
+        waiting = [conn.execute(place, (customer,)).fetchone() for _ in range(2)]
+
+        def watch(orders: list[tuple[uuid.UUID, int]]) -> tuple[set[uuid.UUID], list[int]]:
+            ids, tokens = [o[0] for o in orders], sorted(o[1] for o in orders)
+            seen, caught = conn.execute(latency.WATCH_SQL["command"], {"ids": ids, "tokens": tokens}).fetchone()
+            return set(seen), caught
+
+        assert watch(applied + waiting) == ({o[0] for o in applied}, sorted(o[1] for o in applied))
+        assert watch(waiting) == (set(), [])
+        assert watch([]) == (set(), [])
+        db.run_projections()
+        assert watch(applied + waiting) == ({o[0] for o in applied + waiting}, sorted(o[1] for o in applied + waiting))
