@@ -90,10 +90,10 @@ PING_TABLE_SQL = (
 )
 # caught_up(token) holds for every token below the projection's horizon: of the tokens in
 # ascending order, the ones it holds for come first. The watcher asks for them in that
-# order up to the first that does not hold, one call a poll and one a token caught up,
-# where asking every token every poll (tens of them at 500/s, a call each every
-# millisecond) loaded the replica with the watching. A token is still reported only when
-# its own call said true.
+# order up to the first that does not hold: one call a poll and one a token caught up,
+# not one for every waiting token at every poll (tens of them at 500/s, every
+# millisecond), which would load the replica it watches. A token is still reported only
+# when its own call said true.
 WATCH_SQL = {
     "command": """
         WITH RECURSIVE walk(i) AS (
@@ -109,9 +109,10 @@ WATCH_SQL = {
     "replication": """
         SELECT array(SELECT p.id FROM cqrs_bench.ping p WHERE p.id = ANY(%(ids)s::uuid[])), '{}'::bigint[]""",
 }
-# The watcher's look-ups by primary key stay index scans as the tables grow during a run: a
-# plan it made while they were empty (a prepared statement's generic plan, kept for the
-# run) scanned them whole, its polls growing to a millisecond of the replica's CPU each.
+# The watcher's look-ups by primary key stay index scans as the tables grow during a run:
+# psycopg prepares a statement after five executions, and a generic plan made while the
+# tables were small would scan them whole for the rest of the run, each poll costing the
+# replica more as they grow.
 WATCHER_SETUP_SQL = "SET enable_seqscan = off"
 # One after another: is this one command's effect there yet.
 # Through Router: the order's row, read once the replica has caught up with the command.
