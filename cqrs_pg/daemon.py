@@ -504,7 +504,8 @@ class Listener:
         final and applied (settled), only a move of the outbox's sequence brings events:
         that often it only glances at the sequence (the look given the settled position,
         half a full look's cost), which looks in full once it moved, and a full look comes
-        every SETTLED_WAIT otherwise (an operator's hand). Settled and past that, each
+        every SETTLED_WAIT otherwise (an operator's hand); a glance that finds positions
+        taken and not final yet brings back the unsettled pace. Settled and past that, each
         look first waits on the server for the sequence to move (up to SETTLED_WAIT),
         which looks at it every millisecond for a few microseconds, where a look from here
         costs a round trip."""
@@ -535,13 +536,16 @@ class Listener:
             if settled and not eager:
                 if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
                     return
+                look_due = next_look(time.monotonic())  # it looked in full as its wait ended
                 continue
             if now >= look_due or settled:
                 glance = settled and now < look_due
                 if self._work_found(conn, names, lingering=True, glance=glance):
                     return
-                if not glance:
-                    settled = self._settled_at(names) is not None
+                settled = self._settled_at(names) is not None
+                if not glance or not settled:
+                    # a full look; or a glance that found the sequence moved and looked in
+                    # full, positions not final yet: look again at the unsettled pace
                     look_due = next_look(now)
             # the next look or glance a step after this one started, not after it answered
             step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll

@@ -698,6 +698,30 @@ def test_a_daemon_lingering_after_a_round_glances_first(db: Database) -> None:
     assert full == [], f"{len(full)} of {len(conn.looks)} looks in full"
 
 
+def test_a_glance_that_finds_no_work_unsettled_brings_the_next_full_look_forward(db: Database) -> None:
+    """A glance that finds the sequence moved looks in full; when that finds no work yet
+    and positions not final (a command in flight whose positions another reader's mark
+    already covers), the lingering daemon looks in full again at the unsettled pace, not
+    only when the settled pace's next full look is due."""
+    names = ["order_summary", "customer_stats"]
+    listener = Listener(ListenerConfig(dsn=db.dsn))
+    with _LooksKept.connect(db.dsn, autocommit=True) as conn, psycopg.connect(db.dsn) as writer:
+        conn.looks = []
+        conn.execute("SELECT cqrs.listener_heartbeat('other', false, '1 minute')")
+        customer, sku = seed(conn)
+        db.run_projections()
+        assert not listener._work_found(conn, names)
+        assert listener._settled_at(names) is not None
+        place(writer, customer, sku)  # its transaction still open: positions taken, not final
+        assert conn.execute("SELECT cqrs.take_mark('other')").fetchone()[0] is True
+        listener._last_round = time.monotonic()
+        conn.looks.clear()
+        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT / 2)
+        writer.rollback()
+    assert conn.looks and conn.looks[0][2] is not None, "the first look is a glance"
+    assert any(params[2] is None for params in conn.looks[1:]), f"no look in full after the glance: {conn.looks}"
+
+
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:
     """cqrs.run_projections with a daemon's listener_id first waits (spinning, then
     sleeping) for the mark that daemon's look took under a running writer: it applies
