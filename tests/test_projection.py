@@ -715,8 +715,9 @@ def test_a_glance_that_finds_no_work_unsettled_brings_the_next_full_look_forward
         place(writer, customer, sku)  # its transaction still open: positions taken, not final
         assert conn.execute("SELECT cqrs.take_mark('other')").fetchone()[0] is True
         listener._last_round = time.monotonic()
+        listener._looked = (tuple(names), time.monotonic())  # the next full look due SETTLED_WAIT from now
         conn.looks.clear()
-        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT / 2)
+        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT * 0.8)
         writer.rollback()
     assert conn.looks and conn.looks[0][2] is not None, "the first look is a glance"
     assert any(params[2] is None for params in conn.looks[1:]), f"no look in full after the glance: {conn.looks}"
