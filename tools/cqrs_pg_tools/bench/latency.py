@@ -96,16 +96,15 @@ PING_TABLE_SQL = (
 # when its own call said true.
 WATCH_SQL = {
     "command": """
-        WITH RECURSIVE walk(i) AS (
-            SELECT 1 WHERE CASE WHEN cardinality(%(tokens)s::bigint[]) > 0
-                                THEN cqrs.caught_up((%(tokens)s::bigint[])[1], 'order_summary') ELSE false END
+        WITH RECURSIVE toks(a) AS (SELECT %(tokens)s::bigint[]),
+        walk(i) AS (  -- i tokens caught up, the next asked while one is left
+            SELECT 0
             UNION ALL
-            SELECT i + 1 FROM walk
-             WHERE CASE WHEN i < cardinality(%(tokens)s::bigint[])
-                        THEN cqrs.caught_up((%(tokens)s::bigint[])[i + 1], 'order_summary') ELSE false END)
+            SELECT i + 1 FROM walk, toks
+             WHERE CASE WHEN i < cardinality(a) THEN cqrs.caught_up(a[i + 1], 'order_summary') ELSE false END)
         SELECT array(SELECT s.order_id FROM shop_read.order_summary s
                       WHERE s.order_id = ANY(%(ids)s::uuid[]) AND s.line_count = 2),
-               array(SELECT (%(tokens)s::bigint[])[i] FROM walk)""",
+               array(SELECT a[i] FROM walk, toks WHERE i > 0 ORDER BY i)""",
     "replication": """
         SELECT array(SELECT p.id FROM cqrs_bench.ping p WHERE p.id = ANY(%(ids)s::uuid[])), '{}'::bigint[]""",
 }
