@@ -77,6 +77,9 @@ wal_keep_size = 256MB
 wal_retrieve_retry_interval = 1s
 # Kept on (the default) so benchmarks against the dev cluster measure durable commits.
 fsync = on
+# Commit timestamps: cqrs-pg bench times the daemon's part of a command's latency, from the
+# command's commit to its read model's, with the primary's own clock.
+track_commit_timestamp = on
 shared_buffers = 128MB
 max_connections = 200
 max_prepared_transactions = 10

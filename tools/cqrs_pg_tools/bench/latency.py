@@ -84,6 +84,15 @@ STRAGGLERS_SECONDS = 60.0
 
 COMMAND_SQL = "SELECT aggregate_id, token FROM shop.place_order(%s, %s, %s)"
 PING_SQL = "INSERT INTO cqrs_bench.ping (id) VALUES (%s)"
+# The daemon's part of a command's latency, by the primary's clock (track_commit_timestamp):
+# from the command's commit to that of the last round that wrote the order's row (no later
+# command touches it), each taken as its commit record is written, before its flush.
+APPLIED_SQL = (
+    "SELECT extract(epoch FROM pg_xact_commit_timestamp(s.xmin)"
+    " - pg_xact_commit_timestamp((o.tx_id::text::bigint %% 4294967296)::text::xid))::float8"
+    " FROM cqrs.outbox o JOIN shop_read.order_summary s ON s.order_id = o.aggregate_id"
+    " WHERE o.aggregate_id = ANY(%s) AND o.event_type = 'order.created'"
+)
 PING_TABLE_SQL = (
     "CREATE SCHEMA IF NOT EXISTS cqrs_bench;"
     " CREATE TABLE cqrs_bench.ping (id uuid PRIMARY KEY, at timestamptz NOT NULL DEFAULT now())"
@@ -143,6 +152,10 @@ class Run:
     caught_up_p95_ms: float | None = None
     caught_up_p99_ms: float | None = None
     command_p50_ms: float | None = None  # due -> commit returned (includes waiting for a free client)
+    # the command's commit -> its read model's, on the primary (APPLIED_SQL); None: not timed
+    applied_p50_ms: float | None = None
+    applied_p95_ms: float | None = None
+    applied_p99_ms: float | None = None
     command_p99_ms: float | None = None
     poll_period_ms: float | None = None
     daemon_cpu_seconds: float | None = None
@@ -160,6 +173,8 @@ class _Latency:
         self.s = session
         self.cfg = session.cfg
         self.progress = session.progress
+        # the orders of the last run's measured window
+        self._orders: list[Any] = []
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -201,6 +216,8 @@ class _Latency:
                     one = self._serial_run(rnd, kind, dsn, watch_dsn) if rate == SERIAL else self._one_run(
                         rnd, kind, rate, dsn, watch_dsn)
                     result = asyncio.run(one)
+                    if kind == "command":
+                        self._time_applied(dsn, result)
                 cpu = watch.result()
                 result.daemon_cpu_seconds = daemon_cpu.total()
                 result.machine_cpu_busy, result.other_cpu = cpu["machine_cpu_busy"], cpu["other_cpu"]
@@ -212,6 +229,17 @@ class _Latency:
             self.s.stop_daemon(daemon)
         self.s.drop(db)
         return self._report(runs, where)
+
+    def _time_applied(self, dsn: str, result: Run) -> None:
+        """The daemon's part of the run's commands (APPLIED_SQL), when the server keeps
+        commit timestamps."""
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            if conn.execute("SHOW track_commit_timestamp").fetchone() != ("on",):
+                return
+            applied = sorted(row[0] * 1000 for row in conn.execute(APPLIED_SQL, (self._orders,)))
+        result.applied_p50_ms = _r(percentile(applied, 50))
+        result.applied_p95_ms = _r(percentile(applied, 95))
+        result.applied_p99_ms = _r(percentile(applied, 99))
 
     def rates(self) -> list[int]:
         """SERIAL (when asked for) and the rates."""
@@ -229,6 +257,7 @@ class _Latency:
         started, committed, seen, caught = ([nan] * total for _ in range(4))
         errors: list[str] = []
         polls: list[float] = []
+        orders: list[Any] = [None] * total
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, application_name="cqrs-pg bench latency")
         watcher = await psycopg.AsyncConnection.connect(watch_dsn, autocommit=True, application_name="cqrs-pg bench watcher")
         try:
@@ -243,6 +272,7 @@ class _Latency:
                         row = await cur.fetchone()
                         assert row is not None
                         key, token = row  # the order's id
+                        orders[i] = key
                     else:
                         token = None
                         await conn.execute(PING_SQL, (key,))
@@ -271,6 +301,7 @@ class _Latency:
         finally:
             for c in (conn, watcher):
                 await c.close()
+        self._orders = [key for key in orders[warm:] if key is not None]
         return _summarize(rnd, kind, SERIAL, range(warm, total), started, started, committed, seen, caught, errors, polls)
 
     def _router_run(self, rnd: int, dsn: str, replica_dsn: str) -> Run:
@@ -323,6 +354,7 @@ class _Latency:
         committed = [nan] * total
         seen = [nan] * total
         caught = [nan] * total
+        orders: list[Any] = [None] * total
         pending: dict[Any, int] = {}  # committed, not yet seen: key -> i, in commit order
         tokens: dict[int, int] = {}  # committed, not yet caught up: token -> i
         errors: list[str] = []
@@ -356,6 +388,7 @@ class _Latency:
                             row = await cur.fetchone()
                             assert row is not None
                             key, token = row
+                            orders[i] = key
                         else:
                             key, token = inputs[i], None
                             await conn.execute(PING_SQL, (key,))
@@ -419,6 +452,7 @@ class _Latency:
             for conn in conns:
                 await conn.close()
 
+        self._orders = [key for key in orders[warm:] if key is not None]
         return _summarize(rnd, kind, rate, range(warm, total), due, started, committed, seen, caught, errors, polls)
 
     def _order(self, rng: random.Random, command_id: uuid.UUID) -> tuple[Any, ...]:
@@ -445,7 +479,8 @@ class _Latency:
                                 "achieved_rate", "late_share", "poll_period_ms", "daemon_cpu_seconds")
                 }
                 if kind == "command":
-                    for key in ("caught_up_p50_ms", "caught_up_p95_ms", "caught_up_p99_ms"):
+                    for key in ("caught_up_p50_ms", "caught_up_p95_ms", "caught_up_p99_ms", "applied_p50_ms",
+                                "applied_p95_ms", "applied_p99_ms"):
                         cell[key] = spread([getattr(r, key) for r in mine])
                 cell["samples"] = sum(r.seen for r in mine)
                 cell["unseen"] = sum(r.committed - r.seen for r in mine)
@@ -472,7 +507,9 @@ class _Latency:
                 " daemon asleep",
                 "timing": "sighting at the middle of the watcher's poll round trip; latency = sighting - commit"
                 " returned: an upper bound, late by up to one poll period, the same for both kinds; through Router:"
-                " command returned -> consistent read returned",
+                " command returned -> consistent read returned; the daemon's part (applied_*): the command's commit"
+                " -> its order_summary row's, by the primary's commit timestamps (none without"
+                " track_commit_timestamp)",
             },
             "runs": [asdict(r) for r in runs],
             "results": results,
@@ -575,6 +612,9 @@ def render(part: dict[str, Any]) -> list[str]:
             ("caught_up(token) true there", c["caught_up_p50_ms"], c["caught_up_p95_ms"], c["caught_up_p99_ms"], c["samples"]),
             ("baseline: plain row replicated", b["p50_ms"], b["p95_ms"], b["p99_ms"], b["samples"]),
         ]
+        if (c.get("applied_p50_ms") or {}).get("median") is not None:
+            rows.insert(2, ("daemon's part (commit to commit)", c["applied_p50_ms"], c["applied_p95_ms"],
+                            c["applied_p99_ms"], c["samples"]))
         r = part["results"].get(ROUTER, {}).get(key)
         if r is not None:
             rows.append(("Router read, consistent_with=token", r["p50_ms"], r["p95_ms"], r["p99_ms"], r["samples"]))
