@@ -151,11 +151,11 @@ class Run:
     caught_up_p50_ms: float | None = None
     caught_up_p95_ms: float | None = None
     caught_up_p99_ms: float | None = None
-    command_p50_ms: float | None = None  # due -> commit returned (includes waiting for a free client)
     # the command's commit -> its read model's, on the primary (APPLIED_SQL); None: not timed
     applied_p50_ms: float | None = None
     applied_p95_ms: float | None = None
     applied_p99_ms: float | None = None
+    command_p50_ms: float | None = None  # due -> commit returned (includes waiting for a free client)
     command_p99_ms: float | None = None
     poll_period_ms: float | None = None
     daemon_cpu_seconds: float | None = None
