@@ -181,6 +181,9 @@ class _Latency:
         db = self.s.clone("latency")
         with self.s.connect(db) as conn:
             conn.execute(PING_TABLE_SQL)
+            # the daemon's part is timed by commit timestamps, which a server keeps or not
+            # from its start
+            timed = conn.execute("SHOW track_commit_timestamp").fetchone() == ("on",)
         dsn = self.s.dsn(db)
         watch_dsn = self.s.replica_dsn(db)
         where = "replica"
@@ -216,8 +219,8 @@ class _Latency:
                     one = self._serial_run(rnd, kind, dsn, watch_dsn) if rate == SERIAL else self._one_run(
                         rnd, kind, rate, dsn, watch_dsn)
                     result = asyncio.run(one)
-                    if kind == "command":
-                        self._time_applied(dsn, result)
+                    if kind == "command" and timed:
+                        self._time_applied(db, result)
                 cpu = watch.result()
                 result.daemon_cpu_seconds = daemon_cpu.total()
                 result.machine_cpu_busy, result.other_cpu = cpu["machine_cpu_busy"], cpu["other_cpu"]
@@ -230,12 +233,10 @@ class _Latency:
         self.s.drop(db)
         return self._report(runs, where)
 
-    def _time_applied(self, dsn: str, result: Run) -> None:
-        """The daemon's part of the run's commands (APPLIED_SQL), when the server keeps
+    def _time_applied(self, db: str, result: Run) -> None:
+        """The daemon's part of the run's commands (APPLIED_SQL), on a server that keeps
         commit timestamps."""
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            if conn.execute("SHOW track_commit_timestamp").fetchone() != ("on",):
-                return
+        with self.s.connect(db) as conn:
             applied = sorted(row[0] * 1000 for row in conn.execute(APPLIED_SQL, (self._orders,)))
         result.applied_p50_ms = _r(percentile(applied, 50))
         result.applied_p95_ms = _r(percentile(applied, 95))
