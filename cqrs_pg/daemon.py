@@ -56,14 +56,12 @@ CHANNEL = "cqrs_outbox"
 LAG_INTERVAL = 5.0
 # keeping the outbox's partitions ahead of its sequence (cqrs.extend_outbox)
 EXTEND_INTERVAL = 60.0
-# After a round that applied events, look for the next ones four times as often as
-# linger_poll for this long: in a stream of commands the next is likeliest soon.
-EAGER_FOR = 0.01
-# Waiting for the transactions a lingering look found running (usually one command about
-# to commit), the server looks again at once for this long before it sleeps between
-# looks: its sleep's finest step is a millisecond, on average half a millisecond after the
-# commit (cqrs.mark_usable). Only then: under load the round's wait follows the apply
-# budget's, and the mark is usually usable by the time the round starts.
+# Waiting for the transactions a lingering look found running, the server waits for a
+# command's lock, which its commit releases (cqrs.mark_usable); for any other transaction
+# it looks again at once for this long before it sleeps between looks: its sleep's finest
+# step is a millisecond, on average half a millisecond after the commit. Only then: under
+# load the round's wait follows the apply budget's, and the mark is usually usable by the
+# time the round starts.
 MARK_SPIN = 0.003
 # A session's generic plans for small batches (cqrs._apply_batch) are made from the
 # statistics of their first use: made while a read model was empty, a join keeps it on the
@@ -102,12 +100,12 @@ FENCE_SQL = "SELECT fence::text, held FROM cqrs.fence_status()"
 # there is some, the round's mark taken in the same statement, on the same read limit
 # (NULL: no work; true: a mark was stored, to wait for; false: none needed); with none,
 # the settled position, if every position up to it is final. Given a settled position, the
-# server first waits up to the given seconds for the sequence to move past it; with no
-# wait it only glances at the sequence, and looks in full once it moved.
+# server first waits up to the given seconds for the sequence to move past it; with none,
+# it waits as long for a command in flight at the fence to end, and looks again.
 PENDING_SQL = ("SELECT marked, settled_position FROM cqrs.look_for_work(%s, %s, %s,"
                " make_interval(secs => %s))")
-# A settled daemon's look waits on the server at most this long, so that a stop request or
-# a refresh that ended is seen soon.
+# A lingering daemon's look waits on the server at most this long, so that a stop request
+# or a refresh that ended is seen soon.
 SETTLED_WAIT = 0.05
 # A mark read now (True: one was stored), and waiting until the transactions running then
 # have ended (True: they have).
@@ -250,10 +248,6 @@ class Listener:
         # projections (cqrs.look_for_work): until the sequence moves past it, none can come
         # but by an operator's hand
         self._settled: tuple[tuple[str, ...], int] | None = None
-        # when the last look in full (not a glance) for these projections was made
-        self._looked: tuple[tuple[str, ...], float] | None = None
-        # when the last round that applied events ended (monotonic)
-        self._last_round = 0.0
         # the apply budget's credit (cqrs_pg.pacing.credit_after) and when it was counted
         self._credit = config.apply_budget * BUDGET_WINDOW
         self._credit_at = time.monotonic()
@@ -368,7 +362,7 @@ class Listener:
                 extra={"rebased": adopted},
             )
         conn.execute(f"LISTEN {CHANNEL}")
-        self._settled = self._looked = None
+        self._settled = None
         self._replan = Replan()
         self._read_registry(conn, first=not self._registry)
         self._heartbeat(conn, sleeping=False)
@@ -384,7 +378,7 @@ class Listener:
             ended = time.monotonic()
             self._observe(conn, names, ended, applied=progress.applied)
             if progress.applied:
-                last_event = self._last_round = ended
+                last_event = ended
                 if sleeping:
                     self._heartbeat(conn, sleeping=False)
                     sleeping = False
@@ -497,33 +491,20 @@ class Listener:
             self.metrics.halted(name, True)
 
     def _linger(self, conn: psycopg.Connection, names: list[str], until: float) -> None:
-        """Awake after recent events: look for work every linger_poll with one cheap query
+        """Awake after recent events: look for work with one cheap query
         (cqrs.look_for_work) and return as soon as there is some, a running turn has ended
-        (a refresh, to collect), or at `until`. Just after a round, when the next event is
-        likeliest, it looks four times as often; but while every position handed out is
-        final and applied (settled), only a move of the outbox's sequence brings events:
-        that often it only glances at the sequence (the look given the settled position,
-        half a full look's cost), which looks in full once it moved, and a full look comes
-        every SETTLED_WAIT otherwise (an operator's hand); a glance that finds positions
-        taken and not final yet brings back the unsettled pace. Settled and past that, each
-        look first waits on the server for the sequence to move (up to SETTLED_WAIT),
-        which looks at it every millisecond for a few microseconds, where a look from here
-        costs a round trip."""
+        (a refresh, to collect), or at `until`. Each look waits on the server, up to
+        SETTLED_WAIT, for what brings work: while every position handed out is final and
+        applied (settled), for the outbox's sequence to move, which it reads every
+        millisecond for a few microseconds, where a look from here costs a round trip;
+        otherwise for the command in flight at the fence to commit. A look that finds
+        such a command takes the round's mark, and the round waits for the commit
+        (cqrs.mark_usable). Only while a transaction that is no command's holds positions
+        back does the server answer at once, and the next look comes a linger_poll later.
+        Every wait ends with a look in full, which sees an operator's hand."""
         cfg = self.config
         # within the daemon's own statement_timeout, however short an operator set it
         longest = min(SETTLED_WAIT, cfg.statement_timeout / 2) if cfg.statement_timeout else SETTLED_WAIT
-
-        def next_look(after: float) -> float:
-            """When the next look in full is due, one made at `after`."""
-            if self._settled_at(names) is not None:
-                # settled, only a move of the sequence (or an operator's hand) brings work:
-                # glance often, look in full as seldom as a settled wait would
-                return after + longest
-            eager = after - self._last_round < EAGER_FOR
-            return after + (cfg.linger_poll / 4 if eager else cfg.linger_poll)
-
-        # the busy round's look just before is the first look of the spell
-        look_due = 0.0 if self._looked is None or self._looked[0] != tuple(names) else next_look(self._looked[1])
         while not self.stopping:
             if any(f.done() for f in self._running.values()):
                 return
@@ -531,25 +512,12 @@ class Listener:
             remaining = until - now
             if remaining <= 0:
                 return
-            eager = now - self._last_round < EAGER_FOR
-            settled = self._settled_at(names) is not None
-            if settled and not eager:
-                if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
-                    return
-                look_due = next_look(time.monotonic())  # it looked in full as its wait ended
-                continue
-            if now >= look_due or settled:
-                glance = settled and now < look_due
-                if self._work_found(conn, names, lingering=True, glance=glance):
-                    return
-                settled = self._settled_at(names) is not None
-                if not glance or not settled:
-                    # a full look; or a glance that found the sequence moved and looked in
-                    # full, positions not final yet: look again at the unsettled pace
-                    look_due = next_look(now)
-            # the next look or glance a step after this one started, not after it answered
-            step = cfg.linger_poll / 4 if settled or eager else cfg.linger_poll
-            self._stop.wait(max(0.0, min(now + step, look_due, until) - time.monotonic()))
+            if self._work_found(conn, names, lingering=True, wait=min(remaining, longest)):
+                return
+            if self._settled_at(names) is None:
+                # positions held back by no command: look again a linger_poll after this look
+                # started, not after it answered
+                self._stop.wait(max(0.0, min(now + cfg.linger_poll, until) - time.monotonic()))
 
     def _settled_at(self, names: list[str]) -> int | None:
         """The settled position the last look found for these projections, if any."""
@@ -558,20 +526,18 @@ class Listener:
         return self._settled[1]
 
     def _work_found(self, conn: psycopg.Connection, names: list[str], lingering: bool = False,
-                    wait: float = 0.0, glance: bool = False) -> bool:
+                    wait: float = 0.0) -> bool:
         """Whether a sql or python projection has work (cqrs.look_for_work); when one has, the
         next round's mark is taken in the same statement (lingering: by a look between
-        rounds of a light load, whose round spins for it, MARK_SPIN). With wait, when the
-        last look found every position settled, the server first waits up to that long for
-        the sequence to move; with glance, it looks in full only if the sequence moved."""
+        rounds of a light load, whose round spins for it if no command holds it back,
+        MARK_SPIN). With wait, the server first waits up to that long for the sequence to
+        move when the last look found every position settled, and otherwise for a command
+        in flight to end."""
         probe = [name for name in names if name not in self._matviews]
         if not probe:
             return False
-        after = self._settled_at(names) if wait > 0 or glance else None
-        started = time.monotonic()
+        after = self._settled_at(names) if wait > 0 else None
         row = conn.execute(PENDING_SQL, (probe, self.config.listener_id, after, wait)).fetchone()
-        if after is None or wait > 0:  # a look in full, at the end of any wait
-            self._looked = (tuple(names), started if after is None else time.monotonic())
         marked, settled = row if row is not None else (None, None)
         self._settled = None if settled is None else (tuple(names), settled)
         if marked is None:

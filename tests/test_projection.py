@@ -677,11 +677,11 @@ class _LooksKept(psycopg.Connection):
         return super().execute(query, params, **kwargs)
 
 
-def test_a_daemon_lingering_after_a_round_glances_first(db: Database) -> None:
+def test_a_daemon_lingering_after_a_round_waits_on_the_server(db: Database) -> None:
     """A round that applied events is followed by a look in full, which finds every
-    position settled; lingering from there the daemon only glances at the sequence, and
-    waits on the server for it, until the next look in full is due a SETTLED_WAIT after
-    that one: no look in full again at once."""
+    position settled; lingering from there each of the daemon's looks waits on the server
+    for the sequence to move (the settled position and a wait given): no look in full
+    from the daemon, and no asking again and again."""
     names = ["order_summary", "customer_stats"]
     listener = Listener(ListenerConfig(dsn=db.dsn))
     with _LooksKept.connect(db.dsn, autocommit=True) as conn:
@@ -690,37 +690,92 @@ def test_a_daemon_lingering_after_a_round_glances_first(db: Database) -> None:
         db.run_projections()
         assert not listener._work_found(conn, names)  # the look after the round
         assert listener._settled_at(names) is not None
-        listener._last_round = time.monotonic()
         conn.looks.clear()
-        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT / 2)
+        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT * 1.5)
     assert conn.looks, "it looked for work while lingering"
-    full = [params for params in conn.looks if params[2] is None]  # no settled position given
-    assert full == [], f"{len(full)} of {len(conn.looks)} looks in full"
+    assert all(params[2] is not None and params[3] > 0 for params in conn.looks), conn.looks
+    assert len(conn.looks) <= 3, f"{len(conn.looks)} looks in {SETTLED_WAIT * 1.5} s"
 
 
-def test_a_glance_that_finds_no_work_unsettled_brings_the_next_full_look_forward(db: Database) -> None:
-    """A glance that finds the sequence moved looks in full; when that finds no work yet
-    and positions not final (a command in flight whose positions another reader's mark
-    already covers), the lingering daemon looks in full again at the unsettled pace, not
-    only when the settled pace's next full look is due."""
+def _waits_on_a_command_lock(observer: psycopg.Connection, pid: int) -> None:
+    """Returns once backend `pid` waits for an advisory lock (a command's); fails after
+    30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        row = observer.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s",
+                               (pid,)).fetchone()
+        if row == ("Lock", "advisory"):
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"backend {pid} never waited for a command's lock")
+
+
+def test_a_lingering_look_waits_for_the_command_in_flight_to_commit(db: Database) -> None:
+    """A look that finds positions not final yet, and already marked (another reader's
+    mark covers the command in flight), waits on the server for that command's lock and
+    returns with the work its commit made final: the lingering daemon sees the commit as
+    it happens instead of asking again and again. The command's events are applied by the
+    round that follows."""
     names = ["order_summary", "customer_stats"]
     listener = Listener(ListenerConfig(dsn=db.dsn))
-    with _LooksKept.connect(db.dsn, autocommit=True) as conn, psycopg.connect(db.dsn) as writer:
+    with _LooksKept.connect(db.dsn, autocommit=True) as conn, psycopg.connect(db.dsn) as writer, \
+            db.connect() as observer:
         conn.looks = []
         conn.execute("SELECT cqrs.listener_heartbeat('other', false, '1 minute')")
         customer, sku = seed(conn)
         db.run_projections()
         assert not listener._work_found(conn, names)
-        assert listener._settled_at(names) is not None
-        place(writer, customer, sku)  # its transaction still open: positions taken, not final
+        order_id = place(writer, customer, sku)[0]  # its transaction still open: positions taken, not final
         assert conn.execute("SELECT cqrs.take_mark('other')").fetchone()[0] is True
-        listener._last_round = time.monotonic()
-        listener._looked = (tuple(names), time.monotonic())  # the next full look due SETTLED_WAIT from now
         conn.looks.clear()
-        listener._linger(conn, names, until=time.monotonic() + SETTLED_WAIT * 0.8)
-        writer.rollback()
-    assert conn.looks and conn.looks[0][2] is not None, "the first look is a glance"
-    assert any(params[2] is None for params in conn.looks[1:]), f"no look in full after the glance: {conn.looks}"
+        lingering = threading.Thread(target=listener._linger, args=(conn, names, time.monotonic() + 60))
+        lingering.start()
+        try:
+            _waits_on_a_command_lock(observer, conn.info.backend_pid)
+            writer.commit()
+        finally:
+            lingering.join()
+        assert listener._marked is not None, "the look returned without work"
+        assert all(params[3] > 0 for params in conn.looks), conn.looks
+    assert db.run_projections() > 0
+    with db.connect() as check:
+        assert check.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s",
+                             (order_id,)).fetchone()[0] == 1
+
+
+def test_a_mark_wait_ends_with_the_command_and_leaves_no_lock_behind(db: Database) -> None:
+    """cqrs.mark_usable, with a command in flight at the fence, waits for the command's
+    own lock rather than spinning or sleeping, and is usable as the command commits. It
+    leaves nothing behind in the caller's transaction: no advisory lock held (a twin of
+    the command, with the same command_id, never waits for it) and its lock_timeout as
+    it was. A lock in the commands' space held by a session that is not at the fence is
+    not waited on."""
+    with db.connect() as conn, psycopg.connect(db.dsn) as writer, db.connect() as observer, \
+            db.connect() as bystander:
+        conn.execute("SELECT cqrs.listener_heartbeat('waiter', false, '1 minute')")
+        customer, sku = seed(conn)
+        bystander.execute("SELECT pg_advisory_lock(cqrs._lock_space('command'), 7)")  # no xid: not at the fence
+        place(writer, customer, sku)  # its transaction still open
+        assert conn.execute("SELECT cqrs.take_mark('waiter')").fetchone()[0] is True
+        usable: list[Any] = []
+
+        def wait() -> None:
+            with conn.transaction():
+                conn.execute("SET LOCAL lock_timeout = '7s'")
+                usable.append(conn.execute("SELECT cqrs.mark_usable('waiter', '20 s', '0 s')").fetchone()[0])
+                usable.append(conn.execute(
+                    "SELECT current_setting('lock_timeout'),"
+                    " (SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory')"
+                ).fetchone())
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        try:
+            _waits_on_a_command_lock(observer, conn.info.backend_pid)
+            writer.commit()
+        finally:
+            waiter.join()
+        assert usable == [True, ("7s", 0)]
 
 
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:

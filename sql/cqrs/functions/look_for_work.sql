@@ -12,10 +12,12 @@
 -- lingering daemon waits so between commands instead of asking again and again.
 -- With settled and no wait, it only glances at the sequence while that has not moved,
 -- answering settled_position = settled (what cqrs.last_position costs), and looks in full
--- once it has, taking the round's mark in the same call: a lingering daemon asks so every
--- half millisecond just after a round, one round trip from a command to its round. An
--- operator's hand (a checkpoint moved, a projection added) is then seen by a look without
--- settled.
+-- once it has, taking the round's mark in the same call. An operator's hand (a checkpoint
+-- moved, a projection added) is seen by a look in full, as any wait ends.
+-- With wait, a look in full that finds no work, and positions handed out that are not
+-- final yet (a command in flight that a mark stored already covers), waits up to the
+-- same deadline for the command at the fence to end (cqrs._await_command), and looks
+-- again: a lingering daemon sees a command's events as it commits, in one call.
 -- Call it in a transaction of its own, READ COMMITTED.
 CREATE OR REPLACE FUNCTION cqrs.look_for_work(projections text[], listener_id text, settled bigint DEFAULT NULL,
                                               wait interval DEFAULT '0 s',
@@ -31,8 +33,8 @@ BEGIN
     IF wait IS NULL OR wait < interval '0 s' OR wait > interval '1 min' THEN
         PERFORM cqrs._fail('CQ001', format('wait must be between 0 s and 1 min, got %s', coalesce(wait::text, 'null')));
     END IF;
+    deadline := clock_timestamp() + wait;
     IF settled IS NOT NULL AND wait > interval '0 s' THEN
-        deadline := clock_timestamp() + wait;
         WHILE coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0) = settled
               AND clock_timestamp() < deadline LOOP
             PERFORM pg_sleep(0.0002);  -- a millisecond: the timeout of a wait is whole ms
@@ -42,13 +44,20 @@ BEGIN
         settled_position := settled;
         RETURN;
     END IF;
-    -- a statement of its own: a snapshot taken after the wait
-    SELECT * INTO lim FROM cqrs._read_limit();
-    IF cqrs._work_pending(projections, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
-        marked := cqrs._take_mark(listener_id, lim.final_position, lim.fence, lim.mark_position,
-                                  lim.pending_position);
-    ELSIF lim.final_position >= lim.mark_position THEN
-        settled_position := lim.mark_position;
-    END IF;
+    LOOP
+        -- a statement of its own: a snapshot taken after the wait
+        SELECT * INTO lim FROM cqrs._read_limit();
+        IF cqrs._work_pending(projections, lim.final_position, lim.fence, lim.mark_position, lim.pending_position) THEN
+            marked := cqrs._take_mark(listener_id, lim.final_position, lim.fence, lim.mark_position,
+                                      lim.pending_position);
+            RETURN;
+        ELSIF lim.final_position >= lim.mark_position THEN
+            settled_position := lim.mark_position;
+            RETURN;
+        END IF;
+        -- positions handed out, not final yet, and already marked: until the command at
+        -- the fence ends, if it is one
+        EXIT WHEN NOT cqrs._await_command(lim.fence, deadline);
+    END LOOP;
 END
 $$;
