@@ -778,6 +778,43 @@ def test_a_mark_wait_ends_with_the_command_and_leaves_no_lock_behind(db: Databas
         assert usable == [True, ("7s", 0)]
 
 
+def test_a_mark_wait_on_a_command_ends_by_half_the_deadlock_timeout(db: Database) -> None:
+    """A wait on a command's lock may close a cycle of lock waits (a DDL queued behind the
+    waiter's reads, the command queued behind the DDL): it ends by half of deadlock_timeout
+    from the start of the waiter's transaction, before any of them looks for a deadlock,
+    so that the command is never its victim. Past that, cqrs.mark_usable goes on waiting
+    by sleeping between looks."""
+    with db.connect() as conn, psycopg.connect(db.dsn) as writer, db.connect() as observer:
+        conn.execute("SELECT cqrs.listener_heartbeat('waiter', false, '1 minute')")
+        customer, sku = seed(conn)
+        place(writer, customer, sku)  # its transaction still open
+        assert conn.execute("SELECT cqrs.take_mark('waiter')").fetchone()[0] is True
+        usable: list[Any] = []
+
+        def wait() -> None:
+            with conn.transaction():
+                conn.execute("SET LOCAL deadlock_timeout = '200ms'")
+                usable.append(conn.execute("SELECT cqrs.mark_usable('waiter', '60 s', '0 s')").fetchone()[0])
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        try:
+            _waits_on_a_command_lock(observer, conn.info.backend_pid)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                row = observer.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
+                                       (conn.info.backend_pid,)).fetchone()
+                if row == ("PgSleep",):
+                    break
+                time.sleep(0.005)
+            else:
+                raise AssertionError("the wait on the command's lock never ended")
+            writer.commit()
+        finally:
+            waiter.join()
+        assert usable == [True]
+
+
 def test_a_shared_round_given_the_mark_waits_for_it_and_reads_what_committed(db: Database) -> None:
     """cqrs.run_projections with a daemon's listener_id first waits (spinning, then
     sleeping) for the mark that daemon's look took under a running writer: it applies

@@ -10,7 +10,10 @@
 -- never waits for the caller, and the caller takes no xid (it may still store a mark).
 -- Any login may take a lock in the commands' space; it is waited on only while its
 -- holder's transaction is at the fence, which holds every reader back anyway, and never
--- past the caller's deadline.
+-- past the caller's deadline. Nor past half of deadlock_timeout from the start of the
+-- caller's transaction: a wait may close a cycle (a DDL queued behind the caller's reads,
+-- the command behind the DDL), which it so leaves before any of them checks for one, so
+-- the command is never the deadlock's victim.
 CREATE OR REPLACE FUNCTION cqrs._await_command(fence xid8, deadline timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql
@@ -18,7 +21,9 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     key bigint;
-    ms bigint := ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000)::bigint;
+    ms bigint := ceil(extract(epoch FROM least(deadline,
+                                              transaction_timestamp() + current_setting('deadlock_timeout')::interval / 2)
+                                        - clock_timestamp()) * 1000)::bigint;
 BEGIN
     IF ms < 1 THEN
         RETURN false;
