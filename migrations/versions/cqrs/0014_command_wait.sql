@@ -83,6 +83,7 @@ DECLARE
     started timestamptz := clock_timestamp();
     mark xid8;
     fence xid8;
+    plain xid8;
 BEGIN
     SELECT l.mark_xmax INTO mark FROM cqrs.listeners l WHERE l.listener_id = mark_usable.listener_id;
     -- each time a statement of its own: a new snapshot
@@ -92,7 +93,11 @@ BEGIN
         IF clock_timestamp() >= started + wait THEN
             RETURN false;
         END IF;
-        IF NOT cqrs._await_command(fence, started + wait) AND clock_timestamp() >= started + spin THEN
+        IF fence IS DISTINCT FROM plain AND cqrs._await_command(fence, started + wait) THEN
+            CONTINUE;
+        END IF;
+        plain := fence;  -- no command's lock to wait on: the lock table is not read again for it
+        IF clock_timestamp() >= started + spin THEN
             PERFORM pg_sleep(0.0005);
         END IF;
     END LOOP;
