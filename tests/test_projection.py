@@ -697,17 +697,22 @@ def test_a_daemon_lingering_after_a_round_waits_on_the_server(db: Database) -> N
     assert len(conn.looks) <= 3, f"{len(conn.looks)} looks in {SETTLED_WAIT * 1.5} s"
 
 
-def _waits_on_a_command_lock(observer: psycopg.Connection, pid: int) -> None:
-    """Returns once backend `pid` waits for an advisory lock (a command's); fails after
-    30 s."""
+def _waits_for(observer: psycopg.Connection, pid: int, event: tuple[str, str], what: str) -> None:
+    """Returns once backend `pid` waits on `event` (pg_stat_activity's wait_event_type and
+    wait_event); fails after 30 s, saying it never waited for `what`."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         row = observer.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s",
                                (pid,)).fetchone()
-        if row == ("Lock", "advisory"):
+        if row == event:
             return
         time.sleep(0.005)
-    raise AssertionError(f"backend {pid} never waited for a command's lock")
+    raise AssertionError(f"backend {pid} never waited for {what}")
+
+
+def _waits_on_a_command_lock(observer: psycopg.Connection, pid: int) -> None:
+    """Returns once backend `pid` waits for an advisory lock (a command's)."""
+    _waits_for(observer, pid, ("Lock", "advisory"), "a command's lock")
 
 
 def test_a_lingering_look_waits_for_the_command_in_flight_to_commit(db: Database) -> None:
@@ -800,15 +805,7 @@ def test_a_mark_wait_on_a_command_ends_by_half_the_deadlock_timeout(db: Database
         waiter.start()
         try:
             _waits_on_a_command_lock(observer, conn.info.backend_pid)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                row = observer.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s",
-                                       (conn.info.backend_pid,)).fetchone()
-                if row == ("PgSleep",):
-                    break
-                time.sleep(0.005)
-            else:
-                raise AssertionError("the wait on the command's lock never ended")
+            _waits_for(observer, conn.info.backend_pid, ("Timeout", "PgSleep"), "a sleep after the command's lock")
             writer.commit()
         finally:
             waiter.join()
