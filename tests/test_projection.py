@@ -239,6 +239,41 @@ def test_run_projections_applies_a_batch_of_each_in_one_transaction(db: Database
         assert conn.execute("SELECT count(*) FROM shop_read.order_summary WHERE order_id = %s", (order,)).fetchone()[0]
 
 
+def test_run_projections_reads_each_batch_from_its_own_checkpoint(db: Database) -> None:
+    """In a shared round each projection's batch starts at its own checkpoint: one ahead of
+    another applies only what it has not; one held by another session is busy while the
+    others apply; a name given twice applies once."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        seeded = outbox_count(conn)
+        conn.execute("SELECT * FROM cqrs.run_projection('order_summary', 100)")
+        place(conn, customer, sku)
+        total = outbox_count(conn)
+        rows = conn.execute(
+            "SELECT projection, applied, busy FROM cqrs.run_projections('{customer_stats,order_summary,customer_stats}')"
+        ).fetchall()
+        assert rows == [("customer_stats", total, False), ("order_summary", total - seeded, False),
+                        ("customer_stats", 0, False)]
+        assert applied_counts(conn) == {"customer_stats": total, "order_summary": total, "product_sales": 0}
+        assert mismatches(conn, "order_summary") == mismatches(conn, "customer_stats") == 0
+        place(conn, customer, sku)
+        placed = outbox_count(conn) - total
+    with psycopg.connect(db.dsn) as holder, db.connect() as conn:
+        holder.execute("SELECT * FROM cqrs.run_projection('order_summary', 100)")  # its row lock, until commit
+        rows = conn.execute(
+            "SELECT projection, busy FROM cqrs.run_projections('{order_summary,customer_stats}')"
+        ).fetchall()
+        assert rows == [("order_summary", True), ("customer_stats", False)]
+        holder.commit()
+        rows = conn.execute(
+            "SELECT projection, applied, busy FROM cqrs.run_projections('{order_summary,customer_stats}')"
+        ).fetchall()
+        assert rows == [("order_summary", 0, False), ("customer_stats", placed, False)]
+        assert applied_counts(conn) == {"customer_stats": total + placed, "order_summary": total + placed,
+                                        "product_sales": 0}
+        assert mismatches(conn, "order_summary") == mismatches(conn, "customer_stats") == 0
+
+
 def test_batches_in_one_transaction_leave_a_horizon_that_proves_read_your_writes(db: Database) -> None:
     """The second batch of a transaction runs with the transaction's own xid assigned, which
     its snapshot does not list: a transaction that ends meanwhile must not move the
