@@ -224,6 +224,7 @@ def test_two_replicas_multi_host_dsn_then_down(base_dir: Path) -> None:
             one = f"host=127.0.0.1 port={ports[name]} dbname=postgres user=postgres"
             assert _one(one, "SELECT pg_is_in_recovery()") is True
             assert _one(one, "SHOW hot_standby_feedback") == "on"
+            assert _one(one, "SHOW wal_receiver_status_interval") == "1s"
             assert _one(one, "SHOW max_standby_streaming_delay") == "30s"
         assert _one(dc.primary_dsn(), "SHOW idle_in_transaction_session_timeout") == "10min"
 

@@ -70,6 +70,10 @@ hot_standby = on
 # Replica settings recommended in docs/production.md (Server settings), and why.
 # Keeps vacuum on the primary from cancelling replica reads (costs some bloat).
 hot_standby_feedback = on
+# Feedback every second, not every ten (the default): the primary keeps the versions of the
+# rows the engine rewrites every round for as long as the feedback is old, and every read
+# of such a row walks them.
+wal_receiver_status_interval = 1s
 # Replayed locks (a rebuild's table swap, DDL) wait this long for replica reads to end.
 max_standby_streaming_delay = 30s
 wal_keep_size = 256MB
