@@ -734,15 +734,10 @@ def test_a_daemon_lingering_after_a_round_waits_on_the_server(db: Database) -> N
 
 def _waits_for(observer: psycopg.Connection, pid: int, event: tuple[str, str], what: str) -> None:
     """Returns once backend `pid` waits on `event` (pg_stat_activity's wait_event_type and
-    wait_event); fails after 30 s, saying it never waited for `what`."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        row = observer.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s",
-                               (pid,)).fetchone()
-        if row == event:
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"backend {pid} never waited for {what}")
+    wait_event); fails after 30 s, naming `what` it never waited for."""
+    wait_until(lambda: observer.execute("SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s",
+                                        (pid,)).fetchone() == event,
+               f"backend {pid} to wait for {what}", timeout=30, interval=0.005)
 
 
 def _waits_on_a_command_lock(observer: psycopg.Connection, pid: int) -> None:
