@@ -534,7 +534,7 @@ class Session:
             server_version = scalar(conn, "SHOW server_version")
             settings: dict[str, str] = dict(
                 conn.execute(
-                    "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN"
+                    "SELECT name, current_setting(name) FROM pg_settings WHERE name IN"
                     " ('fsync', 'synchronous_commit', 'shared_buffers', 'max_wal_size', 'wal_level',"
                     "  'max_connections', 'full_page_writes', 'checkpoint_timeout', 'work_mem')"
                 ).fetchall()
