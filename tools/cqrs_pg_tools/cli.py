@@ -269,7 +269,7 @@ def bench(ctx: click.Context, /, quick: bool, json_path: Path | None, plots_dir:
        (a nats-server of the bench's own)
 
     Every figure is a median of interleaved rounds with its min-max spread. Progress goes
-    to stderr, the tables to stdout. On a throwaway primary + replica it takes about 30
+    to stderr, the tables to stdout. On a throwaway primary + replica it takes about 45
     minutes with the defaults; see docs/benchmarks.md.
     """
     from cqrs_pg_tools.bench import BenchConfig, run_bench
