@@ -63,6 +63,10 @@ def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     assert {t["part"] for t in report["targets"]} == {1, 2, 3, 5, 7}
     for t in report["targets"]:
         assert t["met"] in (True, False), t
+    # read-your-writes is judged beside bare replication in the same run
+    beside = [t for t in report["targets"] if t["part"] == 3]
+    assert beside and all(t["baseline"].startswith("replication alone ") for t in beside), beside
+    assert "(target <= 3 ms; replication alone " in quick["stdout"]
     # Progress on stderr while it runs; the tables on stdout.
     last = f"[{2 * len(VARIANTS)}/{2 * len(VARIANTS)}]"  # part 1: every variant at 1 and 4 clients
     assert last in quick["stderr"] and last not in quick["stdout"]

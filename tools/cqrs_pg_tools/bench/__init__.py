@@ -162,7 +162,8 @@ def run_bench(
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """The targets, each with the measured value and whether it is met."""
+    """The targets, each with the measured value and whether it is met, and where the part
+    has one, its baseline from the same run ("baseline": a short text, not judged)."""
     out: list[dict[str, Any]] = []
     for part, name in PART_NAMES.items():
         if name in report["parts"]:
@@ -184,7 +185,8 @@ def render_targets(rows: list[dict[str, Any]]) -> list[str]:
             else f"{value:,.1f}" if isinstance(value, float)
             else str(value)
         )
-        lines.append(f"  part {t['part']}: {t['what']}: {text} (target {t['target']}): {met}")
+        beside = f"; {t['baseline']}" if t.get("baseline") else ""
+        lines.append(f"  part {t['part']}: {t['what']}: {text} (target {t['target']}{beside}): {met}")
     return lines
 
 

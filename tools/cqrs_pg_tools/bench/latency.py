@@ -585,11 +585,14 @@ def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for key in part["config"]["schedules"]:
         cell = part["results"]["command"][key]
+        bare = part["results"].get("replication", {}).get(key, {})
         for q, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
             value = (cell[f"caught_up_{q}_ms"] or {}).get("median")
+            floor = (bare.get(f"{q}_ms") or {}).get("median")
             out.append({
                 "part": 3, "what": f"read-your-writes {q}, {_label(key)} (ms)", "value": value,
                 "target": f"<= {target:g} ms", "met": None if value is None else value <= target,
+                "baseline": None if floor is None else f"replication alone {floor:.2f}",
             })
     return out
 

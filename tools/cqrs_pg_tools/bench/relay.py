@@ -648,14 +648,19 @@ def _describe_latency(r: LatencyRun) -> str:
 def targets(part: dict[str, Any]) -> list[dict[str, Any]]:
     """The relay's own figures; the direct baselines are shown beside them, not judged."""
     drain = (part["drain"]["relay_events_per_second"] or {}).get("median")
+    direct_drain = (part["drain"]["direct_events_per_second"] or {}).get("median")
     cell = part["latency"]["results"]["relay"]
+    direct = part["latency"]["results"]["direct"]
     rate = part["config"]["rate"]
     out = [{"part": 7, "what": f"relay drain of {part['drain']['events']:,} events, events/s", "value": drain,
-            "target": f">= {TARGET_EVENTS_PER_SECOND:,}", "met": None if drain is None else drain >= TARGET_EVENTS_PER_SECOND}]
+            "target": f">= {TARGET_EVENTS_PER_SECOND:,}", "met": None if drain is None else drain >= TARGET_EVENTS_PER_SECOND,
+            "baseline": None if direct_drain is None else f"straight to JetStream {direct_drain:,.0f}"}]
     for q, target in (("p50", TARGET_P50_MS), ("p99", TARGET_P99_MS)):
         value = (cell[f"{q}_ms"] or {}).get("median")
+        floor = (direct[f"{q}_ms"] or {}).get("median")
         out.append({"part": 7, "what": f"relay latency {q} at {rate}/s, command returned -> message at a subscriber (ms)",
-                    "value": value, "target": f"<= {target:g} ms", "met": None if value is None else value <= target})
+                    "value": value, "target": f"<= {target:g} ms", "met": None if value is None else value <= target,
+                    "baseline": None if floor is None else f"publishing straight to JetStream {floor:.2f}"})
     return out
 
 
