@@ -29,11 +29,14 @@ QUICK = BenchConfig.quick_config()
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One `cqrs-pg bench --quick --json --plots` run (a cluster of its own, over a minute),
-    shared by the tests below, each marked slow."""
+    shared by the tests below, each marked slow. The daemons' budgets are given at their
+    defaults: every daemon the bench starts gets them, and would not start on a flag it
+    refused."""
     tmp = tmp_path_factory.mktemp("bench")
     out, plots = tmp / "bench.json", tmp / "plots"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cqrs_pg", "bench", "--quick", "--json", str(out), "--plots", str(plots)],
+        [sys.executable, "-m", "cqrs_pg", "bench", "--quick", "--json", str(out), "--plots", str(plots),
+         "--apply-budget", "0.25", "--refresh-budget", "0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )
     try:
@@ -50,7 +53,7 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_quick_report_has_every_part(quick: dict[str, Any]) -> None:
     report = quick["report"]
     # labelled as a quick run, so that nobody takes its figures for a real one
-    assert report["command"] == "cqrs-pg bench --quick"
+    assert report["command"] == "cqrs-pg bench --apply-budget 0.25 --refresh-budget 0.1 --quick"
     assert report["quick"] is True and report["complete"] is True
     assert set(report["parts"]) == {"throughput", "catchup", "latency", "matview", "growth", "rebuild", "relay"}
     for name, part in report["parts"].items():

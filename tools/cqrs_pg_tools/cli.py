@@ -210,6 +210,8 @@ def _int_list(low: int, high: int, example: str) -> Callable[[click.Context, cli
               help="Every daemon the bench starts gets this --batch-delay [default: listen's own, 0: off].")
 @click.option("--apply-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
               help="Every daemon the bench starts gets this --apply-budget [default: listen's own, 0.25].")
+@click.option("--refresh-budget", type=click.FloatRange(0, 1, min_open=True), metavar="FRACTION",
+              help="Every daemon the bench starts gets this --refresh-budget [default: listen's own, 0.1].")
 @click.option("--serial", type=click.IntRange(0), metavar="N",
               help="Part 3: commands one after another, each awaited on the replica before the next; 0: none "
                    "[default: 300].")

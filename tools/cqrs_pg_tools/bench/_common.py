@@ -71,6 +71,7 @@ class BenchConfig:
     batch_size: int = ListenerConfig.batch_size  # the daemon's --batch-size (its default)
     batch_delay: float | None = None  # the daemon's --batch-delay in every part (None: its default)
     apply_budget: float | None = None  # the daemon's --apply-budget in every part (None: its default)
+    refresh_budget: float | None = None  # the daemon's --refresh-budget in every part (None: its default)
     # part 3: end-to-end latency
     serial: int = 300  # commands one after another, each awaited on the replica (0: none)
     rates: tuple[int, ...] = (20, 100, 500)  # commands per second, open loop
@@ -411,6 +412,8 @@ class Session:
             args = (*args, "--batch-delay", str(self.cfg.batch_delay))
         if self.cfg.apply_budget is not None:
             args = (*args, "--apply-budget", str(self.cfg.apply_budget))
+        if self.cfg.refresh_budget is not None:
+            args = (*args, "--refresh-budget", str(self.cfg.refresh_budget))
         daemon = Daemon(self.dsn(dbname), self.workdir / log_name, *args)
         daemon.dbname = dbname
         self.daemons.append(daemon)
