@@ -408,12 +408,10 @@ class Session:
         so "no daemon" always means no row."""
         with self.connect(dbname) as conn:
             conn.execute("DELETE FROM cqrs.listeners")
-        if self.cfg.batch_delay is not None:
-            args = (*args, "--batch-delay", str(self.cfg.batch_delay))
-        if self.cfg.apply_budget is not None:
-            args = (*args, "--apply-budget", str(self.cfg.apply_budget))
-        if self.cfg.refresh_budget is not None:
-            args = (*args, "--refresh-budget", str(self.cfg.refresh_budget))
+        for flag, value in (("--batch-delay", self.cfg.batch_delay), ("--apply-budget", self.cfg.apply_budget),
+                            ("--refresh-budget", self.cfg.refresh_budget)):
+            if value is not None:
+                args = (*args, flag, str(value))
         daemon = Daemon(self.dsn(dbname), self.workdir / log_name, *args)
         daemon.dbname = dbname
         self.daemons.append(daemon)
