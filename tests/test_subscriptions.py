@@ -321,6 +321,40 @@ def test_a_holder_that_connected_after_the_poller_looked_still_holds(db: Databas
             later.close()
 
 
+def test_a_poll_that_waited_for_the_row_never_moves_the_cursor_back(db: Database) -> None:
+    """A poll reads how far it may read before it waits for the subscription's row; an
+    event may become final and be handed out and acknowledged meanwhile, past that limit.
+    The waiting poll then finds nothing new, and the cursor stays where the acknowledgement
+    put it: the next poll hands out nothing again."""
+    with db.connect() as admin:
+        admin.execute("SELECT cqrs.create_subscription('feed')")
+        new_customer(admin)
+        first = poll(admin)
+        assert len(first) == 1
+        ack(admin, first[-1].cursor)
+        with psycopg.connect(db.dsn) as writer, psycopg.connect(db.dsn) as holder, db.connect() as waiter:
+            # an event written and not final yet: the waiting poll's limit stays below it
+            writer.execute("SELECT * FROM shop.register_customer(gen_random_uuid(), %s, 'Late')",
+                           (f"{uuid.uuid4().hex[:10]}@example.com",))
+            # held without a transaction id of its own, which would keep the late event
+            # from being final for its own poll: plain reads pass, the row's lock waits
+            holder.execute("LOCK TABLE cqrs.subscriptions IN EXCLUSIVE MODE")
+            waited: list[list[Polled]] = []
+            polling = threading.Thread(target=lambda: waited.append(poll(waiter)))
+            polling.start()
+            wait_until(lambda: scalar(admin, "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s",
+                                      (waiter.info.backend_pid,)), "the poll to wait for the row")
+            writer.commit()
+            late = poll(holder)  # in the transaction that holds the row
+            assert len(late) == 1 and late[0].position > first[-1].position
+            ack(holder, late[-1].cursor)
+            holder.commit()
+            polling.join(timeout=10)
+            assert waited == [[]]
+        assert cursor_of(admin) == late[-1].position
+        assert poll(admin) == []
+
+
 def test_a_running_writer_holds_back_what_committed_after_its_event(db: Database) -> None:
     """B restocks a product and stays open; A took its transaction id before B's and then
     waits for B's row lock; later commands commit meanwhile. No poll hands out anything

@@ -83,7 +83,9 @@ BEGIN
          WHERE o.position > scanned AND o.position <= lim.final_position
          ORDER BY o.position
          LIMIT 1;
-        scanned := coalesce(next_pos, lim.final_position);
+        -- lim was read before the row's lock: an acknowledgement committed meanwhile may
+        -- be past it, and the scan never goes back below where it started
+        scanned := coalesce(next_pos, greatest(lim.final_position, scanned));
         window_end := least(lim.final_position, scanned + window_size);
         EXIT WHEN window_end <= scanned;
         SELECT min(x.position), max(x.position), count(*) INTO first_pos, last_pos, n
