@@ -14,6 +14,14 @@ from typing import Any
 
 from cqrs_pg.errors import ConfigError
 
+# The server's bounds on what the daemon passes on: an integer argument (a batch's size),
+# and a timeout (milliseconds in an integer).
+MAX_INTEGER = 2**31 - 1
+MAX_TIMEOUT = MAX_INTEGER // 1000
+# The longest duration taken (a retention, an interval): a hundred years, which means
+# "forever" here; the server's intervals and timestamps overflow far beyond it.
+MAX_DURATION = 36_500 * 86_400
+
 
 def setting(
     default: Any,
@@ -44,7 +52,8 @@ class ListenerConfig:
     # often. At 1M events customer_stats alone applied 92,000 events/s in batches of 5,000,
     # 115,000 in 20,000, 129,000 in 50,000; a batch of 20,000 still commits within a
     # fifth of a second, and a python handler holds that many events at once.
-    batch_size: int = setting(20_000, "Events per batch and transaction.", minimum=1, metavar="N")
+    batch_size: int = setting(20_000, "Events per batch and transaction.", minimum=1, maximum=MAX_INTEGER,
+                              metavar="N")
     # Fallback when no doorbell rings: correctness never depends on NOTIFY.
     poll_interval: float = setting(1.0, "Seconds between polls when no NOTIFY arrives.", minimum=0.01,
                                    maximum=3600, metavar="SECONDS")
@@ -86,6 +95,7 @@ class ListenerConfig:
     mark_wait: float = setting(0.01, "Wait this long for running transactions before a round.", minimum=0,
                                option=False)
     refresh_interval: float = setting(1.0, "Refresh materialized views at most this often (seconds).", minimum=0,
+                                      maximum=86_400,
                                       metavar="SECONDS")
     # A materialized view's refresh recomputes all of it: keep the share of time spent
     # refreshing it at most this, by waiting longer between refreshes than
@@ -127,12 +137,12 @@ class ListenerConfig:
         600.0,
         "The daemon's own statement_timeout, whatever the database's: a batch or refresh that takes longer "
         "is that projection's error (retried, then its policy). 0: none.",
-        minimum=0, metavar="SECONDS",
+        minimum=0, maximum=MAX_TIMEOUT, metavar="SECONDS",
     )
     lock_timeout: float = setting(
         60.0,
         "The daemon's own lock_timeout: a batch that waits longer for a lock is that projection's error. 0: none.",
-        minimum=0, metavar="SECONDS",
+        minimum=0, maximum=MAX_TIMEOUT, metavar="SECONDS",
     )
     # At INFO, a one-line summary this often: events applied since the last, lag, state.
     summary_interval: float = setting(
@@ -146,10 +156,10 @@ class ListenerConfig:
         None,
         "Every --prune-interval, drop outbox history older than this that every projection has passed, "
         "as `cqrs-pg prune --keep` does (default: never).",
-        minimum=0, metavar="DURATION", duration=True,
+        minimum=0, maximum=MAX_DURATION, metavar="DURATION", duration=True,
     )
-    prune_interval: float = setting(3600.0, "How often --prune-keep prunes.", minimum=1, metavar="DURATION",
-                                    duration=True)
+    prune_interval: float = setting(3600.0, "How often --prune-keep prunes.", minimum=1, maximum=MAX_DURATION,
+                                    metavar="DURATION", duration=True)
     # Serve Prometheus metrics on this port (0: any free port; None: not served).
     metrics_port: int | None = setting(
         None, "Serve Prometheus metrics on http://0.0.0.0:PORT/metrics (default: off).", minimum=0, maximum=65535,
@@ -181,11 +191,11 @@ def _out_of_bounds(value: Any, minimum: float | None, maximum: float | None, abo
     """What value must be, when it is not (None: within its bounds)."""
     wanted = []
     if above is not None:
-        wanted.append(f"above {above:g}")
+        wanted.append(f"above {_number(above)}")
     if minimum is not None:
-        wanted.append(f"at least {minimum:g}")
+        wanted.append(f"at least {_number(minimum)}")
     if maximum is not None:
-        wanted.append(f"at most {maximum:g}")
+        wanted.append(f"at most {_number(maximum)}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return "a finite number " + " and ".join(wanted) if wanted else "a finite number"
     if (above is not None and value <= above) or (minimum is not None and value < minimum) or (
@@ -193,6 +203,11 @@ def _out_of_bounds(value: Any, minimum: float | None, maximum: float | None, abo
     ):
         return " and ".join(wanted)
     return None
+
+
+def _number(bound: float) -> str:
+    """A bound as written: whole numbers in full (2147483647, not 2.14748e+09)."""
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def option_settings() -> list[Any]:

@@ -16,6 +16,7 @@ import click
 import psycopg
 from psycopg.rows import dict_row
 
+from cqrs_pg.config import MAX_DURATION
 from cqrs_pg.db import connect, require_migrated
 from cqrs_pg.errors import CqrsPgError, refusals
 
@@ -28,7 +29,10 @@ def parse_duration(text: str) -> float:
     match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise CqrsPgError(f"{text!r} is not a duration: give a whole number and a unit, e.g. 0s, 30m, 12h, 7d")
-    return int(match[1]) * UNITS[match[2]]
+    seconds = int(match[1]) * UNITS[match[2]]
+    if seconds > MAX_DURATION:
+        raise CqrsPgError(f"{text!r} is too long a duration: at most {MAX_DURATION // UNITS['d']}d")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

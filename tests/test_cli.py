@@ -20,6 +20,7 @@ import click
 import psycopg
 import pytest
 from click.testing import CliRunner, Result
+from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
 from cqrs_pg import __version__
@@ -310,6 +311,31 @@ def test_not_migrated(empty_db: Database, command: str) -> None:
 
 def test_listen_unknown_projection(db: Database) -> None:
     assert_one_line_error(cli("listen", "--dsn", db.dsn, "--projection", "nope"), "unknown projection", "nope")
+
+
+@pytest.mark.parametrize("command", [["status"], ["parked"], ["verify"], ["prune", "--dry-run"],
+                                     ["retry", "order_summary"], ["rebuild", "order_summary"]])
+def test_a_login_without_the_privilege_gets_one_line(db: Database, login_as: Callable[..., str],
+                                                      command: list[str]) -> None:
+    """The server's refusal as one line with its SQLSTATE, saying what to connect as."""
+    dsn = make_conninfo(db.dsn, user=login_as("cqrs_reader"))
+    assert_one_line_error(cli(*command, "--dsn", dsn), "permission denied", "[SQLSTATE 42501]", "connect as")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["skip", "order_summary", "--position", str(2**63)], "--position"),
+    (["rebuild", "order_summary", "--batch-size", str(2**31)], "--batch-size"),
+    (["prune", "--keep", "3000000000d"], "at most 36500d"),
+    (["listen", "--prune-keep", "99999999999999d"], "at most 36500d"),
+])
+def test_values_beyond_what_the_server_takes_are_refused_first(db: Database, args: list[str], fragment: str) -> None:
+    """Refused by the command line in one line, before anything reaches the server."""
+    proc = cli(*args, "--dsn", db.dsn)
+    assert proc.returncode in (1, 2), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert fragment in proc.stderr.splitlines()[-1], proc.stderr
+    with db.connect() as conn:
+        assert scalar(conn, "SELECT count(*) FROM cqrs.rebuilds") == 0
 
 
 def test_dev_up_without_binaries(tmp_path: Path) -> None:

@@ -180,7 +180,13 @@ def test_a_simulated_day_never_spins_nor_oversleeps() -> None:
 @pytest.mark.parametrize(
     ("setting", "value", "message"),
     [
-        ("batch_size", 0, "batch_size (listen --batch-size) must be at least 1, not 0"),
+        ("batch_size", 0, "batch_size (listen --batch-size) must be at least 1 and at most 2147483647, not 0"),
+        # what the server would refuse later, at every batch, as a projection's error
+        ("batch_size", 2**31, "at most 2147483647, not 2147483648"),
+        ("statement_timeout", 1e12, "statement_timeout (listen --statement-timeout) must be at least 0 and at most"),
+        ("lock_timeout", 1e12, "lock_timeout (listen --lock-timeout) must be at least 0 and at most"),
+        ("refresh_interval", 1e300, "at most 86400, not 1e+300"),
+        ("prune_keep", 1e15, "prune_keep (listen --prune-keep) must be at least 0 and at most"),
         ("batch_size", 2.5, "batch_size (listen --batch-size) must be a whole number, not 2.5"),
         ("apply_budget", 0.0, "must be above 0 and at most 1, not 0.0"),
         ("apply_budget", 1.5, "must be above 0 and at most 1, not 1.5"),
@@ -206,4 +212,4 @@ def test_listen_options_come_from_the_config_and_are_checked_there() -> None:
         if f.default is not None:
             assert f"{option} {f.metadata['metavar']}" in help_text
     refused = cli("listen", "--batch-size", "0", "--dsn", "host=unused")
-    assert_one_line_error(refused, "batch_size (listen --batch-size) must be at least 1, not 0")
+    assert_one_line_error(refused, "batch_size (listen --batch-size) must be at least 1 and at most 2147483647, not 0")

@@ -10,12 +10,13 @@ from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 import click
+import psycopg
 
 from cqrs_pg import __version__
-from cqrs_pg.config import ListenerConfig, option_settings
+from cqrs_pg.config import MAX_INTEGER, ListenerConfig, option_settings
 from cqrs_pg.daemon import Listener
 from cqrs_pg.db import DSN_ENV, REPLICA_DSN_ENV, require_dsn
-from cqrs_pg.errors import CqrsPgError
+from cqrs_pg.errors import CqrsPgError, first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -54,6 +55,8 @@ class Group(click.Group):
             return super().invoke(ctx)
         except CqrsPgError as exc:
             raise click.ClickException(str(exc)) from exc
+        except psycopg.Error as exc:  # what no command turned into its own line: the server's
+            raise click.ClickException(_server_error(exc)) from exc
 
     def _tools(self) -> dict[str, Any]:
         return {ep.name: ep for ep in entry_points(group="cqrs_pg.commands")}
@@ -72,6 +75,16 @@ class Group(click.Group):
         if cmd_name in TOOLS:
             return _missing_tool(cmd_name)
         return None
+
+
+def _server_error(exc: psycopg.Error) -> str:
+    """A server's error as one line: its message, its SQLSTATE, and for a privilege the
+    login had not, which role to connect as."""
+    message = exc.diag.message_primary or first_line(exc)
+    line = f"{message} [SQLSTATE {exc.sqlstate}]" if exc.sqlstate else message
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        line += ": connect as a login granted what this command needs (README, Roles and privileges)"
+    return line
 
 
 def _missing_tool(name: str) -> click.Command:
@@ -288,7 +301,7 @@ def retry(dsn: str | None, replica_dsn: str | None, projection: str) -> None:
 @main.command()
 @connection_options
 @click.argument("projection")
-@click.option("--position", required=True, type=click.IntRange(1), metavar="N",
+@click.option("--position", required=True, type=click.IntRange(1, 2**63 - 1), metavar="N",
               help="The event the projection is halted at (cqrs-pg status names it).")
 def skip(dsn: str | None, replica_dsn: str | None, projection: str, position: int) -> None:
     """Leave out the event a halted projection stopped at, and go on after it.
@@ -391,7 +404,8 @@ def relay(dsn: str | None, replica_dsn: str | None, url: str, stream: str, subje
 @main.command()
 @connection_options
 @click.argument("projection")
-@click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1), help="Events per batch and transaction.")
+@click.option("--batch-size", default=10000, show_default=True, type=click.IntRange(1, MAX_INTEGER),
+              help="Events per batch and transaction.")
 @click.option(
     "--import",
     "imports",
