@@ -359,9 +359,25 @@ def test_the_daemon_keeps_its_own_statement_timeout(db: Database) -> None:
         ("'   ', 'python', search_path => 's'", "CQ001", "name"),
         (f"'{'n' * 51}', 'python', search_path => 's'", "CQ001", "name"),
         ("'order_summary', 'python', search_path => 's'", "CQ003", "projection 'order_summary' is already registered"),
+        # what would fail only when run, or rebuilt
+        ("'x', 'matview', matview => 'shop_read.order_summary'", "CQ001",
+         "shop_read.order_summary is not a materialized view"),
+        ("'x', 'python', search_path => 'shop_read, shop_raed'", "CQ001",
+         "schema shop_raed of its search_path does not exist"),
+        ("'x', 'python', search_path => 'shop_read,,shop_proj'", "CQ001",
+         "search_path must be a list of schemas separated by commas"),
+        ("'x', 'python', search_path => 'shop_read', tables => ARRAY['shop_read.product_sales']::regclass[]", "CQ001",
+         "shop_read.product_sales is not a table"),
+        ("'x', 'sql', 'shop_proj.apply_seen', search_path => 'shop_read, shop_proj',"
+         " tables => ARRAY['shop_read.seen', 'shop_read.order_summary']::regclass[]", "CQ003",
+         "table shop_read.order_summary belongs to projection 'order_summary' already"),
+        ("'x', 'python', search_path => '\"$user\", shop_read', tables => ARRAY['shop_read.customer_stats']::regclass[]",
+         "CQ003", "belongs to projection 'customer_stats' already"),
     ],
 )
 def test_a_registration_is_refused_with_one_clear_error(db: Database, call: str, sqlstate: str, message: str) -> None:
+    """Refused when called, changing nothing, rather than failing at every batch or
+    swapping out another projection's table at a rebuild."""
     with db.connect() as conn:
         conn.execute(SEEN)
         before = scalar(conn, "SELECT count(*) FROM cqrs.projections")

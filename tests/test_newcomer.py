@@ -132,6 +132,11 @@ REFUSED = [
     ("shop.place_order(gen_random_uuid(), :'customer', '[{\"sku\": \"NEW-1\", \"quantity\": 5}]')",
      "not enough stock of sku 'NEW-1': 5 ordered, 1 in stock"),
     ("shop.register_customer(gen_random_uuid(), 'blank@example.com', '   ')", "name must not be blank, got '   '"),
+    # a value with line breaks is shown on one line, escaped
+    ("shop.register_customer(gen_random_uuid(), 'tab@example.com', E'\\t\\r\\n')",
+     r'name must not be blank, got "\\t\\r\\n"'),
+    ("shop.rename_customer(gen_random_uuid(), :'customer', E'Ada\\nLovelace')",
+     r'name must not contain control characters, got U\+000A at position 4: "Ada\\nLovelace"'),
     ("shop.cancel_order(gen_random_uuid(), '00000000-0000-4000-8000-000000000000')",
      "order 00000000-0000-4000-8000-000000000000 does not exist"),
     ("shop.register_customer(gen_random_uuid(), 'NEW@example.com', 'Again')", "email 'new@example.com' is already registered"),

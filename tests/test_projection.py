@@ -461,6 +461,24 @@ def test_a_transaction_out_of_the_fence_cannot_write_events(db: Database) -> Non
         assert conn.execute("SELECT count(*) FROM shop.orders").fetchone()[0] == 0
 
 
+def test_removing_a_views_projection_leaves_the_transaction_in_the_fence(db: Database) -> None:
+    """A migration that removes a view's projection and writes events in the same
+    transaction: its delete must not pass for a refresh's lock (cqrs.refreshing), or every
+    reader would read past its events before they commit, and never apply them."""
+    with db.connect() as conn:
+        customer, sku = seed(conn)
+        with psycopg.connect(db.dsn) as tx:
+            tx.execute("DELETE FROM cqrs.projections WHERE name = 'product_sales'")
+            _, token = place(tx, customer, sku)
+            conn.execute("SELECT pg_current_xact_id()")  # a later xid, committed: above it now
+            assert conn.execute("SELECT cqrs._fence(pg_current_snapshot()) <= %s::text::xid8", (token,)).fetchone()[0]
+            conn.execute("SELECT cqrs.run_projection('order_summary')")
+            tx.commit()
+        conn.execute("SELECT cqrs.run_projection('order_summary')")
+        assert scalar(conn, "SELECT cqrs.caught_up(%s, 'order_summary')", (token,))
+        assert mismatches(conn, "order_summary") == 0
+
+
 def test_only_a_transaction_that_wrote_nothing_is_left_out_of_the_fence(db: Database) -> None:
     with db.connect() as conn:
         customer, sku = seed(conn)

@@ -5,6 +5,7 @@ database whose outbox holds events upgrades to the partitioned form in place."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -82,6 +83,36 @@ def test_prune_drops_only_partitions_every_projection_has_passed(db: Database) -
         place(conn, customer, sku)
         db.run_projections()
         assert all_mismatches(conn) == EVERY_EQUAL
+
+
+@pytest.mark.parametrize("reader", [
+    "SELECT cqrs.register_projection('late', 'python', search_path => 'shop_read')",
+    "SELECT cqrs.create_subscription('late', from_beginning => true)",
+])
+def test_a_reader_created_while_prune_runs_keeps_its_history(db: Database, reader: str) -> None:
+    """A projection or subscription created from the oldest history, not committed yet when
+    a prune starts: the prune waits for it, then keeps what it has not passed."""
+    history(db)
+    db.run_projections()
+    with db.connect() as conn, psycopg.connect(db.dsn) as deploy:
+        first = scalar(conn, "SELECT min(position) FROM cqrs.outbox")
+        deploy.execute(reader)
+        pruned: list[list[str]] = []
+        pruner = threading.Thread(target=lambda: pruned.append(prune_all(db)))
+        pruner.start()
+        wait_until(lambda: not pruner.is_alive() or scalar(
+            conn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%%cqrs.prune%%'"),
+            "the prune to finish or wait")
+        deploy.commit()
+        pruner.join(timeout=60)
+        assert pruned == [[]]
+        assert scalar(conn, "SELECT cqrs._history_start()") is None
+        assert scalar(conn, "SELECT min(position) FROM cqrs.outbox") == first
+
+
+def prune_all(db: Database) -> list[str]:
+    with db.connect() as conn:
+        return [r[0] for r in conn.execute("SELECT partition FROM cqrs.prune('0 s')")]
 
 
 def test_a_parked_event_keeps_its_partition(db: Database) -> None:

@@ -20,6 +20,10 @@ BEGIN
     name := cqrs._require_text('name', name, 200);
     event_types := cqrs._require_types('event_types', event_types);
     aggregate_types := cqrs._require_types('aggregate_types', aggregate_types);
+    IF from_beginning THEN
+        -- the oldest history left, with no prune running (cqrs.pruning)
+        PERFORM 1 FROM cqrs.pruning FOR SHARE;
+    END IF;
     SELECT * INTO lim FROM cqrs._read_limit();
     start := CASE WHEN from_beginning THEN greatest(coalesce(cqrs._history_start() - 1, 0), 0)
                   ELSE lim.final_position END;

@@ -6,6 +6,9 @@
 -- (cqrs._history_start). Returns the partitions it dropped, or with dry_run those it
 -- would drop, changing nothing (events: as the planner counts them, once analyzed). A partition is dropped whole (DROP TABLE: a brief ACCESS
 -- EXCLUSIVE lock on the outbox, waited for at most lock_timeout), never emptied by DELETE.
+-- It first takes cqrs.pruning's row, so that no reader being created from the oldest
+-- history (not committed yet, so not among those it reads) loses it; CQ003 when one takes
+-- longer than lock_timeout.
 CREATE OR REPLACE FUNCTION cqrs.prune(keep interval, dry_run boolean DEFAULT false)
 RETURNS TABLE (partition text, first_position bigint, end_position bigint, events bigint, bytes bigint,
                newest_event timestamptz)
@@ -25,6 +28,13 @@ BEGIN
     END IF;
     dry_run := coalesce(dry_run, false);
     IF NOT dry_run THEN
+        BEGIN
+            PERFORM 1 FROM cqrs.pruning FOR UPDATE;
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM cqrs._fail('CQ003', format(
+                'a projection or subscription is being created from the oldest history (transaction %s holds '
+                'cqrs.pruning): prune again once it has ended', (SELECT p.xmax FROM cqrs.pruning p)));
+        END;
         PERFORM cqrs.extend_outbox();  -- the default partition's events into a range partition
     END IF;
     last := coalesce(pg_sequence_last_value('cqrs.outbox_position_seq'::regclass), 0);
