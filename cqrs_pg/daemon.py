@@ -405,7 +405,7 @@ class Listener:
                 self._linger(conn, names, step.until)
                 continue
             # asleep
-            if not sleeping or time.monotonic() - slept_at > self._ttl / 3:
+            if self._asks_doorbell(names) and (not sleeping or time.monotonic() - slept_at > self._ttl / 3):
                 # Going to sleep: ask commands to ring, then look once more, because a
                 # command that read "awake" just before may have committed since.
                 self._heartbeat(conn, sleeping=True)
@@ -418,6 +418,13 @@ class Listener:
                 self._heartbeat(conn, sleeping=False)
                 sleeping = False
                 last_event = time.monotonic()
+
+    def _asks_doorbell(self, names: list[str]) -> bool:
+        """Whether commands should ring (NOTIFY) while this daemon sleeps: only for a sql or
+        python projection. A view is refreshed at most every refresh_interval, and polling
+        finds its events about as soon; ringing for it would cost every command NOTIFY's
+        commit lock for nothing."""
+        return any((reg := self._registry.get(name)) is not None and reg.kind != "matview" for name in names)
 
     def _enter(self, step: Pace) -> Pace:
         """The daemon is now in step.state (read by the summary line)."""

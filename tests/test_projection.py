@@ -1032,6 +1032,23 @@ def test_sleeping_daemon_wakes_on_notify(db: Database) -> None:
         db.wait_caught_up(token, timeout=5.0, replica=False)
 
 
+def test_a_daemon_of_views_alone_never_asks_commands_to_ring(db: Database) -> None:
+    """A daemon that serves only materialized views polls for their events: commands do not
+    pay NOTIFY's commit lock for a refresh that waits for its interval anyway."""
+    with db.connect() as conn, db.connect() as bell:
+        customer, sku = seed(conn)
+        bell.execute("LISTEN cqrs_outbox")
+        with running_daemon(db.dsn, poll_interval=0.05, linger=0.0, refresh_interval=0.0,
+                            projections=["product_sales"]):
+            for quantity in (1, 2, 3):
+                place(conn, customer, sku, quantity)
+                sold = scalar(conn, "SELECT sum(quantity) FROM shop.order_lines")
+                wait_until(lambda s=sold: scalar(conn, "SELECT sum(units_sold) FROM shop_read.product_sales") == s,
+                           "the view refreshed")
+            assert sleeping_listeners(db) == 0
+            assert not notified(bell), "a command rang for a daemon of views alone"
+
+
 def test_a_rung_daemon_says_it_is_awake_before_it_finds_work(db: Database) -> None:
     """The doorbell rang but the event is still above the fence (an older transaction is
     open): the daemon must say at once that it is awake, or every command keeps ringing
