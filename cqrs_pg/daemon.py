@@ -322,7 +322,6 @@ class Listener:
     def _run(self) -> None:
         backoff = 0.5
         connected_once = False
-        logger.info("listening on %s as %s", redact(self.config.dsn), self.config.listener_id)
         while not self.stopping:
             try:
                 with connect(self.config.dsn, application_name="cqrs-pg listen") as conn:
@@ -330,6 +329,8 @@ class Listener:
                     if connected_once:
                         self.metrics.reconnected()
                         logger.info("reconnected")
+                    else:  # said once the database is there and ready, not before a wrong DSN's error
+                        logger.info("listening on %s as %s", redact(self.config.dsn), self.config.listener_id)
                     connected_once = True
                     self._lag_due = 0.0
                     backoff = 0.5

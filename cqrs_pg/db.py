@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg.abc import Params
 
-from cqrs_pg.errors import ConfigError, DatabaseUnavailable, NotMigrated, StandbyError
+from cqrs_pg.errors import ConfigError, DatabaseUnavailable, NotMigrated, StandbyError, first_line
 
 DSN_ENV = "CQRS_PG_DSN"
 REPLICA_DSN_ENV = "CQRS_PG_REPLICA_DSN"
@@ -18,7 +18,7 @@ REPLICA_DSN_ENV = "CQRS_PG_REPLICA_DSN"
 def require_dsn(dsn: str | None) -> str:
     """The primary's DSN (the --dsn option, else CQRS_PG_DSN), or a ConfigError."""
     dsn = dsn or os.environ.get(DSN_ENV)
-    if not dsn:
+    if not dsn or not dsn.strip():  # blank: libpq would connect to its defaults, not what was meant
         raise ConfigError(
             f"no database given: set {DSN_ENV} (e.g. export {DSN_ENV}='host=localhost dbname=shop') "
             "or pass --dsn; `cqrs-pg dev up` starts a local one and prints the export line"
@@ -42,7 +42,7 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {reason}") from exc
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"invalid connection string {redact(dsn)!r}: {exc}") from exc
+        raise ConfigError(f"invalid connection string {redact(dsn)!r}: {first_line(exc)}") from exc
 
 
 def require_primary(conn: psycopg.Connection) -> None:

@@ -42,6 +42,17 @@ def _version_rows(dsn: str) -> list[str]:
         return sorted(r[0] for r in conn.execute("SELECT version_num FROM public.alembic_version"))
 
 
+def _drop_empty_version_table(dsn: str) -> None:
+    """alembic's own table, which the first migrate created, once no line is recorded in it:
+    --to base leaves nothing it installed (another alembic's rows keep it)."""
+    with connect(dsn, application_name="cqrs-pg migrate") as conn:
+        if conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone() == (True,):
+            with conn.transaction():
+                conn.execute("LOCK TABLE public.alembic_version")
+                if conn.execute("SELECT NOT EXISTS (SELECT FROM public.alembic_version)").fetchone() == (True,):
+                    conn.execute("DROP TABLE public.alembic_version")
+
+
 def _installed(script: ScriptDirectory, rows: list[str]) -> dict[str, str]:
     """Each installed line's revision. alembic keeps one row per head, and a line's row
     goes once a revision of another line that depends on it is installed (the example's
@@ -88,6 +99,7 @@ def migrate(dsn: str, to: str = "head", example: str | None = None) -> tuple[lis
             if to == "base":
                 if before:
                     command.downgrade(cfg, "base")
+                _drop_empty_version_table(dsn)
             elif to == "head":
                 command.upgrade(cfg, "cqrs@head")
                 if example is not None:

@@ -308,8 +308,11 @@ class Relay:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         cfg = self.config
-        conn = await psycopg.AsyncConnection.connect(cfg.dsn, autocommit=True, application_name="cqrs-pg relay",
-                                                     connect_timeout=10)
+        try:
+            conn = await psycopg.AsyncConnection.connect(cfg.dsn, autocommit=True, application_name="cqrs-pg relay",
+                                                         connect_timeout=10)
+        except psycopg.ProgrammingError as exc:  # not a connection string: nothing to retry
+            raise ConfigError(f"invalid connection string {redact(cfg.dsn)!r}: {first_line(exc)}") from exc
         if not self._checked:
             # the engine at this cqrs_pg's version, on a primary: else one line saying what to run
             await asyncio.to_thread(_require_migrated, cfg.dsn)

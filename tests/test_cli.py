@@ -293,6 +293,16 @@ def test_unreachable_server(command: str) -> None:
     assert_one_line_error(cli(command, "--dsn", UNREACHABLE), "cannot connect", "port=1")
 
 
+@pytest.mark.parametrize("command", [["status"], ["listen"], ["relay", "--to", "nats://127.0.0.1:1"]])
+def test_a_blank_or_malformed_dsn_is_one_line(command: list[str]) -> None:
+    """A blank DSN is no DSN (libpq would connect to its own defaults); a malformed one is
+    named as the connection string, and nothing is said to have started."""
+    assert_one_line_error(cli(*command, "--dsn", "   "), "CQRS_PG_DSN", "--dsn")
+    proc = cli(*command, "--dsn", "garbage")
+    assert_one_line_error(proc, "invalid connection string 'garbage'")
+    assert "listening on" not in proc.stderr and "\n\n" not in proc.stderr
+
+
 def test_unreachable_server_says_why() -> None:
     line = assert_one_line_error(cli("status", "--dsn", UNREACHABLE), "cannot connect")
     assert "Connection refused" in line
