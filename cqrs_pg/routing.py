@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 import time
@@ -56,7 +57,14 @@ from psycopg_pool import ConnectionPool
 
 from cqrs_pg.commands import CommandClient, Receipt
 from cqrs_pg.db import REPLICA_DSN_ENV, redact, require_dsn
-from cqrs_pg.errors import ConfigError, ConsistencyTimeout, ReplicaUnavailable, first_line, from_psycopg
+from cqrs_pg.errors import (
+    ConfigError,
+    ConsistencyTimeout,
+    ReplicaUnavailable,
+    ValidationError,
+    first_line,
+    from_psycopg,
+)
 
 logger = logging.getLogger("cqrs_pg.routing")
 
@@ -249,6 +257,8 @@ class Router:
                     host = ReplicaHost(given.label, make_conninfo(given.conninfo, connect_timeout=timeout))
                 self._replicas.append(_Replica(host))
         self._lock = threading.Lock()
+        # a replica's probe ended: reads that found it probing by another thread wait on it
+        self._probed = threading.Condition(self._lock)
         self._turn = itertools.count()
         # per projection (None: every one), how long after the first poll a change came
         self._expected: dict[str | None, float] = {}
@@ -291,6 +301,16 @@ class Router:
         """
         if projection is not None and consistent_with is None:
             raise ValueError("projection only applies with consistent_with=token")
+        if consistent_with is not None and (
+            isinstance(consistent_with, bool) or not isinstance(consistent_with, int)
+            or not 0 <= consistent_with < 2**63
+        ):
+            raise ValidationError(f"consistent_with must be a command's token (a whole number from 0 to 2**63 - 1), "
+                                  f"not {consistent_with!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < math.inf
+        ):
+            raise ConfigError(f"timeout must be a finite number of seconds, 0 or more, not {timeout!r}")
         wait = self.wait_timeout if timeout is None else timeout
         try:
             return self._read(fn, consistent_with, projection, wait)
@@ -410,7 +430,7 @@ class Router:
         order = [self._replicas[(start + i) % n] for i in range(n)]
         now = time.monotonic()
         with self._lock:
-            return [r for r in order if r.down_until <= now and not r.probing]
+            return [r for r in order if r.down_until <= now]
 
     @contextmanager
     def _replica_connection(self, replica: _Replica) -> Iterator[psycopg.Connection[Any]]:
@@ -454,10 +474,15 @@ class Router:
     def _bring_up(self, replica: _Replica) -> ConnectionPool | None:
         """Probe a replica that has no pool (new, or left out); its pool if it answers."""
         with self._lock:
+            # another read is probing it: wait for the answer (one connection attempt), not
+            # skip a replica nobody has found down
+            deadline = time.monotonic() + self.connect_timeout + 1.0
+            while replica.probing and not self._closed and (left := deadline - time.monotonic()) > 0:
+                self._probed.wait(left)
             if replica.pool is not None:
                 return replica.pool
-            if replica.probing or self._closed:
-                return None  # another read is probing it: skip it this time
+            if replica.probing or self._closed or replica.down_until > time.monotonic():
+                return None  # its probe failed (or has not answered): skip it this time
             replica.probing = True
         try:
             error = self._probe(replica.host)
@@ -465,9 +490,11 @@ class Router:
         except BaseException:
             with self._lock:
                 replica.probing = False
+                self._probed.notify_all()
             raise
         with self._lock:
             replica.probing = False
+            self._probed.notify_all()
             closed = self._closed
             if pool is None:
                 replica.down_until = time.monotonic() + self.recheck_interval

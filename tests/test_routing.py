@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
@@ -334,6 +335,12 @@ def test_bad_tokens_and_projections_raise_their_errors(db: Database, routers: Ca
         router.command("shop.register_customer", "not an email", "X")
     with pytest.raises(ValueError, match="projection"):
         router.fetchone("SELECT 1", projection="order_summary")
+    for token in (2**63, "abc", 1.5, True):
+        with pytest.raises(ValidationError, match="consistent_with must be a command's token"):
+            router.fetchone("SELECT 1", consistent_with=token)
+    for timeout in (float("nan"), float("inf"), -1, "5"):  # nan used to poll forever
+        with pytest.raises(ConfigError, match="timeout must be a finite number"):
+            router.fetchone("SELECT 1", consistent_with=1, timeout=timeout)
 
 
 # -- fallback ---------------------------------------------------------------------------------
@@ -362,6 +369,23 @@ def test_fallback_to_the_primary_allowed_or_an_error(
 
     # No replica DSN at all: reads go to the primary, by configuration, not as a fallback.
     assert routers(db.dsn, fallback="error").read(server_port) == primary_port
+
+
+def test_reads_at_once_on_a_new_router_wait_for_the_replica_probe(
+    cluster2: DevCluster, db: Database, routers: Callable[..., Router]
+) -> None:
+    """Reads that find a replica being probed by another thread wait for the probe's answer,
+    rather than skip a replica nobody has found down (with fallback="error": raise)."""
+    replica_port = ports(cluster2)["replica1"]
+    def read(router: Router, start: threading.Barrier) -> int:
+        start.wait()
+        return router.read(server_port)
+
+    for _ in range(3):
+        router = routers(db.dsn, one_replica_dsn(cluster2, "replica1", db.name), fallback="error")
+        start = threading.Barrier(8)
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(read, [router] * 8, [start] * 8)) == [replica_port] * 8
 
 
 def test_bad_router_options_name_the_value(db: Database) -> None:
