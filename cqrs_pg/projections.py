@@ -149,4 +149,9 @@ def read_events(conn: psycopg.Connection, name: str, from_position: int, to_posi
 
 
 def _qualname(handler: Handler) -> str:
-    return f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
+    """Where a handler is defined: its module, name and first line. The same definition
+    registered again (its module imported again) is no conflict; two definitions of one
+    name in one module (a copied decorator) are."""
+    name = f"{getattr(handler, '__module__', '?')}.{getattr(handler, '__qualname__', repr(handler))}"
+    code = getattr(handler, "__code__", None)
+    return name if code is None else f"{name} (line {code.co_firstlineno})"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ def create_subscription(
 ) -> bool:
     """Creates a subscription (cqrs.create_subscription); returns whether it did. exist_ok:
     one of that name already there is no error (its filter is left as it is)."""
+    for what, types in (("event_types", event_types), ("aggregate_types", aggregate_types)):
+        if isinstance(types, str):  # list("order.created") would filter on its letters
+            raise ValueError(f"{what} must be a list of types, not the string {types!r}: {what}=[{types!r}]")
     if isinstance(conn_or_dsn, str):
         with connect(conn_or_dsn, application_name="cqrs-pg subscription") as conn:
             return create_subscription(conn, name, event_types=event_types, aggregate_types=aggregate_types,
@@ -84,7 +88,10 @@ class Subscription:
     """Iterates over a subscription's events, for one consumer at a time (another holding
     the subscription's events makes this one wait). ``for event in sub`` runs until
     ``stop()`` (from a signal handler or another thread); ``batches()`` yields the lists
-    that polls return. ``idle_exit``: stop once a poll finds nothing (a catch-up job)."""
+    that polls return. ``idle_exit``: stop once a poll finds nothing for this consumer (a
+    catch-up job; also when another consumer holds the events). A login the server
+    refuses at the first connection is an error at once; a connection lost after that
+    is retried with backoff."""
 
     def __init__(
         self,
@@ -98,8 +105,8 @@ class Subscription:
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
-        if poll_interval <= 0:
-            raise ValueError(f"poll_interval must be more than 0 seconds, not {poll_interval}")
+        if not 0 < poll_interval < math.inf:
+            raise ValueError(f"poll_interval must be a finite number of seconds above 0, not {poll_interval}")
         self.dsn = dsn
         self.name = name
         self.max_events = max_events
@@ -109,6 +116,7 @@ class Subscription:
         self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
         self._unacked: str | None = None
+        self._connected_once = False
 
     def __enter__(self) -> Subscription:
         return self
@@ -156,6 +164,8 @@ class Subscription:
                 rows = conn.execute(POLL, (self.name, self.max_events)).fetchall()
                 backoff = 0.1
             except (psycopg.OperationalError, DatabaseUnavailable) as exc:
+                if not self._connected_once:
+                    raise  # a wrong DSN or login is said at once; only lost connections are retried
                 # unacknowledged events are handed out again after the reconnect
                 self._drop_connection()
                 self._unacked = None
@@ -179,6 +189,7 @@ class Subscription:
     def _connection(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
             self._conn = connect(self.dsn, application_name=self.application_name)
+            self._connected_once = True
         return self._conn
 
     def _drop_connection(self) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 import threading
 
 import psycopg
+import psycopg.conninfo
 import pytest
 
-from cqrs_pg.errors import NotFound, Rejected
+from cqrs_pg.errors import DatabaseUnavailable, NotFound, Rejected
 from cqrs_pg.subscriptions import Event, Subscription, create_subscription
 from cqrs_pg_tools.testing import Database, run, scalar, seed_shop, wait_until
 
@@ -94,3 +95,20 @@ def test_an_unknown_subscription_is_refused_in_one_line(db: Database) -> None:
         next(iter(Subscription(db.dsn, "nope")))
     with psycopg.connect(db.dsn, autocommit=True) as conn:
         assert scalar(conn, "SELECT count(*) FROM cqrs.subscriptions") == 0
+
+
+def test_mistakes_are_refused_at_once(db: Database) -> None:
+    """A string where a list of types belongs would filter on its letters; a login the
+    server refuses was retried forever; a poll interval of nan polled without a pause."""
+    with pytest.raises(ValueError, match=r"event_types must be a list of types, not the string 'order\.created'"):
+        create_subscription(db.dsn, "s", event_types="order.created")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="aggregate_types"):
+        create_subscription(db.dsn, "s", aggregate_types="order")  # type: ignore[arg-type]
+    with psycopg.connect(db.dsn, autocommit=True) as conn:
+        assert scalar(conn, "SELECT count(*) FROM cqrs.subscriptions") == 0
+    with pytest.raises(ValueError, match="poll_interval"):
+        Subscription(db.dsn, "s", poll_interval=float("nan"))
+    create_subscription(db.dsn, "s")
+    wrong_login = psycopg.conninfo.make_conninfo(db.dsn, user="no_such_login")
+    with pytest.raises(DatabaseUnavailable, match="no_such_login"):
+        next(iter(Subscription(wrong_login, "s", idle_exit=True)))

@@ -1082,3 +1082,24 @@ def test_daemon_removes_its_listener_row_on_stop(db: Database) -> None:
         wait_until(lambda: db.connect().execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 1)
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM cqrs.listeners").fetchone()[0] == 0
+
+
+def test_two_definitions_of_one_handler_name_are_refused() -> None:
+    """A copied decorator: a second function of the same name, for the same projection,
+    would silently replace the first. The same definition registered again (its module
+    imported again) is no conflict."""
+    def apply(conn: psycopg.Connection, events: list[Any]) -> None:
+        del conn, events
+
+    first = apply
+    register("twice")(first)
+    try:
+        register("twice")(first)
+
+        def apply(conn: psycopg.Connection, events: list[Any]) -> None:
+            del conn, events
+
+        with pytest.raises(ValueError, match="projection 'twice' already has a handler"):
+            register("twice")(apply)
+    finally:
+        unregister("twice")
