@@ -74,15 +74,30 @@ def prune(dsn: str, keep: float, dry_run: bool = False) -> dict[str, Any]:
             except psycopg.errors.LockNotAvailable as exc:
                 raise CqrsPgError(
                     "prune waited 5 s for its lock on cqrs.outbox and gave up, changing nothing: a long "
-                    "transaction reads or writes it (cqrs-pg status names the oldest); try again"
+                    "transaction reads or writes it (pg_locks lists the sessions holding a lock on cqrs.outbox "
+                    "and its partitions); try again"
                 ) from exc
         seconds = time.monotonic() - started
-        row = conn.execute(
-            "SELECT cqrs._history_start(), (SELECT min(last_position) FROM cqrs.projections)"
-        ).fetchone()
-        assert row is not None
-    return {"dropped": dropped, "seconds": seconds, "history_start": row[0], "slowest_checkpoint": row[1],
-            "dry_run": dry_run, "keep": keep}
+        # what the daemon's role may read too: prune is granted to it, and it has pruned by now
+        start = conn.execute("SELECT history_start FROM cqrs.outbox_status()").fetchone()
+        holder = conn.execute(HOLDER_SQL).fetchone()
+    return {"dropped": dropped, "seconds": seconds, "history_start": start[0] if start else None,
+            "holder": tuple(holder) if holder else None, "dry_run": dry_run, "keep": keep}
+
+
+# The reader furthest behind, which holds history back: a projection, a subscription or a
+# parked event (a retry reads it again), as cqrs.prune weighs them.
+HOLDER_SQL = """
+SELECT what, name, position FROM (
+    SELECT 'projection' AS what, p.name, p.last_position AS position FROM cqrs.projections p
+    UNION ALL
+    SELECT 'subscription', s.name, s.last_position FROM cqrs.subscription_status() s
+    UNION ALL
+    SELECT 'parked event of', k.projection, k.position - 1 FROM cqrs.parked k WHERE k.outcome = 'parked'
+) r
+ORDER BY position, what, name
+LIMIT 1
+"""
 
 
 def render(result: dict[str, Any]) -> str:
@@ -97,9 +112,9 @@ def render(result: dict[str, Any]) -> str:
     start = result["history_start"]
     kept = "all of it" if start is None else f"from position {start} on"
     if not result["dropped"]:
-        slowest = result["slowest_checkpoint"]
+        holder = result.get("holder")
         lines.append(f"nothing to drop: history kept {kept}"
-                     + (f"; the slowest projection is at position {slowest}" if slowest is not None else "")
+                     + (f"; furthest behind: {holder[0]} {holder[1]!r}, at position {holder[2]}" if holder else "")
                      + "; a partition goes once every reader has passed all of it and its newest event is older "
                      f"than {format_duration(result['keep'])}")
     else:

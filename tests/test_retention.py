@@ -8,9 +8,11 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from cqrs_pg.migrate import migrate
 from cqrs_pg_tools.testing import (
@@ -150,7 +152,7 @@ def test_events_beyond_every_partition_are_kept_and_moved(db: Database) -> None:
         assert all_mismatches(conn) == EVERY_EQUAL
 
 
-def test_prune_command_line(db: Database) -> None:
+def test_prune_command_line(db: Database, login_as: Callable[..., str]) -> None:
     history(db)
     db.run_projections()
     env = {"CQRS_PG_DSN": db.dsn}
@@ -161,7 +163,13 @@ def test_prune_command_line(db: Database) -> None:
     kept = cli("prune", env=env)  # the default keep: 7 days
     assert kept.returncode == 0, kept.stderr
     assert "nothing to drop: history kept all of it" in kept.stdout
-    done = cli("prune", "--keep", "0s", env=env)
+    with db.connect() as conn:  # a subscription behind every projection holds history back
+        conn.execute("SELECT cqrs.create_subscription('behind', from_beginning => true)")
+        held = cli("prune", "--keep", "0s", env=env)
+        assert "nothing to drop" in held.stdout and "furthest behind: subscription 'behind', at position 0" in held.stdout
+        conn.execute("SELECT cqrs.drop_subscription('behind')")
+    # as the daemon's role, which may prune: the report afterwards reads only what it may
+    done = cli("prune", "--keep", "0s", env={"CQRS_PG_DSN": make_conninfo(db.dsn, user=login_as("cqrs_listener"))})
     assert done.returncode == 0, done.stderr
     assert "dropped 2 partitions" in done.stdout and "history kept from position 2000000 on" in done.stdout
     status = cli("status", "--json", env=env)
