@@ -7,6 +7,9 @@ an interrupted one shown by `status` and abandoned with `rebuild --abort`."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from cqrs_pg_tools.testing import Database, assert_one_line_error, cli, new_customer, scalar
+from cqrs_pg_tools.testing import Database, assert_one_line_error, cli, new_customer, repo_root, scalar, wait_until
 
 AUDIT = """
 CREATE TABLE shop_read.audit (
@@ -132,3 +135,26 @@ def test_one_rebuild_at_a_time_and_an_interrupted_one_is_abandoned(db: Database)
         assert cli("rebuild", "customer_stats", "--dsn", db.dsn).returncode == 0
         assert scalar(conn, "SELECT count(*) FROM shop_read.customer_stats") == scalar(
             conn, "SELECT count(*) FROM shop.customers")
+
+
+def test_a_rebuild_stopped_by_sigterm_abandons_its_shadow(db: Database) -> None:
+    """A service manager stops a rebuild with SIGTERM: as with Ctrl-C, the shadow tables go
+    and nothing is left for --abort."""
+    with db.connect() as conn:
+        new_customer(conn, "Reader")
+        with psycopg.connect(db.dsn) as reader:
+            reader.execute("SELECT count(*) FROM shop_read.customer_stats")  # the swap waits for this
+            proc = subprocess.Popen([sys.executable, "-m", "cqrs_pg", "rebuild", "customer_stats", "--dsn", db.dsn],
+                                    cwd=repo_root(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                wait_until(lambda: scalar(conn, "SELECT count(*) FROM pg_stat_activity WHERE application_name ="
+                                                " 'cqrs-pg rebuild' AND wait_event_type = 'Lock'") == 1,
+                           "the rebuild waiting to swap")
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert proc.returncode != 0 and "Traceback" not in err, err
+        assert scalar(conn, "SELECT count(*) FROM pg_namespace WHERE nspname = 'cqrs_rebuild_customer_stats'") == 0
+        assert scalar(conn, "SELECT count(*) FROM cqrs.rebuilds") == 0

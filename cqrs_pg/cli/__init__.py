@@ -246,8 +246,9 @@ def status(
 ) -> None:
     """Show each projection's and subscription's progress, replica lag and what holds the fence back.
 
-    Exit code: 0 healthy; 3 unhealthy (a threshold given is passed, or a replica of
-    --replica-dsn is unreachable or not a standby); 1 status could not be read. So it
+    Exit code: 0 healthy; 3 unhealthy (a projection is halted, a threshold given is
+    passed, or a replica of --replica-dsn is unreachable or not a standby); 1 status could
+    not be read. So it
     serves as a liveness/readiness probe.
     """
     from cqrs_pg.status import UNHEALTHY, Thresholds, collect, render
@@ -449,6 +450,12 @@ def rebuild(dsn: str | None, replica_dsn: str | None, projection: str, batch_siz
         click.echo(f"abandoned the rebuild of {projection}: its shadow tables are gone, the live ones untouched")
         return
     import_modules(imports)
+
+    def stopped(signum: int, frame: object) -> None:
+        # SIGTERM (a service manager's stop) as Ctrl-C: the rebuild abandons its shadow
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stopped)
     run_rebuild(require_dsn(dsn), projection, batch_size, click.echo, source)
 
 
