@@ -45,6 +45,16 @@ def rebuild(dsn: str, projection: str, batch_size: int, echo: Callable[[str], No
                 "rebuild it from the log (leave out --from)"
             )
         from_state = projection in declared and source != "log"
+        if not from_state and kinds[projection] != "matview":
+            start = scalar(conn, "SELECT history_start FROM cqrs.outbox_status()")
+            if start is not None:
+                raise CqrsPgError(
+                    f"the outbox's history before position {start} was pruned: {projection!r} cannot be rebuilt "
+                    "from the log; " + ("rebuild it from the write model's state (leave out --from log)"
+                                        if projection in declared else
+                                        "declare how its read model is computed from the write model "
+                                        "(cqrs.set_state_function), then rebuild it")
+                )
         handler = None
         if kinds[projection] == "python":
             handler = handler_for(projection)
