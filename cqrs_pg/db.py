@@ -42,7 +42,12 @@ def connect(dsn: str, *, autocommit: bool = True, application_name: str = "cqrs-
         reason = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
         raise DatabaseUnavailable(f"cannot connect to {redact(dsn)}: {reason}") from exc
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"invalid connection string {redact(dsn)!r}: {first_line(exc)}") from exc
+        raise invalid_dsn(dsn, exc) from exc
+
+
+def invalid_dsn(dsn: str, exc: psycopg.ProgrammingError) -> ConfigError:
+    """What libpq refused to parse as a connection string, in one line (no password)."""
+    return ConfigError(f"invalid connection string {redact(dsn)!r}: {first_line(exc)}")
 
 
 def require_primary(conn: psycopg.Connection) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from nats.errors import Error as NatsError
 
-from cqrs_pg.db import connect, redact, require_migrated
+from cqrs_pg.db import connect, invalid_dsn, redact, require_migrated
 from cqrs_pg.errors import ConfigError, CqrsPgError, DatabaseUnavailable, first_line
 
 logger = logging.getLogger("cqrs_pg.relay")
@@ -312,7 +312,7 @@ class Relay:
             conn = await psycopg.AsyncConnection.connect(cfg.dsn, autocommit=True, application_name="cqrs-pg relay",
                                                          connect_timeout=10)
         except psycopg.ProgrammingError as exc:  # not a connection string: nothing to retry
-            raise ConfigError(f"invalid connection string {redact(cfg.dsn)!r}: {first_line(exc)}") from exc
+            raise invalid_dsn(cfg.dsn, exc) from exc
         if not self._checked:
             # the engine at this cqrs_pg's version, on a primary: else one line saying what to run
             await asyncio.to_thread(_require_migrated, cfg.dsn)

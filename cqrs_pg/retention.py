@@ -80,7 +80,8 @@ def prune(dsn: str, keep: float, dry_run: bool = False) -> dict[str, Any]:
         seconds = time.monotonic() - started
         # what the daemon's role may read too: prune is granted to it, and it has pruned by now
         start = conn.execute("SELECT history_start FROM cqrs.outbox_status()").fetchone()
-        holder = conn.execute(HOLDER_SQL).fetchone()
+        # who keeps history, said when nothing went (subscription_status counts their backlogs)
+        holder = None if dropped else conn.execute(HOLDER_SQL).fetchone()
     return {"dropped": dropped, "seconds": seconds, "history_start": start[0] if start else None,
             "holder": tuple(holder) if holder else None, "dry_run": dry_run, "keep": keep}
 
